@@ -1,0 +1,25 @@
+"""The userspace datapath: bridges, ports and native tunnels over batches of frames.
+
+Never imports `espswitch.vswitchd` or `ovs`; the control plane drives it through
+`Datapath.add_bridge/add_port/del_port/...` and the event loop in `loop.py`.
+"""
+
+from espswitch.datapath.bridge import Bridge
+from espswitch.datapath.counters import Counters
+from espswitch.datapath.datapath import Datapath
+from espswitch.datapath.errors import PortError
+from espswitch.datapath.ports import PORT_TYPES, Port, register_port_type
+from espswitch.datapath.vxlan import TunnelLayer, TunnelPort, VxlanPort
+
+__all__ = [
+    "PORT_TYPES",
+    "Bridge",
+    "Counters",
+    "Datapath",
+    "Port",
+    "PortError",
+    "TunnelLayer",
+    "TunnelPort",
+    "VxlanPort",
+    "register_port_type",
+]

@@ -1,0 +1,207 @@
+"""The datapath: bridges, ports, and the tunnel layer, driven by batches of frames.
+
+Sans-IO apart from the device provider: callers inject batches with `receive(port, frames)`
+and call `run(now)` for housekeeping.  The event loop (loop.py) is the I/O shell around it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+from espswitch.datapath.bridge import Bridge
+from espswitch.datapath.devices import LinuxDevices
+from espswitch.datapath.errors import PortError
+from espswitch.datapath.ports import InternalPort, Port, port_class
+from espswitch.datapath.tunnel import NeighborCache, RouteTable
+from espswitch.datapath.vxlan import TunnelLayer
+
+OFPP_LOCAL = 65534
+OFPP_MAX = 65279
+MAX_DEPTH = 8
+
+
+class Datapath:
+    """All bridges of one espswitchd."""
+
+    def __init__(
+        self,
+        devices=None,
+        log: Callable[[str], None] | None = None,
+        log_rl: Callable[[str], None] | None = None,
+    ) -> None:
+        self.devices = devices if devices is not None else LinuxDevices()
+        self.bridges: dict[str, Bridge] = {}
+        self.ports: dict[str, Port] = {}
+        self.routes = RouteTable()
+        self.neigh = NeighborCache()
+        self.tunnels = TunnelLayer(self)
+        self.now = time.monotonic()
+        self.drops: dict[str, int] = {}
+        self.fd_seq = 0  # bumped when the set of pollable ports changes
+        self._depth = 0
+        self._rx_deferred: list[tuple[Port, bytes]] = []
+        self._log = log or (lambda msg: None)
+        self.log_rl = log_rl or self._log
+
+    # --- configuration ---------------------------------------------------------------------
+    def add_bridge(self, name: str) -> Bridge:
+        if name in self.bridges:
+            return self.bridges[name]
+        b = Bridge(self, name)
+        self.bridges[name] = b
+        self.tunnels.update_local_ips()
+        return b
+
+    def del_bridge(self, name: str) -> None:
+        b = self.bridges.get(name)
+        if b is None:
+            return
+        for p in list(b.ports):
+            self.del_port(p.name)
+        del self.bridges[name]
+        self.tunnels.route_seq = -1  # tunnels routed through it must resolve again
+
+    def add_port(
+        self,
+        bridge: str,
+        name: str,
+        type_: str,
+        options: Mapping[str, str] | None = None,
+        tag: int | None = None,
+        trunks: frozenset[int] | None = None,
+        ofport: int | None = None,
+    ) -> Port:
+        """Create and open a port; raise PortError (one sentence) if it cannot work."""
+        b = self.bridges.get(bridge)
+        if b is None:
+            raise PortError(f"bridge {bridge} does not exist")
+        if name in self.ports:
+            other = self.ports[name].bridge.name
+            raise PortError(f"interface {name} already exists on bridge {other}")
+        cls = port_class(type_)
+        port = cls(self, b, name, options or {})
+        port.set_vlan(tag, trunks)
+        port.ofport = self._pick_ofport(b, port, ofport)
+        port.open()
+        self.ports[name] = port
+        b.add_port(port)
+        if port.fileno() is not None:
+            self.fd_seq += 1
+        if isinstance(port, InternalPort):
+            self.tunnels.route_seq = -1  # an egress bridge may have appeared
+        return port
+
+    def _pick_ofport(self, b: Bridge, port: Port, wanted: int | None) -> int:
+        if port.name == b.name:
+            return OFPP_LOCAL
+        used = {p.ofport for p in b.ports}
+        if wanted is not None and 1 <= wanted <= OFPP_MAX and wanted not in used:
+            return wanted
+        n = 1
+        while n in used:
+            n += 1
+        return n
+
+    def del_port(self, name: str) -> None:
+        port = self.ports.pop(name, None)
+        if port is None:
+            return
+        port.bridge.remove_port(port)
+        had_fd = port.fileno() is not None
+        port.close()
+        if had_fd:
+            self.fd_seq += 1
+        self._rx_deferred = [e for e in self._rx_deferred if e[0] is not port]
+        if isinstance(port, InternalPort):
+            self.tunnels.route_seq = -1
+
+    def internal_port(self, dev: str) -> tuple[Bridge, Port] | None:
+        """The bridge and internal port behind the kernel device `dev`, if it is one."""
+        port = self.ports.get(dev)
+        if isinstance(port, InternalPort):
+            return port.bridge, port
+        return None
+
+    def close(self) -> None:
+        for name in list(self.bridges):
+            self.del_bridge(name)
+
+    # --- frames --------------------------------------------------------------------------
+    def receive(self, port: Port, frames: list[bytes]) -> None:
+        """A batch arrived on `port`: forward it through the port's bridge."""
+        self._depth += 1
+        try:
+            port.bridge.process(port, frames)
+        finally:
+            self._depth -= 1
+        if self._depth == 0:
+            self._flush()
+
+    def transmit(self, port: Port, frames: list[bytes]) -> None:
+        if self._depth > MAX_DEPTH:
+            port.stats.drop("tx_queue_full", len(frames))
+            self.count_drop("recursion_too_deep", len(frames))
+            return
+        port.send(frames)
+
+    def defer_rx(self, port: Port, frame: bytes) -> None:
+        """Queue a frame to enter `port`'s bridge once the current batch is done."""
+        self._rx_deferred.append((port, frame))
+
+    def _flush(self) -> None:
+        while self._rx_deferred or self.tunnels.ready:
+            pending, self._rx_deferred = self._rx_deferred, []
+            groups: dict[Port, list[bytes]] = {}
+            for port, frame in pending:
+                lst = groups.get(port)
+                if lst is None:
+                    lst = groups[port] = []
+                lst.append(frame)
+            self._depth += 1
+            try:
+                for port, frames in groups.items():
+                    if port.name in self.ports:
+                        port.bridge.process(port, frames)
+                self.tunnels.flush_ready()
+            finally:
+                self._depth -= 1
+
+    def count_drop(self, cause: str, n: int = 1) -> None:
+        self.drops[cause] = self.drops.get(cause, 0) + n
+
+    # --- housekeeping --------------------------------------------------------------------
+    def run(self, now: float) -> None:
+        self.now = now
+        for b in self.bridges.values():
+            b.run(now)
+        self.neigh.run(now)
+        self.tunnels.run(now)
+        self._flush()
+
+    def pollable(self) -> dict[int, Port]:
+        """File descriptor -> port for every port that has one."""
+        out = {}
+        for p in self.ports.values():
+            fd = p.fileno()
+            if fd is not None and fd >= 0:
+                out[fd] = p
+        return out
+
+    # --- show ----------------------------------------------------------------------------
+    def show(self) -> str:
+        lines = ["espswitch@netdev:"]
+        if self.drops:
+            drops = ", ".join(f"{k}={v}" for k, v in sorted(self.drops.items()))
+            lines.append(f"  drops: {drops}")
+        for bname in sorted(self.bridges):
+            b = self.bridges[bname]
+            lines.append(f"  {bname}:")
+            for p in sorted(b.ports, key=lambda p: p.ofport):
+                vlan = ""
+                if p.tag is not None:
+                    vlan = f" tag={p.tag}"
+                elif p.trunks:
+                    vlan = f" trunks={','.join(map(str, sorted(p.trunks)))}"
+                lines.append(f"    {p.name} {p.ofport}: ({p.describe()}){vlan}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,274 @@
+"""The I/O shell: Linux devices behind ports (TAP via /dev/net/tun, AF_PACKET sockets).
+
+Everything here is thin: open a device, read a batch of frames into a preallocated buffer,
+write frames.  `MemoryDevices` stands in for the kernel in unit tests of the forwarding core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import struct
+
+from espswitch.datapath.errors import PortError
+
+TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCGIFHWADDR = 0x8927
+IFF_UP = 0x1
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_PROMISC = 1
+PACKET_IGNORE_OUTGOING = 23
+IFNAMSIZ = 16
+BUF_SIZE = 65536 + 64
+SOCK_BUF = 4 * 1024 * 1024
+
+
+def check_ifname(name: str) -> None:
+    """Raise PortError unless `name` can name a Linux network device."""
+    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or name.strip() != name:
+        raise PortError(f"'{name}' is not a valid Linux device name (1 to 15 characters)")
+
+
+def _ifreq(name: str, payload: bytes = b"") -> bytes:
+    return struct.pack("16s", name.encode()) + payload.ljust(24, b"\0")
+
+
+def _hwaddr(name: str) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        res = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, _ifreq(name))
+    return res[18:24]
+
+
+def _set_up(name: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        res = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, _ifreq(name))
+        flags = struct.unpack_from("H", res, 16)[0]
+        if not flags & IFF_UP:
+            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, _ifreq(name, struct.pack("H", flags | IFF_UP)))
+
+
+def _read_sys(name: str, attr: str) -> str | None:
+    try:
+        with open(f"/sys/class/net/{name}/{attr}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+class TapDevice:
+    """A TAP device (no packet info header); persistent devices outlive a crash."""
+
+    def __init__(self, name: str, persist: bool = False) -> None:
+        check_ifname(name)
+        self.name = name
+        self.persist = persist
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise PortError(f"cannot open /dev/net/tun: {e.strerror}") from None
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+            if persist:
+                fcntl.ioctl(fd, TUNSETPERSIST, 1)
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.EBUSY:
+                raise PortError(f"cannot create TAP device '{name}': it is in use") from None
+            if e.errno == errno.EINVAL:
+                raise PortError(
+                    f"cannot create TAP device '{name}': a non-TAP device has that name"
+                ) from None
+            raise PortError(f"cannot create TAP device '{name}': {e.strerror}") from None
+        self.fd = fd
+        try:
+            self.mac = _hwaddr(name)
+        except OSError:
+            self.mac = b"\0" * 6
+        self._buf = bytearray(BUF_SIZE)
+        self._mv = memoryview(self._buf)
+        self._bufs = [self._buf]
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def link_state(self) -> str:
+        return "up"
+
+    def recv_batch(self, limit: int = 32) -> list[bytes]:
+        out = []
+        readv, fd, bufs, mv = os.readv, self.fd, self._bufs, self._mv
+        for _ in range(limit):
+            try:
+                n = readv(fd, bufs)
+            except BlockingIOError:
+                break
+            except OSError:
+                break
+            out.append(mv[:n].tobytes())
+        return out
+
+    def send(self, frames: list[bytes]) -> tuple[int, int]:
+        """Write every frame; return (frames sent, frames dropped)."""
+        write, fd = os.write, self.fd
+        sent = 0
+        for f in frames:
+            try:
+                write(fd, f)
+                sent += 1
+            except OSError:
+                pass
+        return sent, len(frames) - sent
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        if self.persist:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.fd, TUNSETPERSIST, 0)
+        os.close(self.fd)
+        self.fd = -1
+
+
+class PacketSocketDevice:
+    """An existing Linux device on an AF_PACKET socket: promiscuous, own output ignored."""
+
+    def __init__(self, name: str) -> None:
+        check_ifname(name)
+        self.name = name
+        try:
+            ifindex = socket.if_nametoindex(name)
+        except OSError:
+            raise PortError(f"system device '{name}' does not exist") from None
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        try:
+            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+            sock.bind((name, ETH_P_ALL))
+            mreq = struct.pack("iHH8s", ifindex, PACKET_MR_PROMISC, 0, b"")
+            sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+            _set_up(name)
+            self.mac = _hwaddr(name)
+        except OSError as e:
+            sock.close()
+            raise PortError(f"cannot attach system device '{name}': {e.strerror}") from None
+        sock.setblocking(False)
+        self.sock = sock
+        self._buf = bytearray(BUF_SIZE)
+        self._mv = memoryview(self._buf)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def link_state(self) -> str:
+        return "up" if _read_sys(self.name, "carrier") == "1" else "down"
+
+    def recv_batch(self, limit: int = 32) -> list[bytes]:
+        out = []
+        recv_into, buf, mv = self.sock.recv_into, self._buf, self._mv
+        for _ in range(limit):
+            try:
+                n = recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            out.append(mv[:n].tobytes())
+        return out
+
+    def send(self, frames: list[bytes]) -> tuple[int, int]:
+        send = self.sock.send
+        sent = 0
+        for f in frames:
+            try:
+                send(f)
+                sent += 1
+            except OSError:
+                pass
+        return sent, len(frames) - sent
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class LinuxDevices:
+    """Opens real devices; the datapath's default I/O provider."""
+
+    def open_tap(self, name: str, persist: bool = False) -> TapDevice:
+        return TapDevice(name, persist)
+
+    def open_system(self, name: str) -> PacketSocketDevice:
+        return PacketSocketDevice(name)
+
+
+class MemoryDevice:
+    """A device in memory: `inject()` frames to receive, read `sent` for what went out."""
+
+    def __init__(self, name: str, mac: bytes) -> None:
+        self.name = name
+        self.mac = mac
+        self.inbox: list[bytes] = []
+        self.sent: list[bytes] = []
+        self.closed = False
+
+    def fileno(self) -> int:
+        return -1
+
+    def link_state(self) -> str:
+        return "up"
+
+    def recv_batch(self, limit: int = 32) -> list[bytes]:
+        out, self.inbox = self.inbox[:limit], self.inbox[limit:]
+        return out
+
+    def send(self, frames: list[bytes]) -> tuple[int, int]:
+        self.sent.extend(frames)
+        return len(frames), 0
+
+    def take(self) -> list[bytes]:
+        out, self.sent = self.sent, []
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemoryDevices:
+    """Device provider for tests: every TAP or system device lives in memory.
+
+    `system_names` lists the system devices that "exist"; others fail like the kernel's.
+    """
+
+    def __init__(self, system_names: tuple[str, ...] = (), mac_prefix: int = 0) -> None:
+        self.system_names = set(system_names)
+        self.devices: dict[str, MemoryDevice] = {}
+        self._next_mac = 1
+        self._prefix = mac_prefix
+
+    def _new(self, name: str) -> MemoryDevice:
+        mac = bytes([0x02, 0, 0, 0, self._prefix & 0xFF, self._next_mac])
+        self._next_mac += 1
+        dev = MemoryDevice(name, mac)
+        self.devices[name] = dev
+        return dev
+
+    def open_tap(self, name: str, persist: bool = False) -> MemoryDevice:
+        check_ifname(name)
+        return self._new(name)
+
+    def open_system(self, name: str) -> MemoryDevice:
+        check_ifname(name)
+        if name not in self.system_names:
+            raise PortError(f"system device '{name}' does not exist")
+        return self._new(name)

@@ -1,0 +1,226 @@
+"""Port types: classes registered under their `Interface.type` string.
+
+A port class gets `(datapath, bridge, name, options)` and opens whatever it needs in
+`open()`, raising `PortError` with one sentence when the configuration cannot work.
+Operations a type lacks answer "not supported" (`NotSupported`), as netdev classes do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, ClassVar
+
+from espswitch.datapath.counters import Counters
+from espswitch.datapath.errors import PortError
+
+if TYPE_CHECKING:
+    from espswitch.datapath.bridge import Bridge
+    from espswitch.datapath.datapath import Datapath
+
+PORT_TYPES: dict[str, type[Port]] = {}
+
+
+def register_port_type(type_name: str) -> Callable[[type[Port]], type[Port]]:
+    """Class decorator: make `cls` the implementation of `Interface.type == type_name`."""
+
+    def deco(cls: type[Port]) -> type[Port]:
+        cls.TYPE = type_name
+        PORT_TYPES[type_name] = cls
+        return cls
+
+    return deco
+
+
+def port_class(type_name: str) -> type[Port]:
+    """Return the class for `type_name` ("" means "system"), or raise PortError."""
+    cls = PORT_TYPES.get(type_name or "system")
+    if cls is None:
+        known = ", ".join(sorted(PORT_TYPES))
+        raise PortError(f"unknown interface type '{type_name}' (known types: {known})")
+    return cls
+
+
+class NotSupported(Exception):
+    """An optional operation that this port type does not have."""
+
+
+class Port:
+    """One interface of a bridge (espswitch ports have exactly one interface).
+
+    Subclasses override `open`, `close`, `send` and, for ports with a file descriptor,
+    `fileno`/`receive`.  `send` owns the batch it is given, even when it fails.
+    """
+
+    TYPE: ClassVar[str] = ""
+    COUNTERS: ClassVar[type[Counters]] = Counters
+    #: options this type understands; anything else is a configuration error
+    OPTIONS: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, dp: Datapath, bridge: Bridge, name: str, options: Mapping[str, str]) -> None:
+        self.dp = dp
+        self.bridge = bridge
+        self.name = name
+        self.options = dict(options)
+        self.stats = self.COUNTERS()
+        self.ofport = -1
+        self.tag: int | None = None
+        self.trunks: frozenset[int] | None = None
+        unknown = sorted(set(self.options) - self.OPTIONS)
+        if unknown:
+            raise PortError(
+                f"{self.TYPE or 'system'} interface {name} does not take option"
+                f"{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+            )
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def open(self) -> None:
+        """Acquire devices; raise PortError with a clear sentence on failure."""
+
+    def close(self) -> None:
+        """Release everything; cannot fail."""
+
+    # --- I/O -----------------------------------------------------------------------------
+    def fileno(self) -> int | None:
+        """The file descriptor to poll, or None for ports without one (patch, tunnels)."""
+        return None
+
+    def receive(self, limit: int = 32) -> list[bytes]:
+        raise NotSupported
+
+    def send(self, frames: list[bytes]) -> None:
+        raise NotImplementedError
+
+    # --- state for the database ----------------------------------------------------------
+    def status(self) -> dict[str, str]:
+        """Keys for `Interface.status`; subclasses add their own."""
+        return {}
+
+    def statistics(self) -> dict[str, int]:
+        return dict(self.stats)
+
+    def mac_in_use(self) -> str | None:
+        return None
+
+    def link_state(self) -> str:
+        return "up"
+
+    def describe(self) -> str:
+        """The type and salient options, for dpif/show."""
+        if not self.options:
+            return self.TYPE
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.TYPE}: {opts}"
+
+    # --- VLAN membership -------------------------------------------------------------------
+    def set_vlan(self, tag: int | None, trunks: frozenset[int] | None) -> None:
+        self.tag = tag
+        self.trunks = trunks or None
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+class DevicePort(Port):
+    """A port backed by one Linux device."""
+
+    dev = None
+
+    def fileno(self) -> int | None:
+        return self.dev.fileno() if self.dev is not None else None
+
+    def receive(self, limit: int = 32) -> list[bytes]:
+        return self.dev.recv_batch(limit)
+
+    def send(self, frames: list[bytes]) -> None:
+        sent, dropped = self.dev.send(frames)
+        st = self.stats
+        st["tx_packets"] += sent
+        st["tx_bytes"] += (
+            sum(map(len, frames)) if not dropped else sum(len(f) for f in frames[:sent])
+        )
+        if dropped:
+            st.drop("tx_queue_full", dropped)
+
+    def close(self) -> None:
+        if self.dev is not None:
+            self.dev.close()
+            self.dev = None
+
+    def mac_in_use(self) -> str | None:
+        return format_mac(self.dev.mac) if self.dev is not None else None
+
+    def link_state(self) -> str:
+        return self.dev.link_state() if self.dev is not None else "down"
+
+    @property
+    def mac(self) -> bytes:
+        return self.dev.mac if self.dev is not None else b"\0" * 6
+
+
+@register_port_type("tap")
+class TapPort(DevicePort):
+    """A TAP device created for a VM."""
+
+    PERSIST = False
+
+    def open(self) -> None:
+        self.dev = self.dp.devices.open_tap(self.name, persist=self.PERSIST)
+
+
+@register_port_type("internal")
+class InternalPort(TapPort):
+    """The bridge-local port: a TAP device that the kernel's stack uses.
+
+    Persistent, so that its addresses survive a crash of the daemon, as OVS's do.
+    """
+
+    PERSIST = True
+
+
+@register_port_type("system")
+class SystemPort(DevicePort):
+    """An existing Linux device on an AF_PACKET socket: the "physical NIC"."""
+
+    def open(self) -> None:
+        self.dev = self.dp.devices.open_system(self.name)
+
+
+@register_port_type("patch")
+class PatchPort(Port):
+    """`options:peer=<interface>` joins two bridges; frames cross within the process."""
+
+    OPTIONS = frozenset({"peer"})
+
+    def __init__(self, dp, bridge, name, options) -> None:
+        super().__init__(dp, bridge, name, options)
+        peer = self.options.get("peer")
+        if not peer:
+            raise PortError(f"patch interface {name} needs options:peer")
+        if peer == name:
+            raise PortError(f"patch interface {name} cannot be its own peer")
+        self.peer_name = peer
+
+    def peer(self) -> PatchPort | None:
+        p = self.dp.ports.get(self.peer_name)
+        if isinstance(p, PatchPort) and p.peer_name == self.name:
+            return p
+        return None
+
+    def send(self, frames: list[bytes]) -> None:
+        peer = self.peer()
+        st = self.stats
+        if peer is None:
+            st.drop("tx_no_route", len(frames))
+            return
+        n = len(frames)
+        nbytes = sum(map(len, frames))
+        st["tx_packets"] += n
+        st["tx_bytes"] += nbytes
+        self.dp.receive(peer, frames)
+
+    def status(self) -> dict[str, str]:
+        return {"peer": self.peer_name if self.peer() else f"{self.peer_name} (missing)"}
+
+    def link_state(self) -> str:
+        return "up" if self.peer() else "down"

@@ -1,0 +1,185 @@
+"""Native tunneling state: the route table and the neighbour cache (sans-IO).
+
+Both answer lookups without I/O, age entries in `run(now)` and bump `seq` on every change,
+which the tunnel ports compare to know when to resolve their route again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+FOUND = "found"
+PENDING = "pending"
+MISSING = "missing"
+
+NEIGH_AGE = 900.0  # seconds, as OVS's tnl-neigh-cache
+NEIGH_MAX = 4096
+
+
+def ip4(text: str) -> bytes:
+    """Parse a dotted IPv4 address into 4 bytes; ValueError if it is not one."""
+    return ipaddress.IPv4Address(text).packed
+
+
+def ip4_str(raw: bytes) -> str:
+    return str(ipaddress.IPv4Address(raw))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """One IPv4 route: prefix/plen out of device `dev`, optional gateway and source."""
+
+    prefix: int
+    plen: int
+    dev: str
+    gw: bytes | None = None
+    src: bytes | None = None
+    user: bool = False
+
+    def matches(self, addr: int) -> bool:
+        if self.plen == 0:
+            return True
+        shift = 32 - self.plen
+        return (addr >> shift) == (self.prefix >> shift)
+
+    def text(self) -> str:
+        net = ipaddress.IPv4Network((self.prefix, self.plen))
+        s = f"{net} dev {self.dev}"
+        if self.gw:
+            s += f" GW {ip4_str(self.gw)}"
+        if self.src:
+            s += f" SRC {ip4_str(self.src)}"
+        return s
+
+
+def parse_prefix(text: str) -> tuple[int, int]:
+    """'10.0.0.0/24' (or a bare address, /32) -> (int prefix, plen); ValueError if bad."""
+    net = ipaddress.IPv4Network(text, strict=False)
+    return int(net.network_address), net.prefixlen
+
+
+class RouteTable:
+    """Kernel routes (replaced wholesale by `set_system`) plus user routes (ovs/route/add)."""
+
+    def __init__(self) -> None:
+        self.system: list[Route] = []
+        self.user: list[Route] = []
+        # device name -> its IPv4 addresses (4 bytes each), from the kernel
+        self.addresses: dict[str, list[bytes]] = {}
+        self.seq = 0
+        self._sorted: list[Route] = []
+
+    def _changed(self) -> None:
+        self.seq += 1
+        # User routes win over kernel routes of the same length.
+        routes = self.user + self.system
+        self._sorted = sorted(routes, key=lambda r: -r.plen)
+
+    def set_system(self, routes: list[Route], addresses: dict[str, list[bytes]]) -> bool:
+        """Replace the kernel's view; return True if anything changed."""
+        if routes == self.system and addresses == self.addresses:
+            return False
+        self.system = list(routes)
+        self.addresses = {k: list(v) for k, v in addresses.items()}
+        self._changed()
+        return True
+
+    def add(self, prefix: str, dev: str, gw: str | None = None) -> Route:
+        p, plen = parse_prefix(prefix)
+        gwb = ip4(gw) if gw else None
+        src = self.source_for(dev)
+        route = Route(prefix=p, plen=plen, dev=dev, gw=gwb, src=src, user=True)
+        self.user = [r for r in self.user if (r.prefix, r.plen) != (p, plen)] + [route]
+        self._changed()
+        return route
+
+    def delete(self, prefix: str) -> bool:
+        p, plen = parse_prefix(prefix)
+        before = len(self.user)
+        self.user = [r for r in self.user if (r.prefix, r.plen) != (p, plen)]
+        if len(self.user) == before:
+            return False
+        self._changed()
+        return True
+
+    def source_for(self, dev: str) -> bytes | None:
+        addrs = self.addresses.get(dev)
+        return addrs[0] if addrs else None
+
+    def device_of(self, addr: bytes) -> str | None:
+        """The device that owns the local address `addr`."""
+        for dev, addrs in self.addresses.items():
+            if addr in addrs:
+                return dev
+        return None
+
+    def lookup(self, dst: bytes) -> Route | None:
+        a = int.from_bytes(dst, "big")
+        for r in self._sorted:
+            if r.matches(a):
+                return r
+        return None
+
+    def show(self) -> str:
+        lines = ["Route Table:"]
+        for r in sorted(self.system, key=lambda r: (-r.plen, r.prefix)):
+            lines.append(f"Cached: {r.text()}")
+        for r in sorted(self.user, key=lambda r: (-r.plen, r.prefix)):
+            lines.append(f"User: {r.text()}")
+        return "\n".join(lines) + "\n"
+
+
+class NeighborCache:
+    """(bridge, IPv4) -> MAC, learned from ARP or set by hand; entries expire."""
+
+    def __init__(self, age: float = NEIGH_AGE) -> None:
+        self.age = age
+        self.entries: dict[tuple[str, bytes], tuple[bytes, float]] = {}
+        self.pending: dict[tuple[str, bytes], float] = {}
+        self.seq = 0
+
+    def lookup(self, bridge: str, ip: bytes, now: float) -> tuple[str, bytes | None]:
+        e = self.entries.get((bridge, ip))
+        if e is not None and e[1] > now:
+            return FOUND, e[0]
+        if (bridge, ip) in self.pending:
+            return PENDING, None
+        return MISSING, None
+
+    def learn(self, bridge: str, ip: bytes, mac: bytes, now: float) -> bool:
+        """Record a mapping; return True if it is new or changed."""
+        key = (bridge, ip)
+        self.pending.pop(key, None)
+        old = self.entries.get(key)
+        if old is None and len(self.entries) >= NEIGH_MAX:
+            return False
+        self.entries[key] = (mac, now + self.age)
+        if old is None or old[0] != mac:
+            self.seq += 1
+            return True
+        return False
+
+    def set_pending(self, bridge: str, ip: bytes, now: float) -> None:
+        self.pending[(bridge, ip)] = now
+
+    def flush(self) -> None:
+        self.entries.clear()
+        self.pending.clear()
+        self.seq += 1
+
+    def run(self, now: float) -> list[tuple[str, bytes]]:
+        """Expire entries; return the keys whose entry went away."""
+        gone = [k for k, e in self.entries.items() if e[1] <= now]
+        for k in gone:
+            del self.entries[k]
+        if gone:
+            self.seq += 1
+        return gone
+
+    def show(self, now: float) -> str:
+        lines = [f"{'IP':<46}{'MAC':<20}Bridge", "=" * 74]
+        for (bridge, ip), (mac, _exp) in sorted(self.entries.items()):
+            mac_s = ":".join(f"{b:02x}" for b in mac)
+            lines.append(f"{ip4_str(ip):<46}{mac_s:<20}{bridge}")
+        return "\n".join(lines) + "\n"
