@@ -18,8 +18,8 @@ from espswitch.ipsec import (
     EspDrop,
     InboundSA,
     OutboundSA,
-    SaParams,
     Sad,
+    SaParams,
     parse_transform,
 )
 

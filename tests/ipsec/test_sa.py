@@ -15,9 +15,9 @@ from espswitch.ipsec import (
     Lifetime,
     LifetimeEvent,
     OutboundSA,
+    Sad,
     SaParams,
     SaRefused,
-    Sad,
     parse_transform,
 )
 from espswitch.packet.checksum import internet_checksum
@@ -41,7 +41,7 @@ def _params(transform: str = "aes128gcm16", **kw: object) -> SaParams:
 
 
 def test_unknown_transform_names_the_accepted_ones() -> None:
-    with pytest.raises(IpsecConfigError, match="aes128gcm16.*chacha20poly1305"):
+    with pytest.raises(IpsecConfigError, match=r"aes128gcm16.*chacha20poly1305"):
         parse_transform("aes128ccm8")
 
 
