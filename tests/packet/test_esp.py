@@ -27,7 +27,7 @@ from espswitch.packet.esp import (
 def test_constants():
     assert ESP_STRUCT.size == ESP_HLEN == 8
     assert NAT_T_PORT == 4500
-    assert NON_ESP_MARKER == bytes(4)
+    assert bytes(4) == NON_ESP_MARKER
 
 
 def test_parses_esp_built_by_scapy_null_cipher_including_its_trailer():

@@ -92,7 +92,9 @@ def test_qinq_outer_tag_is_reported_not_stepped_over():
 
 
 def test_push_then_pop_restores_the_frame_and_scapy_sees_the_tag():
-    frame = raw(Ether(dst="02:00:00:aa:bb:02", src="02:00:00:aa:bb:01", type=0x0800) / (b"\x45" * 30))
+    frame = raw(
+        Ether(dst="02:00:00:aa:bb:02", src="02:00:00:aa:bb:01", type=0x0800) / (b"\x45" * 30)
+    )
     tagged = push_vlan(frame, 42, pcp=3)
     dissected = Ether(tagged)
     assert dissected[Dot1Q].vlan == 42 and dissected[Dot1Q].prio == 3
@@ -101,7 +103,7 @@ def test_push_then_pop_restores_the_frame_and_scapy_sees_the_tag():
 
 
 def test_pop_vlan_of_untagged_frame_is_a_packet_error():
-    with pytest.raises(PacketError, match="no 802.1Q tag"):
+    with pytest.raises(PacketError, match=r"no 802\.1Q tag"):
         pop_vlan(build_ethernet(DST, SRC, ETHERTYPE_IPV4))
 
 
