@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from espswitch import __version__
 from espswitch.cli import esp as esp_cmd
+from espswitch.cli import service as service_cmd
 
 
 class UsageError(Exception):
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     # Each subcommand family lives in its own module and adds its own subparsers.
     esp_cmd.register(sub)
+    service_cmd.register(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""espswitchd's control plane: OVSDB (through the ovs IDL), appctl, and the main loop."""

@@ -1,0 +1,288 @@
+"""espswitchd's main loop: the IDL, the unixctl server and the datapath in one process."""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import time
+
+import ovs.db.idl
+import ovs.vlog
+
+from espswitch.datapath import Datapath, PortError
+from espswitch.datapath.loop import EventLoop
+from espswitch.vswitchd import appctl
+from espswitch.vswitchd.config import IfaceConfig, desired_state, plan
+
+vlog = ovs.vlog.Vlog("espswitchd")
+vlog_dp = ovs.vlog.Vlog("datapath")
+
+STATS_INTERVAL = 5.0
+HOUSEKEEPING = 0.1
+ROUTE_REFRESH = 1.0
+CONTROL_MAX_SLEEP = 1.0
+
+WRITTEN = {
+    "Interface": ["ofport", "error", "status", "statistics", "link_state", "mac_in_use"],
+    "Open_vSwitch": ["cur_cfg"],
+}
+
+
+class RateLimit:
+    """At most `burst` messages per `interval` seconds; the rest are counted."""
+
+    def __init__(self, log, interval: float = 5.0, burst: int = 5) -> None:
+        self.log = log
+        self.interval = interval
+        self.burst = burst
+        self.window = 0.0
+        self.count = 0
+        self.suppressed = 0
+
+    def __call__(self, msg: str) -> None:
+        now = time.monotonic()
+        if now - self.window > self.interval:
+            if self.suppressed:
+                self.log(f"{self.suppressed} similar messages suppressed")
+            self.window, self.count, self.suppressed = now, 0, 0
+        if self.count < self.burst:
+            self.count += 1
+            self.log(msg)
+        else:
+            self.suppressed += 1
+
+
+class CollectingPoller:
+    """Quacks like ovs.poller.Poller: collects what the IDL and unixctl want to wait for."""
+
+    def __init__(self) -> None:
+        self.fds: dict[int, int] = {}
+        self.timeout = -1
+
+    def fd_wait(self, fd, events) -> None:
+        if not isinstance(fd, int):
+            fd = fd.fileno()
+        self.fds[fd] = self.fds.get(fd, 0) | events
+
+    def timer_wait(self, msec) -> None:
+        if msec <= 0:
+            self.timeout = 0
+        elif self.timeout < 0 or msec < self.timeout:
+            self.timeout = msec
+
+    def timer_wait_until(self, msec) -> None:
+        self.timer_wait(msec - ovs.timeval.msec())
+
+    def immediate_wake(self) -> None:
+        self.timeout = 0
+
+
+class Switchd:
+    """Reconciles the datapath with OVSDB and writes state back."""
+
+    def __init__(
+        self, remote: str, schema_path: str, unixctl, dp: Datapath | None = None, routes=None
+    ) -> None:
+        helper = ovs.db.idl.SchemaHelper(location=schema_path)
+        helper.register_columns("Open_vSwitch", ["bridges", "next_cfg", "cur_cfg"])
+        helper.register_columns("Bridge", ["name", "ports"])
+        helper.register_columns("Port", ["name", "interfaces", "tag", "trunks"])
+        helper.register_columns(
+            "Interface",
+            ["name", "type", "options", "ofport_request", *WRITTEN["Interface"]],
+        )
+        self.idl = ovs.db.idl.Idl(remote, helper)
+        for table, cols in WRITTEN.items():
+            for c in cols:
+                self.idl.tables[table].columns[c].alert = False
+        self.unixctl = unixctl
+        self.dp = dp or Datapath(log=vlog.info, log_rl=RateLimit(vlog_dp.warn))
+        self.loop = EventLoop(self.dp, log_rl=RateLimit(vlog_dp.warn))
+        self.routes = routes
+        self.exiting = False
+        self.seqno = -1
+        self.force = False
+        self.txn = None
+        self.txn_cfg = None
+        self.current: dict[str, IfaceConfig] = {}
+        self.errors: dict[str, str] = {}
+        self.next_stats = 0.0
+        self.next_housekeeping = 0.0
+        self.next_routes = 0.0
+        self._cep = None
+        appctl.register(self)
+
+    # --- reconcile -----------------------------------------------------------------------
+    def reconcile(self) -> None:
+        dp = self.dp
+        rows = list(self.idl.tables["Bridge"].rows.values())
+        desired = desired_state(rows)
+        p = plan(desired, self.current, set(dp.bridges))
+        for name in p.del_ports:
+            vlog.info(f"deleting interface {name}")
+            dp.del_port(name)
+            self.current.pop(name, None)
+        for name in p.del_bridges:
+            vlog.info(f"deleting bridge {name}")
+            dp.del_bridge(name)
+        for name in p.add_bridges:
+            vlog.info(f"adding bridge {name}")
+            dp.add_bridge(name)
+        for cfg in p.vlan_updates:
+            port = dp.ports.get(cfg.name)
+            if port is not None:
+                port.set_vlan(cfg.tag, cfg.trunks)
+                port.bridge.flush_port(port)
+                self.current[cfg.name] = cfg
+        self.errors = dict(desired.errors)
+        if self.routes is not None:
+            self.refresh_routes()
+        for cfg in p.add_ports:
+            try:
+                dp.add_port(
+                    cfg.bridge,
+                    cfg.name,
+                    cfg.type,
+                    dict(cfg.options),
+                    cfg.tag,
+                    cfg.trunks,
+                    cfg.ofport_request,
+                )
+            except PortError as e:
+                self.errors[cfg.name] = str(e)
+                vlog.warn(f"{cfg.name}: {e}")
+                continue
+            except Exception as e:  # a bug must not take every other port down
+                self.errors[cfg.name] = f"interface {cfg.name} could not be created: {e}"
+                vlog.exception(f"{cfg.name}: unexpected error")
+                continue
+            vlog.info(f"added interface {cfg.name} on bridge {cfg.bridge}")
+            self.current[cfg.name] = cfg
+        dp.run(time.monotonic())
+        self.write_back(cfg_done=True)
+
+    def refresh_routes(self) -> None:
+        try:
+            routes, addresses = self.routes.read()
+        except Exception as e:
+            RateLimit(vlog.warn)(f"cannot read kernel routes: {e}")
+            return
+        if self.dp.routes.set_system(routes, addresses):
+            self.dp.run(time.monotonic())
+
+    def write_back(self, cfg_done: bool) -> None:
+        if self.txn is not None:
+            self.force = self.force or cfg_done
+            return
+        txn = ovs.db.idl.Transaction(self.idl)
+        dp = self.dp
+        for row in self.idl.tables["Interface"].rows.values():
+            port = dp.ports.get(row.name)
+            if port is not None:
+                want = {
+                    "ofport": [port.ofport],
+                    "error": [],
+                    "status": port.status(),
+                    "link_state": [port.link_state()],
+                    "statistics": port.statistics(),
+                }
+                mac = port.mac_in_use()
+                want["mac_in_use"] = [mac] if mac else []
+            elif row.name in self.errors:
+                want = {
+                    "ofport": [-1],
+                    "error": [self.errors[row.name]],
+                    "status": {},
+                    "link_state": [],
+                    "statistics": {},
+                    "mac_in_use": [],
+                }
+            else:
+                continue
+            for col, val in want.items():
+                if getattr(row, col) != val:
+                    setattr(row, col, val)
+        cfg = None
+        if cfg_done:
+            for ovsrow in self.idl.tables["Open_vSwitch"].rows.values():
+                if ovsrow.cur_cfg != ovsrow.next_cfg:
+                    ovsrow.cur_cfg = ovsrow.next_cfg
+                cfg = ovsrow.next_cfg
+        status = txn.commit()
+        if status == ovs.db.idl.Transaction.INCOMPLETE:
+            self.txn = txn
+            self.txn_cfg = cfg
+        else:
+            self._txn_done(status, txn)
+
+    def _txn_done(self, status, txn) -> None:
+        if status == ovs.db.idl.Transaction.TRY_AGAIN:
+            self.force = True
+        elif status not in (ovs.db.idl.Transaction.SUCCESS, ovs.db.idl.Transaction.UNCHANGED):
+            vlog.warn(f"database transaction failed: {status} {txn.get_error()}")
+            self.force = True
+
+    # --- control plane -------------------------------------------------------------------
+    def control_run(self) -> None:
+        self.unixctl.run()
+        self.idl.run()
+        if self.txn is not None:
+            status = self.txn.commit()
+            if status == ovs.db.idl.Transaction.INCOMPLETE:
+                return
+            txn, self.txn = self.txn, None
+            self._txn_done(status, txn)
+        if not self.idl.has_ever_connected():
+            return
+        if self.idl.change_seqno != self.seqno or self.force:
+            self.seqno = self.idl.change_seqno
+            self.force = False
+            self.reconcile()
+        now = time.monotonic()
+        if now >= self.next_stats:
+            self.next_stats = now + STATS_INTERVAL
+            self.write_back(cfg_done=False)
+
+    def control_wait(self) -> float:
+        """Register the control plane's fds in a fresh epoll; return its timeout (s)."""
+        p = CollectingPoller()
+        self.unixctl.wait(p)
+        self.idl.wait(p)
+        if self.txn is not None:
+            self.txn.wait(p)
+        if self._cep is not None:
+            self.loop.set_control_fd(None)
+            self._cep.close()
+        cep = select.epoll()
+        for fd, ev in p.fds.items():
+            with contextlib.suppress(OSError):
+                cep.register(fd, ev)
+        self._cep = cep
+        self.loop.set_control_fd(cep.fileno())
+        return p.timeout / 1000.0 if p.timeout >= 0 else CONTROL_MAX_SLEEP
+
+    def run_forever(self) -> None:
+        control_deadline = 0.0
+        control_ready = True
+        while not self.exiting:
+            now = time.monotonic()
+            if control_ready or now >= control_deadline:
+                self.control_run()
+                if self.exiting:
+                    break
+                control_deadline = now + min(self.control_wait(), CONTROL_MAX_SLEEP)
+            if now >= self.next_housekeeping:
+                self.next_housekeeping = now + HOUSEKEEPING
+                if self.routes is not None and now >= self.next_routes:
+                    self.next_routes = now + ROUTE_REFRESH
+                    self.refresh_routes()
+                self.dp.run(now)
+            timeout = max(0.0, min(control_deadline, self.next_housekeeping) - now)
+            control_ready = self.loop.poll(timeout)
+
+    def close(self) -> None:
+        self.dp.close()
+        self.loop.close()
+        self.idl.close()
+        if self.routes is not None:
+            self.routes.close()
