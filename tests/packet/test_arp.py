@@ -28,24 +28,46 @@ def test_request_is_a_broadcast_that_scapy_reads_as_who_has():
     assert pkt[ARP].op == 1 and pkt[ARP].hwsrc == "02:00:00:00:00:0a"
     assert pkt[ARP].psrc == "192.0.2.10" and pkt[ARP].pdst == "192.0.2.11"
     assert pkt[ARP].hwdst == "00:00:00:00:00:00"
-    assert frame == raw(Ether(dst="ff:ff:ff:ff:ff:ff", src="02:00:00:00:00:0a")
-                        / ARP(op=1, hwsrc="02:00:00:00:00:0a", psrc="192.0.2.10",
-                              hwdst="00:00:00:00:00:00", pdst="192.0.2.11"))
+    assert frame == raw(
+        Ether(dst="ff:ff:ff:ff:ff:ff", src="02:00:00:00:00:0a")
+        / ARP(
+            op=1,
+            hwsrc="02:00:00:00:00:0a",
+            psrc="192.0.2.10",
+            hwdst="00:00:00:00:00:00",
+            pdst="192.0.2.11",
+        )
+    )
 
 
 def test_reply_is_unicast_and_equals_scapys():
     frame = build_arp_reply(MAC_B, IP_B, MAC_A, IP_A)
-    theirs = raw(Ether(dst="02:00:00:00:00:0a", src="02:00:00:00:00:0b")
-                 / ARP(op=2, hwsrc="02:00:00:00:00:0b", psrc="192.0.2.11",
-                       hwdst="02:00:00:00:00:0a", pdst="192.0.2.10"))
+    theirs = raw(
+        Ether(dst="02:00:00:00:00:0a", src="02:00:00:00:00:0b")
+        / ARP(
+            op=2,
+            hwsrc="02:00:00:00:00:0b",
+            psrc="192.0.2.11",
+            hwdst="02:00:00:00:00:0a",
+            pdst="192.0.2.10",
+        )
+    )
     assert frame == theirs
 
 
 def test_parses_what_scapy_builds_even_padded_to_60_bytes():
-    frame = raw(Ether() / ARP(op="is-at", hwsrc="02:00:00:00:00:0b", psrc="192.0.2.11",
-                              hwdst="02:00:00:00:00:0a", pdst="192.0.2.10")).ljust(60, b"\0")
+    frame = raw(
+        Ether()
+        / ARP(
+            op="is-at",
+            hwsrc="02:00:00:00:00:0b",
+            psrc="192.0.2.11",
+            hwdst="02:00:00:00:00:0a",
+            pdst="192.0.2.10",
+        )
+    ).ljust(60, b"\0")
     eth = parse_ethernet(frame)
-    assert parse_arp(memoryview(frame)[eth.payload_offset:]) == ArpPacket(
+    assert parse_arp(memoryview(frame)[eth.payload_offset :]) == ArpPacket(
         op=ARP_OP_REPLY, sha=MAC_B, spa=IP_B, tha=MAC_A, tpa=IP_A
     )
 

@@ -31,8 +31,7 @@ def test_constants():
 
 
 def test_parses_esp_built_by_scapy_null_cipher_including_its_trailer():
-    sa = SecurityAssociation(ESP, spi=0xDEADBEEF, seq_num=41, crypt_algo="NULL",
-                             auth_algo="NULL")
+    sa = SecurityAssociation(ESP, spi=0xDEADBEEF, seq_num=41, crypt_algo="NULL", auth_algo="NULL")
     inner = IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=5, dport=4789) / b"vxlan!"
     packet = raw(sa.encrypt(inner))
     esp = packet[20:]

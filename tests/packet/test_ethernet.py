@@ -33,8 +33,18 @@ def test_mac_text_round_trips_in_lowercase():
 
 
 @pytest.mark.parametrize(
-    "text", ["", "00:11:22:33:44", "00:11:22:33:44:55:66", "00:11:22:33:44:5g", "001:1:2:3:4:5",
-             "00:11:22:33:44:", "0011.2233.4455", "00:11-22:33:44:55", " 0:1:2:3:4:5"],
+    "text",
+    [
+        "",
+        "00:11:22:33:44",
+        "00:11:22:33:44:55:66",
+        "00:11:22:33:44:5g",
+        "001:1:2:3:4:5",
+        "00:11:22:33:44:",
+        "0011.2233.4455",
+        "00:11-22:33:44:55",
+        " 0:1:2:3:4:5",
+    ],
 )
 def test_bad_mac_text_is_a_packet_error(text):
     with pytest.raises(PacketError):
@@ -77,16 +87,22 @@ def test_parses_scapy_untagged_frame():
 
 
 def test_parses_scapy_tagged_frame_including_vid_4095_and_pcp_7():
-    frame = raw(Ether(dst="02:00:00:aa:bb:02", src="02:00:00:aa:bb:01")
-                / Dot1Q(vlan=4095, prio=7, type=0x0800) / b"payload")
+    frame = raw(
+        Ether(dst="02:00:00:aa:bb:02", src="02:00:00:aa:bb:01")
+        / Dot1Q(vlan=4095, prio=7, type=0x0800)
+        / b"payload"
+    )
     hdr = parse_ethernet(memoryview(frame))
     assert (hdr.vlan, hdr.pcp, hdr.ethertype, hdr.payload_offset) == (4095, 7, 0x0800, 18)
-    assert frame[hdr.payload_offset:] == b"payload"
+    assert frame[hdr.payload_offset :] == b"payload"
 
 
 def test_qinq_outer_tag_is_reported_not_stepped_over():
-    frame = raw(Ether(src="02:00:00:aa:bb:01", dst="02:00:00:aa:bb:02", type=ETHERTYPE_QINQ)
-                / Dot1Q(vlan=5) / b"x")
+    frame = raw(
+        Ether(src="02:00:00:aa:bb:01", dst="02:00:00:aa:bb:02", type=ETHERTYPE_QINQ)
+        / Dot1Q(vlan=5)
+        / b"x"
+    )
     hdr = parse_ethernet(frame)
     assert hdr.ethertype == ETHERTYPE_QINQ and hdr.vlan is None
 

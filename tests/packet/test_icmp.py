@@ -18,8 +18,12 @@ from espswitch.packet.icmp import (
 from espswitch.packet.ipv4 import IPV4_PROTO_ICMP, ip_to_bytes, parse_ipv4
 
 
-@given(st.sampled_from([ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY]), st.integers(0, 0xFFFF),
-       st.integers(0, 0xFFFF), st.binary(max_size=200))
+@given(
+    st.sampled_from([ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY]),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 0xFFFF),
+    st.binary(max_size=200),
+)
 def test_echo_equals_scapys_and_parses_back(typ, ident, seq, payload):
     msg = build_echo(typ, ident, seq, payload)
     assert msg == raw(ICMP(type=typ, id=ident, seq=seq) / payload)
@@ -46,16 +50,22 @@ def test_parses_scapy_icmp_and_checks_checksum():
 
 @pytest.mark.parametrize("options", [[], [IPOption_NOP()] * 4])
 def test_frag_needed_is_dissected_by_scapy(options):
-    original = raw(IP(src="10.0.0.5", dst="203.0.113.9", flags="DF", ttl=40, id=99,
-                      options=options) / UDP(sport=4321, dport=4789) / bytes(1400))
+    original = raw(
+        IP(src="10.0.0.5", dst="203.0.113.9", flags="DF", ttl=40, id=99, options=options)
+        / UDP(sport=4321, dport=4789)
+        / bytes(1400)
+    )
     router = ip_to_bytes("192.0.2.254")
     packet = build_frag_needed(original, 1300, router)
 
     ip = parse_ipv4(packet)  # verifies the outer header checksum
     assert ip.proto == IPV4_PROTO_ICMP and ip.total_length == len(packet)
-    icmp = parse_icmp(packet[ip.header_len:])  # verifies the ICMP checksum
-    assert (icmp.type, icmp.code, icmp.next_hop_mtu) == (ICMP_DEST_UNREACH,
-                                                         ICMP_CODE_FRAG_NEEDED, 1300)
+    icmp = parse_icmp(packet[ip.header_len :])  # verifies the ICMP checksum
+    assert (icmp.type, icmp.code, icmp.next_hop_mtu) == (
+        ICMP_DEST_UNREACH,
+        ICMP_CODE_FRAG_NEEDED,
+        1300,
+    )
     assert icmp.rest[:2] == b"\0\0"
 
     pkt = IP(packet)

@@ -57,26 +57,62 @@ def test_struct_constant_describes_the_20_byte_header():
 )
 def test_built_header_equals_scapys(payload_len, ttl, tos, ident, df, proto):
     ours = build_ipv4_header(
-        src=SRC, dst=DST, proto=proto, payload_len=payload_len, ttl=ttl, tos=tos, ident=ident,
+        src=SRC,
+        dst=DST,
+        proto=proto,
+        payload_len=payload_len,
+        ttl=ttl,
+        tos=tos,
+        ident=ident,
         df=df,
     )
-    theirs = raw(IP(src="192.0.2.1", dst="198.51.100.2", proto=proto, ttl=ttl, tos=tos,
-                    id=ident, flags="DF" if df else 0, len=20 + payload_len))
+    theirs = raw(
+        IP(
+            src="192.0.2.1",
+            dst="198.51.100.2",
+            proto=proto,
+            ttl=ttl,
+            tos=tos,
+            id=ident,
+            flags="DF" if df else 0,
+            len=20 + payload_len,
+        )
+    )
     assert ours == theirs
 
 
 def test_built_header_with_options_equals_scapys():
     opts = raw(IPOption_RR(routers=["0.0.0.0"] * 2)) + b"\x00"  # 11 bytes + EOL = 12
     ours = build_ipv4_header(src=SRC, dst=DST, proto=1, payload_len=8, options=opts)
-    theirs = raw(IP(src="192.0.2.1", dst="198.51.100.2", proto=1, flags="DF", len=40, id=0,
-                    options=[IPOption_RR(routers=["0.0.0.0"] * 2)]))
+    theirs = raw(
+        IP(
+            src="192.0.2.1",
+            dst="198.51.100.2",
+            proto=1,
+            flags="DF",
+            len=40,
+            id=0,
+            options=[IPOption_RR(routers=["0.0.0.0"] * 2)],
+        )
+    )
     assert ours == theirs
 
 
 def test_parses_scapy_packet_with_options_and_skips_them():
-    pkt = raw(IP(src="192.0.2.1", dst="198.51.100.2", ttl=7, tos=0xB8, id=0xBEEF, frag=3,
-                 flags="MF", options=[IPOption_NOP(), IPOption_RR(routers=["1.2.3.4"] * 3)])
-              / UDP(sport=1000, dport=2000) / b"data")
+    pkt = raw(
+        IP(
+            src="192.0.2.1",
+            dst="198.51.100.2",
+            ttl=7,
+            tos=0xB8,
+            id=0xBEEF,
+            frag=3,
+            flags="MF",
+            options=[IPOption_NOP(), IPOption_RR(routers=["1.2.3.4"] * 3)],
+        )
+        / UDP(sport=1000, dport=2000)
+        / b"data"
+    )
     hdr = parse_ipv4(pkt)
     assert hdr.header_len == 20 + 16 and hdr.ihl == 9
     assert (hdr.ttl, hdr.tos, hdr.ident, hdr.proto) == (7, 0xB8, 0xBEEF, IPV4_PROTO_UDP)
@@ -135,6 +171,7 @@ def test_header_checksum_function_ignores_stored_field():
 
 # --- the template -----------------------------------------------------------------------
 
+
 @given(
     payload_len=st.integers(0, 65515),
     ident=st.integers(0, 0xFFFF),
@@ -147,8 +184,16 @@ def test_template_fill_equals_full_build(payload_len, ident, ttl, tos, df, offse
     tpl = Ipv4Template(src=SRC, dst=DST, proto=IPV4_PROTO_ESP, ttl=ttl, tos=tos, df=df)
     buf = bytearray(b"\xaa" * (offset + 20 + 8))
     tpl.fill(buf, offset, payload_len, ident)
-    expected = build_ipv4_header(src=SRC, dst=DST, proto=IPV4_PROTO_ESP, payload_len=payload_len,
-                                 ttl=ttl, tos=tos, ident=ident, df=df)
+    expected = build_ipv4_header(
+        src=SRC,
+        dst=DST,
+        proto=IPV4_PROTO_ESP,
+        payload_len=payload_len,
+        ttl=ttl,
+        tos=tos,
+        ident=ident,
+        df=df,
+    )
     assert buf[offset : offset + 20] == expected
     assert buf[:offset] == b"\xaa" * offset and buf[offset + 20 :] == b"\xaa" * 8
     assert tpl.checksum(payload_len, ident) == struct.unpack_from("!H", expected, 10)[0]
@@ -161,8 +206,13 @@ def test_template_output_is_accepted_by_scapy_and_our_parser():
     buf[20:] = payload
     tpl.fill(memoryview(buf), 0, len(payload), 0x4242)
     pkt = IP(bytes(buf))
-    scapys = IP(raw(IP(src="192.0.2.1", dst="198.51.100.2", id=0x4242, flags="DF")
-                    / UDP(sport=5, dport=4789) / (b"z" * 100)))
+    scapys = IP(
+        raw(
+            IP(src="192.0.2.1", dst="198.51.100.2", id=0x4242, flags="DF")
+            / UDP(sport=5, dport=4789)
+            / (b"z" * 100)
+        )
+    )
     assert pkt.chksum == scapys.chksum
     assert bytes(buf[:20]) == raw(scapys)[:20]
     assert parse_ipv4(buf).ident == 0x4242
@@ -180,12 +230,25 @@ def test_template_takes_ident_modulo_2_16_and_rejects_oversize():
 
 # --- fragmentation ----------------------------------------------------------------------
 
+
 def _packet(payload_len, options=(), mf=False, frag=0, proto_payload=None):
-    body = proto_payload if proto_payload is not None else bytes(i & 0xFF for i in
-                                                                 range(payload_len))
-    return raw(IP(src="192.0.2.1", dst="198.51.100.2", id=0x7777, ttl=33, tos=0x10,
-                  flags="MF" if mf else 0, frag=frag, proto=IPV4_PROTO_UDP,
-                  options=list(options)) / body)
+    body = (
+        proto_payload if proto_payload is not None else bytes(i & 0xFF for i in range(payload_len))
+    )
+    return raw(
+        IP(
+            src="192.0.2.1",
+            dst="198.51.100.2",
+            id=0x7777,
+            ttl=33,
+            tos=0x10,
+            flags="MF" if mf else 0,
+            frag=frag,
+            proto=IPV4_PROTO_UDP,
+            options=list(options),
+        )
+        / body
+    )
 
 
 def _check_fragments(original, frags, mtu):
@@ -194,8 +257,12 @@ def _check_fragments(original, frags, mtu):
     for i, frag in enumerate(frags):
         hdr = parse_ipv4(frag)  # also verifies every fragment's checksum
         assert len(frag) <= mtu and hdr.total_length == len(frag)
-        assert (hdr.ident, hdr.ttl, hdr.tos, hdr.proto) == (orig.ident, orig.ttl, orig.tos,
-                                                             orig.proto)
+        assert (hdr.ident, hdr.ttl, hdr.tos, hdr.proto) == (
+            orig.ident,
+            orig.ttl,
+            orig.tos,
+            orig.proto,
+        )
         data_len = len(frag) - hdr.header_len
         if i < len(frags) - 1:
             assert hdr.mf and data_len % 8 == 0
@@ -232,8 +299,11 @@ def test_last_fragment_keeps_mf_of_a_fragment_being_refragmented():
 
 def test_only_copied_options_are_repeated_in_later_fragments():
     # LSRR has the copy flag set (type 0x83); RR (type 7) and NOP do not.
-    options = [IPOption_RR(routers=["0.0.0.0"]), IPOption_NOP(),
-               IPOption_LSRR(routers=["10.0.0.1", "10.0.0.2"])]
+    options = [
+        IPOption_RR(routers=["0.0.0.0"]),
+        IPOption_NOP(),
+        IPOption_LSRR(routers=["10.0.0.1", "10.0.0.2"]),
+    ]
     original = _packet(600, options=options)
     frags = fragment_ipv4(original, 200)
     _check_fragments(original, frags, 200)
@@ -261,7 +331,10 @@ def test_mtu_too_small_for_header_plus_8_bytes_is_a_caller_error():
 
 
 def test_malformed_options_are_a_packet_error():
-    hdr = bytearray(build_ipv4_header(src=SRC, dst=DST, proto=17, payload_len=200, df=False,
-                                      options=b"\x83\x09\x04\x00"))  # length runs past the end
+    hdr = bytearray(
+        build_ipv4_header(
+            src=SRC, dst=DST, proto=17, payload_len=200, df=False, options=b"\x83\x09\x04\x00"
+        )
+    )  # length runs past the end
     with pytest.raises(PacketError, match="option"):
         fragment_ipv4(bytes(hdr) + bytes(200), 100)

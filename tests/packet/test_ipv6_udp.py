@@ -42,11 +42,23 @@ def test_ipv6_text_round_trip():
         ip6_to_bytes("2001:db8::g")
 
 
-@given(tc=st.integers(0, 255), fl=st.integers(0, 0xFFFFF), nh=st.integers(0, 255),
-       hl=st.integers(0, 255), plen=st.integers(0, 0xFFFF))
+@given(
+    tc=st.integers(0, 255),
+    fl=st.integers(0, 0xFFFFF),
+    nh=st.integers(0, 255),
+    hl=st.integers(0, 255),
+    plen=st.integers(0, 0xFFFF),
+)
 def test_ipv6_header_equals_scapys(tc, fl, nh, hl, plen):
-    ours = build_ipv6_header(src=ip6_to_bytes(SRC6), dst=ip6_to_bytes(DST6), next_header=nh,
-                             payload_len=plen, hop_limit=hl, traffic_class=tc, flow_label=fl)
+    ours = build_ipv6_header(
+        src=ip6_to_bytes(SRC6),
+        dst=ip6_to_bytes(DST6),
+        next_header=nh,
+        payload_len=plen,
+        hop_limit=hl,
+        traffic_class=tc,
+        flow_label=fl,
+    )
     assert ours == raw(IPv6(src=SRC6, dst=DST6, nh=nh, plen=plen, hlim=hl, tc=tc, fl=fl))
 
 
@@ -71,11 +83,13 @@ def test_ipv6_version_and_truncation_are_checked():
 
 # --- UDP --------------------------------------------------------------------------------
 
+
 @given(st.binary(max_size=1500), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF))
 def test_udp_with_checksum_equals_scapys(payload, sport, dport):
     ours = build_udp(sport, dport, payload, src_ip=SRC, dst_ip=DST)
-    theirs = raw(IP(src="192.0.2.1", dst="198.51.100.2") / UDP(sport=sport, dport=dport)
-                 / payload)[20:]
+    theirs = raw(IP(src="192.0.2.1", dst="198.51.100.2") / UDP(sport=sport, dport=dport) / payload)[
+        20:
+    ]
     assert ours == theirs
     assert verify_udp_checksum_ipv4(SRC, DST, ours)
     assert udp_checksum_ipv4(SRC, DST, ours) == struct.unpack_from("!H", ours, 6)[0]
@@ -94,8 +108,9 @@ def test_computed_zero_checksum_is_sent_as_ffff_like_scapy():
     payload = b"abcd" + base[6:8]
     ours = build_udp(1, 2, payload, src_ip=SRC, dst_ip=DST)
     assert ours[6:8] == b"\xff\xff"
-    assert ours == raw(IP(src="192.0.2.1", dst="198.51.100.2") / UDP(sport=1, dport=2)
-                       / payload)[20:]
+    assert (
+        ours == raw(IP(src="192.0.2.1", dst="198.51.100.2") / UDP(sport=1, dport=2) / payload)[20:]
+    )
     assert verify_udp_checksum_ipv4(SRC, DST, ours)
 
 
@@ -103,8 +118,9 @@ def test_corrupted_udp_fails_verification():
     seg = bytearray(build_udp(1, 2, b"payload", src_ip=SRC, dst_ip=DST))
     seg[-1] ^= 0x40
     assert not verify_udp_checksum_ipv4(SRC, DST, seg)
-    assert not verify_udp_checksum_ipv4(SRC, ip_to_bytes("198.51.100.3"),
-                                        build_udp(1, 2, b"payload", src_ip=SRC, dst_ip=DST))
+    assert not verify_udp_checksum_ipv4(
+        SRC, ip_to_bytes("198.51.100.3"), build_udp(1, 2, b"payload", src_ip=SRC, dst_ip=DST)
+    )
 
 
 def test_verification_covers_only_the_udp_length():
@@ -114,12 +130,13 @@ def test_verification_covers_only_the_udp_length():
 
 def test_parses_scapy_udp_and_checks_length():
     seg = raw(IP() / UDP(sport=1234, dport=4500) / b"abc")[20:]
-    assert parse_udp(seg) == UdpHeader(sport=1234, dport=4500, length=11,
-                                       checksum=struct.unpack_from("!H", seg, 6)[0])
+    assert parse_udp(seg) == UdpHeader(
+        sport=1234, dport=4500, length=11, checksum=struct.unpack_from("!H", seg, 6)[0]
+    )
     with pytest.raises(TruncatedPacket):
         parse_udp(seg[:10])
     with pytest.raises(TruncatedPacket):
-        parse_udp(seg[:UDP_HLEN - 1])
+        parse_udp(seg[: UDP_HLEN - 1])
     bad = bytearray(seg)
     bad[4:6] = b"\x00\x07"
     with pytest.raises(PacketError, match="< 8"):

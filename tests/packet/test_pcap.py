@@ -25,8 +25,12 @@ from espswitch.packet.pcap import (
 )
 
 FRAMES = [
-    raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.0.0.1",
-        dst="10.0.0.2") / UDP() / (b"a" * n))
+    raw(
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+        / IP(src="10.0.0.1", dst="10.0.0.2")
+        / UDP()
+        / (b"a" * n)
+    )
     for n in (0, 1, 100, 1400)
 ]
 
@@ -62,8 +66,9 @@ def test_our_nanosecond_file_is_read_by_scapy(tmp_path):
 @pytest.mark.parametrize("nano", [False, True])
 def test_reads_scapy_files_in_both_byte_orders_and_resolutions(tmp_path, endianness, nano):
     path = tmp_path / "scapy.pcap"
-    writer = ScapyPcapWriter(str(path), linktype=LINKTYPE_ETHERNET, endianness=endianness,
-                             nano=nano, sync=True)
+    writer = ScapyPcapWriter(
+        str(path), linktype=LINKTYPE_ETHERNET, endianness=endianness, nano=nano, sync=True
+    )
     for i, frame in enumerate(FRAMES):
         packet = Ether(frame)
         packet.time = 1000 + i + (0.25 if not nano else 0.000000125)
@@ -84,8 +89,9 @@ def test_our_writer_round_trips_through_our_reader_with_truncation():
     reader = PcapReader(io.BytesIO(data))
     assert reader.linktype == LINKTYPE_RAW and reader.snaplen == 64 and not reader.nanosecond
     records = list(reader)
-    assert records[3] == PcapRecord(ts_sec=1_700_000_003, ts_frac=123_459, data=FRAMES[3][:64],
-                                    orig_len=len(FRAMES[3]))
+    assert records[3] == PcapRecord(
+        ts_sec=1_700_000_003, ts_frac=123_459, data=FRAMES[3][:64], orig_len=len(FRAMES[3])
+    )
 
 
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
@@ -94,7 +100,10 @@ def test_tshark_reads_our_file(tmp_path):
     path.write_bytes(_written(FRAMES))
     out = subprocess.run(
         ["tshark", "-r", str(path), "-T", "fields", "-e", "frame.len", "-e", "ip.src"],
-        capture_output=True, text=True, check=True, timeout=30,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout.split("\n")
     rows = [line.split("\t") for line in out if line]
     assert rows == [[str(len(f)), "10.0.0.1"] for f in FRAMES]
@@ -145,11 +154,11 @@ def test_writer_rejects_bad_timestamps():
 
 # --- finding the IPv4 packet ------------------------------------------------------------
 
+
 def test_ip_packet_of_each_link_type():
     ip = raw(IP(src="10.0.0.1", dst="10.0.0.2") / UDP())
     eth = raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(ip))
-    tagged = raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1Q(vlan=7)
-                 / IP(ip))
+    tagged = raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1Q(vlan=7) / IP(ip))
     sll = bytes(14) + b"\x08\x00" + ip
     sll2 = b"\x08\x00" + bytes(18) + ip
     assert ip_packet_of(eth, LINKTYPE_ETHERNET) == (eth[:14], 14)

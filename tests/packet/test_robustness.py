@@ -66,8 +66,11 @@ def _ip(pkt):
 IP_PACKETS = [
     _ip(UDP(sport=1, dport=4789) / VXLAN(vni=7) / _ether() / IP() / TCP()),
     _ip(ICMP() / b"ping"),
-    raw(IP(flags=0, options=[IPOption_NOP(), IPOption_LSRR(routers=["1.1.1.1"])]) / UDP()
-        / bytes(300)),
+    raw(
+        IP(flags=0, options=[IPOption_NOP(), IPOption_LSRR(routers=["1.1.1.1"])])
+        / UDP()
+        / bytes(300)
+    ),
     raw(IP(proto=50) / (b"\0\0\1\0" + bytes(40))),
 ]
 FRAMES = [raw(_ether() / p) for p in map(IP, IP_PACKETS)] + [
@@ -96,6 +99,7 @@ VALID = {
     "esp": [b"\0\0\1\0\0\0\0\1" + b"data\x01\x02\x02\x04"],
     "pcap": [_pcap_file()],
 }
+
 
 def _ip_packet_of(data, linktype):
     return ip_packet_of(data, linktype)
@@ -129,8 +133,13 @@ PARSERS = {
     "pcap_reader": (lambda b: list(PcapReader(io.BytesIO(b))), "pcap"),
     **{
         f"ip_packet_of_{lt}": (functools.partial(_ip_packet_of, linktype=lt), "ethernet")
-        for lt in (LINKTYPE_ETHERNET, LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_LINUX_SLL,
-                   LINKTYPE_LINUX_SLL2)
+        for lt in (
+            LINKTYPE_ETHERNET,
+            LINKTYPE_RAW,
+            LINKTYPE_IPV4,
+            LINKTYPE_LINUX_SLL,
+            LINKTYPE_LINUX_SLL2,
+        )
     },
 }
 
@@ -155,8 +164,7 @@ def damaged(draw, kind):
 
 
 # Per parser: 150 random buffers plus 150 damaged packets (about 9000 calls in all).
-SETTINGS = settings(max_examples=150, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))

@@ -45,14 +45,23 @@ def test_missing_i_flag_is_rejected_and_reserved_bits_ignored():
 
 
 def test_full_encapsulation_dissected_by_scapy():
-    inner = raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
-                / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=7, dport=9) / b"inner")
+    inner = raw(
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+        / IP(src="10.0.0.1", dst="10.0.0.2")
+        / UDP(sport=7, dport=9)
+        / b"inner"
+    )
     src, dst = ip_to_bytes("192.0.2.1"), ip_to_bytes("192.0.2.2")
     sport = vxlan_source_port(inner)
     udp = build_udp(sport, VXLAN_PORT, build_vxlan_header(4242) + inner)
     ip = build_ipv4_header(src=src, dst=dst, proto=IPV4_PROTO_UDP, payload_len=len(udp))
-    frame = build_ethernet(mac_to_bytes("02:00:00:00:01:01"), mac_to_bytes("02:00:00:00:01:02"),
-                           ETHERTYPE_IPV4) + ip + udp
+    frame = (
+        build_ethernet(
+            mac_to_bytes("02:00:00:00:01:01"), mac_to_bytes("02:00:00:00:01:02"), ETHERTYPE_IPV4
+        )
+        + ip
+        + udp
+    )
     pkt = Ether(frame)
     assert pkt[UDP].sport == sport and pkt[UDP].dport == 4789
     assert pkt[VXLAN].vni == 4242
@@ -64,8 +73,12 @@ def _inner(sport=1000, dport=2000, proto=UDP, payload=b"x", vlan=None, **ip):
     l2 = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
     if vlan is not None:
         l2 = l2 / Dot1Q(vlan=vlan)
-    return raw(l2 / IP(src=ip.get("src", "10.0.0.1"), dst=ip.get("dst", "10.0.0.2"),
-                       frag=ip.get("frag", 0)) / proto(sport=sport, dport=dport) / payload)
+    return raw(
+        l2
+        / IP(src=ip.get("src", "10.0.0.1"), dst=ip.get("dst", "10.0.0.2"), frag=ip.get("frag", 0))
+        / proto(sport=sport, dport=dport)
+        / payload
+    )
 
 
 def test_source_port_is_in_range_and_deterministic():
@@ -93,8 +106,10 @@ def test_source_port_ignores_payload_and_ttl_but_follows_the_flow():
 def test_source_port_sees_through_one_vlan_tag_and_ipv6():
     tagged = {vxlan_source_port(_inner(sport=s, vlan=10)) for s in range(1000, 1100)}
     assert len(tagged) > 80
-    v6 = {vxlan_source_port(raw(Ether() / IPv6(src=f"2001:db8::{i:x}") / UDP()))
-          for i in range(1, 101)}
+    v6 = {
+        vxlan_source_port(raw(Ether() / IPv6(src=f"2001:db8::{i:x}") / UDP()))
+        for i in range(1, 101)
+    }
     assert len(v6) > 80
 
 
