@@ -10,6 +10,7 @@ from espswitch.datapath.datapath import Datapath
 from espswitch.datapath.errors import PortError
 from espswitch.datapath.ports import PORT_TYPES, Port, register_port_type
 from espswitch.datapath.vxlan import TunnelLayer, TunnelPort, VxlanPort
+from espswitch.datapath.vxlanipsec import VxlanIpsecPort
 
 __all__ = [
     "PORT_TYPES",
@@ -20,6 +21,7 @@ __all__ = [
     "PortError",
     "TunnelLayer",
     "TunnelPort",
+    "VxlanIpsecPort",
     "VxlanPort",
     "register_port_type",
 ]

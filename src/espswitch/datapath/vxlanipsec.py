@@ -1,0 +1,426 @@
+"""`vxlanipsec`: VXLAN tunnels whose packets are protected by ESP (RFC 4303), keyed manually.
+
+Outbound, each inner frame becomes UDP / VXLAN / frame, is sealed by the tunnel's outbound
+SA (transport mode: ESP after the outer IPv4 header, next header 17; tunnel mode: a whole
+inner IPv4/UDP/VXLAN packet inside ESP, next header 4) and optionally put in UDP/4500
+(RFC 3948). Inbound, ESP to a local endpoint (IP protocol 50, or UDP/4500 that is not IKE)
+is matched to its SA by SPI, decrypted, checked against the SA's selectors (RFC 4301 §5.2)
+and only then handed to VXLAN decapsulation. A `vxlanipsec` tunnel never sends or accepts
+plaintext VXLAN.
+
+Per-packet work is bytes: a `struct` pack for the UDP/VXLAN header, one AEAD call, and the
+outer IPv4 header patched from a template with an incremental checksum.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import zlib
+from typing import TYPE_CHECKING, ClassVar
+
+from espswitch.datapath.counters import Counters
+from espswitch.datapath.errors import PortError
+from espswitch.datapath.ports import Port, TapPort, register_port_type
+from espswitch.datapath.tunnel import ip4_str
+from espswitch.datapath.vxlan import TunnelPort, VxlanPort
+from espswitch.ipsec.config import IPSEC_OPTIONS, ManualKeying, parse_ipsec_options
+from espswitch.ipsec.errors import DropReason, EspDrop, IpsecConfigError, SaRefused
+from espswitch.ipsec.policy import UdpSelector
+from espswitch.ipsec.sa import InboundSA, Mode, OutboundSA
+from espswitch.ipsec.sad import Sad
+from espswitch.packet.errors import PacketError
+from espswitch.packet.icmp import build_frag_needed
+from espswitch.packet.ipv4 import fragment_ipv4
+
+if TYPE_CHECKING:
+    from espswitch.datapath.bridge import Bridge
+    from espswitch.datapath.datapath import Datapath
+
+ESP_PROTO = 50
+NAT_T_PORT = 4500
+DEFAULT_UNDERLAY_MTU = 1500
+_UDP_VXLAN = struct.Struct("!HHHHII")  # UDP sport, dport, length, checksum; VXLAN flags, VNI
+_UDP = struct.Struct("!HHHH")
+_IP_LEN_ID = struct.Struct("!HH")
+_U16 = struct.Struct("!H")
+_ETH_IPV4 = b"\x08\x00"
+_SIOCSIFMTU = 0x8922
+
+
+class IpsecCounters(Counters):
+    """Interface counters of a `vxlanipsec` port: the generic ones plus ESP drops by cause."""
+
+    NAMES = (*Counters.NAMES, "esp_auth_failures", "esp_replay_drops", "esp_plaintext_drops",
+             "esp_selector_drops", "esp_malformed", "esp_expired_drops")
+    DROP_CAUSES: ClassVar[dict[str, str]] = {
+        **Counters.DROP_CAUSES,
+        "esp_auth_failures": "rx_dropped",
+        "esp_replay_drops": "rx_dropped",
+        "esp_plaintext_drops": "rx_dropped",
+        "esp_selector_drops": "rx_dropped",
+        "esp_malformed": "rx_dropped",
+        "esp_expired_drops": "rx_dropped",
+    }
+
+
+# Which interface counter each ESP drop reason goes to.
+_RX_COUNTER = {
+    DropReason.AUTH_FAILED: "esp_auth_failures",
+    DropReason.REPLAYED: "esp_replay_drops",
+    DropReason.TOO_OLD: "esp_replay_drops",
+    DropReason.BAD_PADDING: "esp_malformed",
+    DropReason.MALFORMED: "esp_malformed",
+    DropReason.DUMMY: "esp_malformed",
+    DropReason.EXPIRED: "esp_expired_drops",
+}
+
+
+def _sysfs_mtu(dev: str) -> int | None:
+    try:
+        with open(f"/sys/class/net/{dev}/mtu") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _set_mtu(dev: str, mtu: int) -> bool:
+    """Set a device's MTU in this namespace; False if the device is not here."""
+    if _sysfs_mtu(dev) in (None, mtu):
+        return False
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        ifreq = struct.pack("16si12x", dev.encode()[:15], mtu)
+        fcntl.ioctl(s, _SIOCSIFMTU, ifreq)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class IpsecLayer:
+    """The inbound side shared by every `vxlanipsec` tunnel of a datapath: SPI -> SA -> port."""
+
+    def __init__(self, dp: Datapath) -> None:
+        self.dp = dp
+        self.sad = Sad()
+        self.ports: dict[int, VxlanIpsecPort] = {}  # inbound SPI -> port
+        dp.tunnels.register_ip_handler(ESP_PROTO, self._esp_input)
+
+    @classmethod
+    def of(cls, dp: Datapath) -> IpsecLayer:
+        """The datapath's IPsec layer, created on first use."""
+        layer = getattr(dp, "ipsec", None)
+        if layer is None:
+            layer = dp.ipsec = cls(dp)
+        return layer
+
+    def add(self, port: VxlanIpsecPort, sa: InboundSA) -> None:
+        try:
+            self.sad.add(sa)
+        except IpsecConfigError:
+            other = self.ports[sa.spi].name
+            raise PortError(
+                f"interface {port.name}: options:spi_in 0x{sa.spi:08x} is already used by "
+                f"interface {other}") from None
+        self.ports[sa.spi] = port
+        if len(self.ports) == 1:
+            self.dp.tunnels.register_udp_handler(NAT_T_PORT, self._nat_t_input)
+
+    def remove(self, sa: InboundSA) -> None:
+        if self.ports.pop(sa.spi, None) is not None:
+            self.sad.remove(sa.spi)
+        if not self.ports:
+            self.dp.tunnels.unregister_udp_handler(NAT_T_PORT)
+
+    # -- inbound ----------------------------------------------------------------------------
+
+    def _esp_input(self, bridge: Bridge, in_port: Port, frame: bytes, l3: int, ihl: int) -> bool:
+        total = (frame[l3 + 2] << 8) | frame[l3 + 3]
+        if total < ihl + 8 or l3 + total > len(frame) or frame[l3 + 6] & 0x3F or frame[l3 + 7]:
+            in_port.stats.drop("rx_malformed")
+            self.dp.count_drop("esp_malformed")
+            return True
+        self._deliver(in_port, frame, l3, frame[l3 + ihl : l3 + total], False)
+        return True
+
+    def _nat_t_input(self, bridge: Bridge, in_port: Port, frame: bytes, l3: int, l4: int) -> bool:
+        end = l3 + ((frame[l3 + 2] << 8) | frame[l3 + 3])
+        payload = frame[l4 + 8 : end]
+        if len(payload) == 1 and payload[0] == 0xFF:
+            return True  # NAT keepalive (RFC 3948 §2.3): nothing to do
+        if len(payload) < 8 or payload[:4] == b"\0\0\0\0":
+            return False  # IKE (non-ESP marker) or junk: the IKE daemon's business
+        self._deliver(in_port, frame, l3, payload, True)
+        return True
+
+    def _deliver(self, in_port: Port, frame: bytes, l3: int, esp: bytes, encap: bool) -> None:
+        spi = (esp[0] << 24) | (esp[1] << 16) | (esp[2] << 8) | esp[3]
+        port = self.ports.get(spi)
+        if port is None:
+            self.sad.unknown_spi += 1
+            in_port.stats.drop("rx_unknown_tunnel")
+            self.dp.count_drop("esp_unknown_spi")
+            self.dp.log_rl(f"ESP with unknown SPI 0x{spi:08x} from "
+                           f"{ip4_str(frame[l3 + 12 : l3 + 16])}, dropped")
+            return
+        port.input_esp(frame[l3 + 12 : l3 + 16], frame[l3 + 16 : l3 + 20], esp, encap)
+
+
+@register_port_type("vxlanipsec")
+class VxlanIpsecPort(VxlanPort):
+    """A VXLAN tunnel protected by a manually keyed ESP SA pair."""
+
+    OPTIONS: ClassVar[frozenset[str]] = TunnelPort.OPTIONS | IPSEC_OPTIONS
+    COUNTERS = IpsecCounters
+
+    def __init__(self, dp: Datapath, bridge: Bridge, name: str, options) -> None:
+        super().__init__(dp, bridge, name, options)
+        try:
+            keying = parse_ipsec_options(self.options, remote_ip=self.remote_ip)
+        except IpsecConfigError as e:
+            raise PortError(f"interface {name}: {e}") from None
+        if not isinstance(keying, ManualKeying):
+            raise PortError(
+                f"interface {name}: IKEv2 keying (psk, remote_cert) is not available in the "
+                "datapath yet; key the tunnel manually with spi_out, spi_in, esp_key_out and "
+                "esp_key_in")
+        self.keying = keying
+        self.transform = keying.transform
+        self.mode = keying.mode
+        self.encap = keying.encapsulation
+        self.sa_out = OutboundSA(keying.outbound, now=dp.now)
+        self.sa_in = InboundSA(keying.inbound, now=dp.now)
+        self.underlay_mtu = DEFAULT_UNDERLAY_MTU
+        self.max_frame = 0
+        self._outer = bytearray(20)
+        self._outer_base = 0
+        self._udp_vxlan_len = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self._layer = IpsecLayer.of(self.dp)
+        self._layer.add(self, self.sa_in)
+        try:
+            super().open()
+        except BaseException:
+            self._layer.remove(self.sa_in)
+            raise
+        self.adjust_mtus()
+
+    def close(self) -> None:
+        super().close()
+        self._layer.remove(self.sa_in)
+        self.sa_out.expire("deleted")
+        self.sa_in.expire("deleted")
+
+    def rebuild_template(self) -> None:
+        super().rebuild_template()
+        src = self.local_ip or b"\0\0\0\0"
+        proto = 17 if self.encap else ESP_PROTO
+        t = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, self.tos, 0, 0, 0x4000, self.ttl,
+                                  proto, 0, src, self.remote_ip))
+        self._outer = t
+        self._outer_base = sum(struct.unpack("!10H", bytes(t)))
+        self.selector = UdpSelector(src=self.remote_ip, dst=src, dport=self.dst_port)
+        if self.egress_port is not None:
+            self.underlay_mtu = _sysfs_mtu(self.egress_port.name) or DEFAULT_UNDERLAY_MTU
+        self.max_frame = self._largest_frame(self.underlay_mtu)
+
+    def resolve(self) -> None:
+        super().resolve()
+        self.adjust_mtus()
+
+    # -- MTU ------------------------------------------------------------------------------------
+
+    def outer_len(self, frame_len: int) -> int:
+        """Bytes on the underlay (IP header onwards) for an inner frame of `frame_len`."""
+        payload = frame_len + 16 + (20 if self.mode is Mode.TUNNEL else 0)
+        return 20 + (8 if self.encap else 0) + payload + self.transform.overhead(payload)
+
+    def _largest_frame(self, mtu: int) -> int:
+        # Padding makes the overhead step, so search near the closed-form estimate.
+        frame = mtu - self.outer_len(0) - self.transform.block_size
+        while self.outer_len(frame + 1) <= mtu:
+            frame += 1
+        while frame > 0 and self.outer_len(frame) > mtu:
+            frame -= 1
+        return frame
+
+    @property
+    def inner_mtu(self) -> int:
+        """The IP MTU a VM on this tunnel can use without fragmentation (Ethernet removed)."""
+        return self.max_frame - 14
+
+    def adjust_mtus(self) -> None:
+        """Lower the MTU of the bridge's tap and internal devices to what the tunnel carries."""
+        mtu = self.inner_mtu
+        for port in self.bridge.ports:
+            if isinstance(port, TapPort) and port.dev is not None:
+                current = _sysfs_mtu(port.name)
+                if current is not None and current > mtu:
+                    _set_mtu(port.name, mtu)
+
+    # -- outbound -------------------------------------------------------------------------------
+
+    def send(self, frames: list[bytes]) -> None:
+        if self._route_seq != self.dp.routes.seq:
+            self.resolve()
+        st = self.stats
+        if self.egress_bridge is None:
+            st.drop("tx_no_route", len(frames))
+            return
+        max_frame = self.max_frame
+        seal = self.sa_out.encrypt
+        tunnel = self.mode is Mode.TUNNEL
+        protect = self._protect
+        pkts = []
+        nbytes = 0
+        for frame in frames:
+            pieces = (frame,) if len(frame) <= max_frame else self._too_big(frame)
+            for piece in pieces:
+                try:
+                    pkts.append(protect(piece, seal, tunnel))
+                except SaRefused:
+                    # Past the hard lifetime (or out of sequence numbers): counted, not sent.
+                    st["esp_expired_drops"] += 1
+                    st["tx_dropped"] += 1
+                    continue
+                nbytes += len(piece)
+        st["tx_packets"] += len(pkts)
+        st["tx_bytes"] += nbytes
+        if pkts:
+            self.dp.tunnels.output_ipv4(self, pkts)
+
+    def _protect(self, frame: bytes, seal, tunnel: bool) -> bytes:
+        """One inner frame -> the outer IPv4 packet carrying it in ESP."""
+        n = len(frame)
+        # Source port from the inner flow (RFC 7348 §5): MACs, then IPs and L4 ports.
+        sport = 49152 | (zlib.crc32(frame[26:38], zlib.crc32(frame[0:14])) & 0x3FFF)
+        if tunnel:
+            esp = seal(self.encapsulate(frame), 4)
+        else:
+            esp = seal(_UDP_VXLAN.pack(sport, self.dst_port, n + 16, 0, 0x08000000,
+                                       self.vni << 8) + frame, 17)
+        hdr = bytearray(self._outer)
+        if self.encap:
+            total = 28 + len(esp)
+            hdr += _UDP.pack(NAT_T_PORT, NAT_T_PORT, total - 20, 0)
+        else:
+            total = 20 + len(esp)
+        ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
+        s = self._outer_base + total + ident
+        s = (s & 0xFFFF) + (s >> 16)
+        s = (s & 0xFFFF) + (s >> 16)
+        _IP_LEN_ID.pack_into(hdr, 2, total, ident)
+        _U16.pack_into(hdr, 10, ~s & 0xFFFF)
+        return bytes(hdr) + esp
+
+    def _too_big(self, frame: bytes) -> list[bytes]:
+        """A frame that would not fit the underlay: ICMP back if DF, else fragment it."""
+        st = self.stats
+        if frame[12:14] != _ETH_IPV4 or len(frame) < 34:
+            st.drop("tx_too_big")
+            return []
+        ip = frame[14:]
+        mtu = self.inner_mtu
+        if ip[6] & 0x40:  # DF: path MTU discovery (RFC 1191) across the tunnel
+            st.drop("tx_too_big")
+            try:
+                icmp = build_frag_needed(ip, mtu, ip[16:20])
+            except (PacketError, ValueError):
+                return []
+            self.dp.defer_rx(self, frame[6:12] + frame[0:6] + _ETH_IPV4 + icmp)
+            return []
+        try:
+            pieces = fragment_ipv4(ip, mtu)
+        except PacketError:
+            st.drop("tx_too_big")
+            return []
+        return [frame[:14] + p for p in pieces]
+
+    # -- inbound --------------------------------------------------------------------------------
+
+    def input_esp(self, src: bytes, dst: bytes, esp: bytes, encap: bool) -> None:
+        """An ESP packet with this tunnel's inbound SPI: decrypt, check selectors, decapsulate."""
+        st = self.stats
+        try:
+            nh, payload = self.sa_in.decrypt(esp)
+        except EspDrop as e:
+            st.drop(_RX_COUNTER.get(e.reason, "esp_malformed"))
+            self.dp.log_rl(f"{self.name}: ESP from {ip4_str(src)} dropped: {e.reason.description}")
+            return
+        sel = self.selector
+        if self.mode is Mode.TUNNEL:
+            if nh != 4 or not sel.match_tunnel(payload):
+                st.drop("esp_selector_drops")
+                return
+            off = (payload[0] & 0x0F) * 4 + 8
+            inner_end = (payload[2] << 8) | payload[3]
+            payload = payload[:inner_end]
+        else:
+            if not sel.match_transport(src, dst, nh, payload):
+                st.drop("esp_selector_drops")
+                return
+            off = 8
+        if (len(payload) < off + 8 + 14 or not payload[off] & 0x08
+                or ((payload[off + 4] << 16) | (payload[off + 5] << 8) | payload[off + 6])
+                != self.vni):
+            st.drop("esp_selector_drops")
+            return
+        st["rx_packets"] += 1
+        st["rx_bytes"] += len(payload) - off - 8
+        self.dp.defer_rx(self, payload[off + 8 :])
+
+    def input_vxlan(self, frame: bytes, offset: int, protected: bool) -> None:
+        # Reached only by plaintext VXLAN from our remote_ip: never delivered.
+        self.stats.drop("esp_plaintext_drops")
+        self.dp.log_rl(f"{self.name}: plaintext VXLAN from {ip4_str(self.remote_ip)} dropped")
+
+    # -- state for the database and ovs-appctl ----------------------------------------------------
+
+    def ipsec_state(self) -> str:
+        return "expired" if self.sa_out.expired or self.sa_in.expired else "manual"
+
+    def status(self) -> dict[str, str]:
+        st = super().status()
+        st.update(
+            ipsec_state=self.ipsec_state(),
+            esp=self.transform.proposal,
+            ipsec_mode=str(self.mode),
+            spi_out=f"0x{self.sa_out.spi:08x}",
+            spi_in=f"0x{self.sa_in.spi:08x}",
+            ipsec_encapsulation="yes" if self.encap else "no",
+            tunnel_mtu=str(self.inner_mtu),
+        )
+        return st
+
+    def describe(self) -> str:
+        return super().describe() + f", esp={self.transform.proposal}, mode={self.mode}"
+
+    def sa_rows(self) -> list[dict[str, object]]:
+        """Every SA of this tunnel for ipsec/show: no key material, ever."""
+        rows = []
+        for sa in (self.sa_out, self.sa_in):
+            row: dict[str, object] = {
+                "interface": self.name,
+                "direction": sa.direction,
+                "spi": f"0x{sa.spi:08x}",
+                "esp": self.transform.proposal,
+                "mode": str(self.mode),
+                "encapsulation": "udp/4500" if self.encap else "none",
+                "state": "expired" if sa.expired else "active",
+                **sa.counters(),
+                "lifetime_left": sa.lifetime_left() or "unlimited",
+            }
+            seq = sa.seq if isinstance(sa, OutboundSA) else sa.window.top
+            row["seq"] = seq & 0xFFFFFFFF
+            if self.transform.esn:
+                row["esn_high"] = seq >> 32
+            if isinstance(sa, InboundSA):
+                row["replay_window"] = sa.window.size
+            rows.append(row)
+        return rows
