@@ -12,6 +12,8 @@ from espswitch.datapath.ports import Port
 
 BATCH = 32
 _ERR = select.EPOLLERR | select.EPOLLHUP
+ERROR_LIMIT = 100  # consecutive error wakeups before a port is suspended
+SUSPEND = 1.0  # seconds
 
 
 class EventLoop:
@@ -29,6 +31,8 @@ class EventLoop:
         self.control_fd: int | None = None
         self.log_rl = log_rl or (lambda msg: None)
         self.exceptions = 0
+        self.errors: dict[int, int] = {}
+        self.suspended: dict[int, tuple[Port, float]] = {}
 
     def set_control_fd(self, fd: int | None) -> None:
         """Wake up (and report `True` from poll) when `fd` is readable."""
@@ -46,6 +50,8 @@ class EventLoop:
             return
         self._fd_seq = dp.fd_seq
         want = dp.pollable()
+        for fd in [fd for fd, (p, _) in self.suspended.items() if want.get(fd) is not p]:
+            del self.suspended[fd]
         for fd, port in list(self.fd_ports.items()):
             if want.get(fd) is not port:
                 # A closed fd is already gone from the epoll set.
@@ -60,6 +66,22 @@ class EventLoop:
                     self.ep.modify(fd, select.EPOLLIN)
                 self.fd_ports[fd] = port
 
+    def _suspend(self, fd: int, port: Port) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.ep.unregister(fd)
+        del self.fd_ports[fd]
+        self.errors.pop(fd, None)
+        self.suspended[fd] = (port, time.monotonic() + SUSPEND)
+        self.log_rl(f"{port.name}: device keeps failing, not polled for {SUSPEND:.0f} s")
+
+    def _resume(self, now: float) -> None:
+        for fd, (port, until) in list(self.suspended.items()):
+            if until <= now:
+                del self.suspended[fd]
+                if self.dp.ports.get(port.name) is port and port.fileno() == fd:
+                    self.ep.register(fd, select.EPOLLIN)
+                    self.fd_ports[fd] = port
+
     def poll(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds, process ready ports; True if control is ready."""
         self.sync()
@@ -70,6 +92,8 @@ class EventLoop:
         dp = self.dp
         dp.now = time.monotonic()
         control = False
+        if self.suspended:
+            self._resume(dp.now)
         fd_ports = self.fd_ports
         for fd, ev in events:
             port = fd_ports.get(fd)
@@ -80,11 +104,15 @@ class EventLoop:
                 frames = port.receive(BATCH)
                 if frames:
                     dp.receive(port, frames)
+                    if fd in self.errors:
+                        del self.errors[fd]
                 elif ev & _ERR:
+                    # A pending socket error (ENETDOWN when a link flaps ...) was consumed
+                    # by the read; only an error that keeps coming suspends the port.
                     port.stats["rx_errors"] += 1
-                    self.ep.unregister(fd)
-                    del fd_ports[fd]
-                    self.log_rl(f"{port.name}: device error, no longer polled")
+                    n = self.errors[fd] = self.errors.get(fd, 0) + 1
+                    if n >= ERROR_LIMIT:
+                        self._suspend(fd, port)
             except Exception as e:  # never let one batch end the loop
                 self.exceptions += 1
                 port.stats["rx_errors"] += 1
