@@ -146,10 +146,19 @@ def test_cbc_pads_to_the_block_and_uses_a_fresh_random_iv(transform: str) -> Non
     assert (len(a) - 8 - 16 - icv) % 16 == 0
 
 
-def test_aead_iv_is_the_sequence_number_so_it_never_repeats_under_one_key() -> None:
+def test_aead_iv_never_repeats_within_an_sa() -> None:
     out = OutboundSA(_params("aes256gcm16"))
     ivs = {out.encrypt(b"x", 17)[8:16] for _ in range(1000)}
     assert len(ivs) == 1000
+
+
+def test_the_same_manual_sa_installed_twice_does_not_reuse_ivs() -> None:
+    # A daemon restart with unchanged manual keys starts again at sequence number 1: the
+    # IVs (and so the GCM nonces) must still differ, or the key stream repeats.
+    params = _params("aes128gcm16")
+    first = {OutboundSA(params).encrypt(b"x", 17)[8:16] for _ in range(1)}
+    again = {OutboundSA(params).encrypt(b"x", 17)[8:16] for _ in range(1)}
+    assert first.isdisjoint(again)
 
 
 # -- lifetimes -----------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     # argparse prints usage and exits 2 on its own errors; we want one line, same exit code.
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments"):
+            # argparse would repeat the arguments, and a mistyped option may be followed by
+            # a key: name the problem, not the values.
+            message = "unrecognized arguments (see --help)"
         raise UsageError(f"{self.prog}: {message}")
 
 

@@ -264,6 +264,7 @@ class OutboundSA(_SaBase):
         "_check_seq",
         "_hard_seq",
         "_ident",
+        "_iv_mask",
         "_iv_source",
         "_outer",
         "_seq_limit",
@@ -290,6 +291,7 @@ class OutboundSA(_SaBase):
         # crossed (at the hard one the SA expires now, not at the next packet).
         self._check_seq = self._next_check_seq()
         self._iv_source = iv_source
+        self._iv_mask = int.from_bytes(os.urandom(8), "big")
         self._ident = 0
         if params.mode is Mode.TUNNEL:
             if params.tunnel_src is None or params.tunnel_dst is None:
@@ -325,8 +327,10 @@ class OutboundSA(_SaBase):
             self._refuse()
         self.seq = seq
         if self._iv_source is None:
-            # RFC 4106 §3.1: the IV only has to be unique per key; the 64-bit sequence is.
-            hdr = _SPI_SEQ_IV64.pack(self.spi, seq & _SEQ32_MAX, seq)
+            # RFC 4106 §3.1: the IV must be unique per key. The sequence number XOR a random
+            # mask chosen at install (Linux's "seqiv") is unique within this SA, and a
+            # manually keyed SA installed again after a restart does not repeat its IVs.
+            hdr = _SPI_SEQ_IV64.pack(self.spi, seq & _SEQ32_MAX, seq ^ self._iv_mask)
         else:
             hdr = _SPI_SEQ.pack(self.spi, seq & _SEQ32_MAX) + self._iv_source(seq)
         n = len(payload)

@@ -9,6 +9,7 @@ import ovs.unixctl
 
 from espswitch.datapath.ports import format_mac
 from espswitch.datapath.tunnel import ip4
+from espswitch.vswitchd import ipsec_appctl
 
 if TYPE_CHECKING:
     from espswitch.vswitchd.daemon import Switchd
@@ -123,3 +124,4 @@ def register(sw: Switchd) -> None:
     reg("ovs/route/del", "IP/PLEN", 1, 1, route_del, None)
     reg("dpif/iface-show", "IFACE", 1, 1, iface_show, None)
     reg("exit", "", 0, 0, exit_, None)
+    ipsec_appctl.register(sw)
