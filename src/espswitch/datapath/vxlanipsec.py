@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 ESP_PROTO = 50
 NAT_T_PORT = 4500
 DEFAULT_UNDERLAY_MTU = 1500
+RETIRED_KEEP = 60.0  # seconds a closed tunnel's SAs may be taken over by its reopened self
 _UDP_VXLAN = struct.Struct("!HHHHII")  # UDP sport, dport, length, checksum; VXLAN flags, VNI
 _UDP = struct.Struct("!HHHH")
 _IP_LEN_ID = struct.Struct("!HH")
@@ -72,7 +73,6 @@ _RX_COUNTER = {
     DropReason.TOO_OLD: "esp_replay_drops",
     DropReason.BAD_PADDING: "esp_malformed",
     DropReason.MALFORMED: "esp_malformed",
-    DropReason.DUMMY: "esp_malformed",
     DropReason.EXPIRED: "esp_expired_drops",
 }
 
@@ -107,6 +107,8 @@ class IpsecLayer:
         self.dp = dp
         self.sad = Sad()
         self.ports: dict[int, VxlanIpsecPort] = {}  # inbound SPI -> port
+        # Interface name -> (when, outbound SA, inbound SA) of tunnels just closed.
+        self.retired: dict[str, tuple[float, OutboundSA, InboundSA]] = {}
         dp.tunnels.register_ip_handler(ESP_PROTO, self._esp_input)
 
     @classmethod
@@ -128,6 +130,21 @@ class IpsecLayer:
         self.ports[sa.spi] = port
         if len(self.ports) == 1:
             self.dp.tunnels.register_udp_handler(NAT_T_PORT, self._nat_t_input)
+
+    def retire(self, name: str, sa_out: OutboundSA, sa_in: InboundSA) -> None:
+        """Keep a closed tunnel's SAs a little while: a reconfiguration closes and reopens
+        the port, and SAs whose parameters did not change must keep their sequence
+        numbers and replay window (a restarted sequence would be dropped as replays)."""
+        self.retired = {k: v for k, v in self.retired.items()
+                        if self.dp.now - v[0] < RETIRED_KEEP}
+        self.retired[name] = (self.dp.now, sa_out, sa_in)
+
+    def adopt(self, name: str) -> tuple[OutboundSA, InboundSA] | None:
+        """The SAs a tunnel of this name had when it was closed moments ago, if any."""
+        entry = self.retired.pop(name, None)
+        if entry is None or self.dp.now - entry[0] >= RETIRED_KEEP:
+            return None
+        return entry[1], entry[2]
 
     def remove(self, sa: InboundSA) -> None:
         if self.ports.pop(sa.spi, None) is not None:
@@ -203,6 +220,13 @@ class VxlanIpsecPort(VxlanPort):
 
     def open(self) -> None:
         self._layer = IpsecLayer.of(self.dp)
+        old = self._layer.adopt(self.name)
+        if old is not None:
+            old_out, old_in = old
+            if old_out.params == self.sa_out.params and not old_out.expired:
+                self.sa_out = old_out
+            if old_in.params == self.sa_in.params and not old_in.expired:
+                self.sa_in = old_in
         self._layer.add(self, self.sa_in)
         try:
             super().open()
@@ -214,8 +238,7 @@ class VxlanIpsecPort(VxlanPort):
     def close(self) -> None:
         super().close()
         self._layer.remove(self.sa_in)
-        self.sa_out.expire("deleted")
-        self.sa_in.expire("deleted")
+        self._layer.retire(self.name, self.sa_out, self.sa_in)
 
     def rebuild_template(self) -> None:
         super().rebuild_template()
@@ -350,8 +373,11 @@ class VxlanIpsecPort(VxlanPort):
         try:
             nh, payload = self.sa_in.decrypt(esp)
         except EspDrop as e:
-            st.drop(_RX_COUNTER.get(e.reason, "esp_malformed"))
-            self.dp.log_rl(f"{self.name}: ESP from {ip4_str(src)} dropped: {e.reason.description}")
+            counter = _RX_COUNTER.get(e.reason)
+            if counter is not None:  # a dummy packet (RFC 4303 §2.6) is not an error
+                st.drop(counter)
+                self.dp.log_rl(
+                    f"{self.name}: ESP from {ip4_str(src)} dropped: {e.reason.description}")
             return
         sel = self.selector
         if self.mode is Mode.TUNNEL:
