@@ -71,9 +71,9 @@ def test_keys_never_appear_in_reprs() -> None:
         assert params.keymat[:16].hex() not in text
 
 
-def test_tunnel_mode_needs_outer_addresses() -> None:
-    with pytest.raises(IpsecConfigError, match="tunnel_src"):
-        OutboundSA(_params(mode="tunnel"))
+def test_tunnel_mode_protect_needs_outer_addresses() -> None:
+    with pytest.raises(ValueError, match="tunnel_src"):
+        OutboundSA(_params(mode="tunnel")).protect(_ipv4(b"x" * 8))
 
 
 def test_a_second_sa_with_the_same_spi_is_refused() -> None:

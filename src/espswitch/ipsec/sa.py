@@ -293,9 +293,9 @@ class OutboundSA(_SaBase):
         self._iv_source = iv_source
         self._iv_mask = int.from_bytes(os.urandom(8), "big")
         self._ident = 0
-        if params.mode is Mode.TUNNEL:
-            if params.tunnel_src is None or params.tunnel_dst is None:
-                raise IpsecConfigError("a tunnel-mode SA needs tunnel_src and tunnel_dst")
+        # Tunnel mode's outer header for protect(); a caller that builds its own outer
+        # header (the datapath, whose local address may change) uses encrypt() instead.
+        if params.mode is Mode.TUNNEL and params.tunnel_src and params.tunnel_dst:
             self._outer = bytearray(
                 struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0x4000, 64, ESP_PROTO, 0,
                             params.tunnel_src, params.tunnel_dst))
@@ -407,7 +407,9 @@ class OutboundSA(_SaBase):
         Raises ValueError for a packet the mode cannot take, SaRefused when the SA may not send.
         """
         mv = memoryview(packet)
-        if self._outer is not None:
+        if self.mode is Mode.TUNNEL:
+            if self._outer is None:
+                raise ValueError("tunnel-mode protect() needs tunnel_src and tunnel_dst")
             return self._protect_tunnel(mv)
         ihl, total = _ipv4_bounds(mv)
         if mv[6] & 0x3F or mv[7]:
