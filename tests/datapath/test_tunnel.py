@@ -58,7 +58,7 @@ def test_vxlan_end_to_end_in_memory():
 
 def test_ip_id_increments_and_source_port_follows_flow():
     a = Hypervisor("10.0.0.1", "10.0.0.2")
-    a.dp.neigh.learn("br-phy", ip4("10.0.0.2"), mac(99), 0)
+    a.dp.neigh.learn("br-phy", ip4("10.0.0.2"), mac(99), a.dp.now)
     f1 = eth(mac(2), mac(1), ipv4("192.168.1.1", "192.168.1.2", 6, udp(1000, 80, b"a" * 30)))
     f2 = eth(mac(2), mac(1), ipv4("192.168.1.1", "192.168.1.2", 6, udp(1001, 80, b"a" * 30)))
     a.inject("vm", f1, f1, f2)

@@ -12,7 +12,7 @@ import ovs.vlog
 from espswitch.datapath import Datapath, PortError
 from espswitch.datapath.loop import EventLoop
 from espswitch.vswitchd import appctl
-from espswitch.vswitchd.config import IfaceConfig, desired_state, plan
+from espswitch.vswitchd.config import Desired, IfaceConfig, desired_state, plan
 
 vlog = ovs.vlog.Vlog("espswitchd")
 vlog_dp = ovs.vlog.Vlog("datapath")
@@ -106,6 +106,8 @@ class Switchd:
         self.txn_cfg = None
         self.current: dict[str, IfaceConfig] = {}
         self.errors: dict[str, str] = {}
+        self.applied: Desired | None = None
+        self.applied_cfg: list[int] | None = None
         self.next_stats = 0.0
         self.next_housekeeping = 0.0
         self.next_routes = 0.0
@@ -113,10 +115,23 @@ class Switchd:
         appctl.register(self)
 
     # --- reconcile -----------------------------------------------------------------------
-    def reconcile(self) -> None:
+    def config_changed(self) -> Desired | None:
+        """The desired state if it differs from what was applied last, else None.
+
+        The Python IDL bumps `change_seqno` for every row update, even of columns that
+        espswitchd writes itself (statistics ...), so the decision is made here instead.
+        """
+        desired = desired_state(self.idl.tables["Bridge"].rows.values())
+        next_cfg = [r.next_cfg for r in self.idl.tables["Open_vSwitch"].rows.values()]
+        if desired == self.applied and next_cfg == self.applied_cfg:
+            return None
+        self.applied_cfg = next_cfg
+        return desired
+
+    def reconcile(self, desired: Desired) -> None:
         dp = self.dp
-        rows = list(self.idl.tables["Bridge"].rows.values())
-        desired = desired_state(rows)
+        t0 = time.monotonic()
+        self.applied = desired
         p = plan(desired, self.current, set(dp.bridges))
         for name in p.del_ports:
             vlog.info(f"deleting interface {name}")
@@ -160,10 +175,18 @@ class Switchd:
             self.current[cfg.name] = cfg
         dp.run(time.monotonic())
         self.write_back(cfg_done=True)
+        vlog.dbg(
+            f"reconfigured in {1000 * (time.monotonic() - t0):.1f} ms "
+            f"(database change {self.seqno})"
+        )
 
     def refresh_routes(self) -> None:
+        t0 = time.monotonic()
         try:
             routes, addresses = self.routes.read()
+            dt = time.monotonic() - t0
+            if dt > 0.05:
+                vlog.info(f"reading kernel routes took {1000 * dt:.0f} ms")
         except Exception as e:
             RateLimit(vlog.warn)(f"cannot read kernel routes: {e}")
             return
@@ -236,8 +259,12 @@ class Switchd:
             return
         if self.idl.change_seqno != self.seqno or self.force:
             self.seqno = self.idl.change_seqno
-            self.force = False
-            self.reconcile()
+            force, self.force = self.force, False
+            desired = self.config_changed()
+            if desired is None and force:
+                desired = self.applied
+            if desired is not None:
+                self.reconcile(desired)
         now = time.monotonic()
         if now >= self.next_stats:
             self.next_stats = now + STATS_INTERVAL

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import ovs.daemon
@@ -62,8 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     ovs.fatal_signal.add_hook(lambda: sw.dp.close(), None, True)
     ovs.daemon.daemonize_complete()
     vlog.info(f"espswitchd {__version__} starting, database {remote}")
+    profile = os.environ.get("ESPSWITCHD_PROFILE")
     try:
-        sw.run_forever()
+        if profile:  # a developer's aid: cProfile stats written at exit
+            import cProfile
+
+            cProfile.runctx("sw.run_forever()", globals(), {"sw": sw}, profile)
+        else:
+            sw.run_forever()
     finally:
         vlog.info("exiting")
         sw.close()
