@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from espswitch.datapath import Datapath
-from espswitch.datapath.devices import MemoryDevices
+from espswitch.datapath.devices import MemoryDevices, _send_all
 
 from .helpers import BCAST, eth, mac, tagged
 
@@ -124,3 +126,18 @@ def test_ofports(dp):
     dp.del_port("p2")
     assert dp.add_port("br0", "p4", "tap").ofport == 2
     assert dp.add_port("br0", "p5", "tap", ofport=77).ofport == 77
+
+
+def test_failed_writes_are_counted_by_cause(dp):
+    def write(frame):
+        if frame[0] == 1:
+            raise OSError(errno.EMSGSIZE, "too big")
+        if frame[0] == 2:
+            raise OSError(errno.ENOBUFS, "full")
+
+    assert _send_all(write, [b"\x00" * 60, b"\x01" * 70, b"\x02" * 80]) == (1, [80], [70])
+    dev = dp.devices.devices["p2"]
+    dev.send = lambda frames: _send_all(write, frames)
+    dp.receive(dp.ports["p1"], [eth(BCAST, mac(1)), b"\x01" * 14 + b"x" * 50])
+    st = dp.ports["p2"].stats
+    assert st["tx_packets"] == 1 and st["tx_too_big"] == 1 and st["tx_errors"] == 1

@@ -113,6 +113,27 @@ def test_appctl_shows_learned_state_and_flush_relearns(tunnel):
     assert "3 received" in vma.ping(vmb.ip, count=3).stdout
     assert "10.0.0.2" in a.appctl("tnl/neigh/show")
     assert a.appctl("version").strip().startswith("espswitchd")
+    assert "espswitchd" in a.appctl("vlog/list")
+
+
+def test_appctl_set_commands_and_errors(tunnel):
+    a = tunnel["a"]
+    a.appctl("tnl/neigh/set", "br-phy", "10.0.0.77", "aa:bb:cc:dd:ee:ff")
+    assert re.search(r"10\.0\.0\.77\s+aa:bb:cc:dd:ee:ff\s+br-phy", a.appctl("tnl/arp/show"))
+    a.appctl("ovs/route/add", "10.77.0.0/16", "br-phy", "10.0.0.77")
+    assert "User: 10.77.0.0/16 dev br-phy GW 10.0.0.77 SRC 10.0.0.1" in a.appctl("ovs/route/show")
+    a.appctl("ovs/route/del", "10.77.0.0/16")
+    assert "10.77.0.0" not in a.appctl("ovs/route/show")
+    for bad in (["tnl/neigh/set", "br-nope", "10.0.0.1", "aa:bb:cc:dd:ee:ff"],
+                ["tnl/neigh/set", "br-phy", "10.0.0.300", "aa:bb:cc:dd:ee:ff"],
+                ["ovs/route/add", "10.0.0.0/40", "br-phy"],
+                ["ovs/route/del", "10.99.0.0/16"],
+                ["fdb/show", "br-nope"],
+                ["fdb/show"]):
+        r = a.sh("ovs-appctl", "-t", "espswitchd", *bad, check=False)
+        assert r.returncode != 0, bad
+        assert "Traceback" not in r.stderr and r.stderr.strip(), bad
+    assert a.alive()
 
 
 @pytest.mark.parametrize(

@@ -175,6 +175,8 @@ class Datapath:
         self.now = now
         for b in self.bridges.values():
             b.run(now)
+        for p in list(self.ports.values()):
+            p.run(now)
         self.neigh.run(now)
         self.tunnels.run(now)
         self._flush()

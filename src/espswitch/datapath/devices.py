@@ -12,6 +12,7 @@ import fcntl
 import os
 import socket
 import struct
+from functools import partial
 
 from espswitch.datapath.errors import PortError
 
@@ -63,6 +64,23 @@ def _read_sys(name: str, attr: str) -> str | None:
             return f.read().strip()
     except OSError:
         return None
+
+
+SendResult = tuple[int, list[int], list[int]]
+
+
+def _send_all(write, frames: list[bytes]) -> SendResult:
+    """Write each frame; return (sent, lengths dropped, lengths too big for the link)."""
+    sent = 0
+    dropped: list[int] = []
+    too_big: list[int] = []
+    for f in frames:
+        try:
+            write(f)
+            sent += 1
+        except OSError as e:
+            (too_big if e.errno == errno.EMSGSIZE else dropped).append(len(f))
+    return sent, dropped, too_big
 
 
 class TapDevice:
@@ -117,17 +135,9 @@ class TapDevice:
             out.append(mv[:n].tobytes())
         return out
 
-    def send(self, frames: list[bytes]) -> tuple[int, int]:
-        """Write every frame; return (frames sent, frames dropped)."""
-        write, fd = os.write, self.fd
-        sent = 0
-        for f in frames:
-            try:
-                write(fd, f)
-                sent += 1
-            except OSError:
-                pass
-        return sent, len(frames) - sent
+    def send(self, frames: list[bytes]) -> SendResult:
+        """Write every frame; return (sent, sizes of dropped, sizes of too big)."""
+        return _send_all(partial(os.write, self.fd), frames)
 
     def close(self) -> None:
         if self.fd < 0:
@@ -187,16 +197,8 @@ class PacketSocketDevice:
             out.append(mv[:n].tobytes())
         return out
 
-    def send(self, frames: list[bytes]) -> tuple[int, int]:
-        send = self.sock.send
-        sent = 0
-        for f in frames:
-            try:
-                send(f)
-                sent += 1
-            except OSError:
-                pass
-        return sent, len(frames) - sent
+    def send(self, frames: list[bytes]) -> SendResult:
+        return _send_all(self.sock.send, frames)
 
     def close(self) -> None:
         self.sock.close()
@@ -232,9 +234,9 @@ class MemoryDevice:
         out, self.inbox = self.inbox[:limit], self.inbox[limit:]
         return out
 
-    def send(self, frames: list[bytes]) -> tuple[int, int]:
+    def send(self, frames: list[bytes]) -> SendResult:
         self.sent.extend(frames)
-        return len(frames), 0
+        return len(frames), [], []
 
     def take(self) -> list[bytes]:
         out, self.sent = self.sent, []

@@ -79,6 +79,9 @@ class Port:
     def close(self) -> None:
         """Release everything; cannot fail."""
 
+    def run(self, now: float) -> None:
+        """Housekeeping (timers, lifetimes), called about every 100 ms."""
+
     # --- I/O -----------------------------------------------------------------------------
     def fileno(self) -> int | None:
         """The file descriptor to poll, or None for ports without one (patch, tunnels)."""
@@ -133,14 +136,17 @@ class DevicePort(Port):
         return self.dev.recv_batch(limit)
 
     def send(self, frames: list[bytes]) -> None:
-        sent, dropped = self.dev.send(frames)
+        sent, dropped, too_big = self.dev.send(frames)
         st = self.stats
         st["tx_packets"] += sent
-        st["tx_bytes"] += (
-            sum(map(len, frames)) if not dropped else sum(len(f) for f in frames[:sent])
-        )
+        if not dropped and not too_big:
+            st["tx_bytes"] += sum(map(len, frames))
+            return
+        st["tx_bytes"] += sum(map(len, frames)) - sum(dropped) - sum(too_big)
         if dropped:
-            st.drop("tx_queue_full", dropped)
+            st.drop("tx_queue_full", len(dropped))
+        if too_big:
+            st.drop("tx_too_big", len(too_big))
 
     def close(self) -> None:
         if self.dev is not None:
