@@ -53,8 +53,15 @@ _SIOCSIFMTU = 0x8922
 class IpsecCounters(Counters):
     """Interface counters of a `vxlanipsec` port: the generic ones plus ESP drops by cause."""
 
-    NAMES = (*Counters.NAMES, "esp_auth_failures", "esp_replay_drops", "esp_plaintext_drops",
-             "esp_selector_drops", "esp_malformed", "esp_expired_drops")
+    NAMES = (
+        *Counters.NAMES,
+        "esp_auth_failures",
+        "esp_replay_drops",
+        "esp_plaintext_drops",
+        "esp_selector_drops",
+        "esp_malformed",
+        "esp_expired_drops",
+    )
     DROP_CAUSES: ClassVar[dict[str, str]] = {
         **Counters.DROP_CAUSES,
         "esp_auth_failures": "rx_dropped",
@@ -126,7 +133,8 @@ class IpsecLayer:
             other = self.ports[sa.spi].name
             raise PortError(
                 f"interface {port.name}: options:spi_in 0x{sa.spi:08x} is already used by "
-                f"interface {other}") from None
+                f"interface {other}"
+            ) from None
         self.ports[sa.spi] = port
         if len(self.ports) == 1:
             self.dp.tunnels.register_udp_handler(NAT_T_PORT, self._nat_t_input)
@@ -135,8 +143,7 @@ class IpsecLayer:
         """Keep a closed tunnel's SAs a little while: a reconfiguration closes and reopens
         the port, and SAs whose parameters did not change must keep their sequence
         numbers and replay window (a restarted sequence would be dropped as replays)."""
-        self.retired = {k: v for k, v in self.retired.items()
-                        if self.dp.now - v[0] < RETIRED_KEEP}
+        self.retired = {k: v for k, v in self.retired.items() if self.dp.now - v[0] < RETIRED_KEEP}
         self.retired[name] = (self.dp.now, sa_out, sa_in)
 
     def adopt(self, name: str) -> tuple[OutboundSA, InboundSA] | None:
@@ -180,8 +187,10 @@ class IpsecLayer:
             self.sad.unknown_spi += 1
             in_port.stats.drop("rx_unknown_tunnel")
             self.dp.count_drop("esp_unknown_spi")
-            self.dp.log_rl(f"ESP with unknown SPI 0x{spi:08x} from "
-                           f"{ip4_str(frame[l3 + 12 : l3 + 16])}, dropped")
+            self.dp.log_rl(
+                f"ESP with unknown SPI 0x{spi:08x} from "
+                f"{ip4_str(frame[l3 + 12 : l3 + 16])}, dropped"
+            )
             return
         port.input_esp(frame[l3 + 12 : l3 + 16], frame[l3 + 16 : l3 + 20], esp, encap)
 
@@ -203,7 +212,8 @@ class VxlanIpsecPort(VxlanPort):
             raise PortError(
                 f"interface {name}: IKEv2 keying (psk, remote_cert) is not available in the "
                 "datapath yet; key the tunnel manually with spi_out, spi_in, esp_key_out and "
-                "esp_key_in")
+                "esp_key_in"
+            )
         self.keying = keying
         self.transform = keying.transform
         self.mode = keying.mode
@@ -244,8 +254,21 @@ class VxlanIpsecPort(VxlanPort):
         super().rebuild_template()
         src = self.local_ip or b"\0\0\0\0"
         proto = 17 if self.encap else ESP_PROTO
-        t = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, self.tos, 0, 0, 0x4000, self.ttl,
-                                  proto, 0, src, self.remote_ip))
+        t = bytearray(
+            struct.pack(
+                "!BBHHHBBH4s4s",
+                0x45,
+                self.tos,
+                0,
+                0,
+                0x4000,
+                self.ttl,
+                proto,
+                0,
+                src,
+                self.remote_ip,
+            )
+        )
         self._outer = t
         self._outer_base = sum(struct.unpack("!10H", bytes(t)))
         self.selector = UdpSelector(src=self.remote_ip, dst=src, dport=self.dst_port)
@@ -326,8 +349,10 @@ class VxlanIpsecPort(VxlanPort):
         if tunnel:
             esp = seal(self.encapsulate(frame), 4)
         else:
-            esp = seal(_UDP_VXLAN.pack(sport, self.dst_port, n + 16, 0, 0x08000000,
-                                       self.vni << 8) + frame, 17)
+            esp = seal(
+                _UDP_VXLAN.pack(sport, self.dst_port, n + 16, 0, 0x08000000, self.vni << 8) + frame,
+                17,
+            )
         hdr = bytearray(self._outer)
         if self.encap:
             total = 28 + len(esp)
@@ -377,7 +402,8 @@ class VxlanIpsecPort(VxlanPort):
             if counter is not None:  # a dummy packet (RFC 4303 §2.6) is not an error
                 st.drop(counter)
                 self.dp.log_rl(
-                    f"{self.name}: ESP from {ip4_str(src)} dropped: {e.reason.description}")
+                    f"{self.name}: ESP from {ip4_str(src)} dropped: {e.reason.description}"
+                )
             return
         sel = self.selector
         if self.mode is Mode.TUNNEL:
@@ -392,9 +418,11 @@ class VxlanIpsecPort(VxlanPort):
                 st.drop("esp_selector_drops")
                 return
             off = 8
-        if (len(payload) < off + 8 + 14 or not payload[off] & 0x08
-                or ((payload[off + 4] << 16) | (payload[off + 5] << 8) | payload[off + 6])
-                != self.vni):
+        if (
+            len(payload) < off + 8 + 14
+            or not payload[off] & 0x08
+            or ((payload[off + 4] << 16) | (payload[off + 5] << 8) | payload[off + 6]) != self.vni
+        ):
             st.drop("esp_selector_drops")
             return
         st["rx_packets"] += 1

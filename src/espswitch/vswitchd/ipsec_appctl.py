@@ -12,8 +12,15 @@ from espswitch.datapath.vxlanipsec import VxlanIpsecPort
 if TYPE_CHECKING:
     from espswitch.vswitchd.daemon import Switchd
 
-_DROPS = ("auth_failed", "replayed", "too_old", "bad_padding", "malformed", "expired",
-          "seq_exhausted")
+_DROPS = (
+    "auth_failed",
+    "replayed",
+    "too_old",
+    "bad_padding",
+    "malformed",
+    "expired",
+    "seq_exhausted",
+)
 
 
 def _format(rows: list[dict[str, object]]) -> str:
@@ -22,8 +29,9 @@ def _format(rows: list[dict[str, object]]) -> str:
     for r in rows:
         if r["interface"] != current:
             current = r["interface"]
-            lines.append(f"{current}: esp={r['esp']} mode={r['mode']} "
-                         f"encapsulation={r['encapsulation']}")
+            lines.append(
+                f"{current}: esp={r['esp']} mode={r['mode']} encapsulation={r['encapsulation']}"
+            )
         seq = f"seq {r['seq']}"
         if "esn_high" in r:
             seq += f" (esn high {r['esn_high']})"
@@ -35,7 +43,8 @@ def _format(rows: list[dict[str, object]]) -> str:
             left = ", ".join(f"{v} {k}" for k, v in left.items())
         lines.append(
             f"  {r['direction']:<3} spi {r['spi']} {r['state']}: {seq}; packets {r['packets']},"
-            f" bytes {r['bytes']}; failures: {drops or 'none'}; lifetime left: {left}")
+            f" bytes {r['bytes']}; failures: {drops or 'none'}; lifetime left: {left}"
+        )
     return "\n".join(lines) + "\n" if lines else "no IPsec tunnels\n"
 
 
