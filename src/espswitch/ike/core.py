@@ -312,11 +312,13 @@ class IkeCore:
         if c.state == "installed":
             c.state = "rekey-queued"
             self._queue(sa, "rekey_child", c, now)
+        self._pump(now)
 
     def rekey_ike(self, peer: str, now: float) -> None:
         """Rekey the IKE SA of `peer` with CREATE_CHILD_SA."""
         self._now = now
         self._queue(self._established(peer), "rekey_ike", None, now)
+        self._pump(now)
 
     def delete_child(self, peer: str, now: float, child: str | None = None) -> None:
         """Delete a CHILD_SA of `peer` with an INFORMATIONAL exchange."""
@@ -324,6 +326,7 @@ class IkeCore:
         sa = self._established(peer)
         c = self._find_child(sa, child)
         self._queue(sa, "delete_child", c, now)
+        self._pump(now)
 
     def delete_ike(self, peer: str, now: float) -> None:
         """Delete every IKE SA with `peer` (their CHILD_SAs go with them)."""
@@ -335,6 +338,7 @@ class IkeCore:
                 self._queue(sa, "delete_ike", None, now)
             elif sa.state is not IkeState.DELETING:
                 self._close(sa, "deleted locally", now)
+        self._pump(now)
 
     # == time ================================================================================
 
