@@ -63,7 +63,7 @@ def test_simultaneous_child_rekeys_20_times():
         _one_pair_each(a, b)
         # Each side installed two new CHILD_SAs (theirs and ours) and kept exactly one.
         assert len(link.installed(a)) == 3 and len(link.installed(b)) == 3
-        (spi_in, spi_out) = _live(a)[1][0]
+        (spi_in, _spi_out) = _live(a)[1][0]
         assert spi_in != link.installed(a)[0].spi_in
 
 
@@ -109,7 +109,7 @@ def test_delete_child_and_ike_from_either_side():
 
 
 def test_dpd_declares_a_silent_peer_dead():
-    a, b, link = pair(dpd_delay=2.0, retransmit_timeout=0.5, retransmit_base=2.0,
+    a, _b, link = pair(dpd_delay=2.0, retransmit_timeout=0.5, retransmit_base=2.0,
                       retransmit_tries=3)
     a.initiate("b", 0.0)
     link.run()
@@ -123,7 +123,7 @@ def test_dpd_declares_a_silent_peer_dead():
 
 
 def test_child_installed_events_never_show_keys():
-    a, b, link = pair()
+    a, _b, link = pair()
     a.initiate("b", 0.0)
     link.run()
     ev = link.installed(a)[0]
