@@ -1180,7 +1180,15 @@ class IkeCore:
 
     def _request_error(self, sa: _IkeSa, req: _Request, e: ProtocolError, now: float) -> None:
         """A response we could not accept: what it means depends on the request."""
-        if req.kind in ("auth", "init"):
+        if req.kind == "auth" and sa.sk_out is not None:
+            # The responder thinks the SA is up (§2.21.2): tell it, once, then forget it.
+            mid = sa.next_mid
+            sa.next_mid += 1
+            self._emit(sa, self._encode(sa, Exchange.INFORMATIONAL, mid, [
+                NotifyPayload(notify=Notify.AUTHENTICATION_FAILED),
+                DeletePayload(protocol=Protocol.IKE)], response=False), now)
+            self._close(sa, f"IKE SA setup failed: {e}", now)
+        elif req.kind in ("auth", "init"):
             self._close(sa, f"IKE SA setup failed: {e}", now)
         elif req.kind in ("create_child", "rekey_child"):
             child, old = req.ctx[0], req.ctx[1]
