@@ -46,7 +46,7 @@ def test_cores_with_certificates(which, pss):
     a.initiate("b", 0.0)
     link.run()
     assert len(link.installed(a)) == len(link.installed(b)) == 1, (a.errors, b.errors)
-    up = [e for e in link.events[id(a)] if isinstance(e, IkeSaUp)][0]
+    up = next(e for e in link.events[id(a)] if isinstance(e, IkeSaUp))
     assert up.remote_id == str(b.peers["a"].local_id)
 
 

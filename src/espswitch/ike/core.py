@@ -432,7 +432,7 @@ class IkeCore:
             # Authenticated but malformed requests get an answer (§2.21.2); others nothing.
             if e.notify and not h.is_response and h.mid == sa.expect_mid and sa.sk_out:
                 self._respond(sa, h.exchange, h.mid,
-                              [NotifyPayload(notify=e.notify)], now)
+                              [NotifyPayload(notify=e.notify, data=e.data)], now)
             raise
         if not msg.encrypted:
             raise ProtocolError("unencrypted message after IKE_SA_INIT")
@@ -510,10 +510,15 @@ class IkeCore:
                 self._emit(known, known.last_resp, now)
                 return
             raise ProtocolError("IKE_SA_INIT for an SPI already in use")
-        msg = parse_message(data, None, h)
         peer = self._peer_for(src[0])
         if peer is None:
             raise ProtocolError("IKE_SA_INIT from an unknown peer")
+        try:
+            msg = parse_message(data, None, h)
+        except ProtocolError as e:
+            if e.notify == Notify.UNSUPPORTED_CRITICAL_PAYLOAD:
+                self._reply_plain(h, src, dst, NotifyPayload(notify=e.notify, data=e.data))
+            raise
         sa_p, ke, nonce = msg.get(SaPayload), msg.get(KePayload), msg.get(NoncePayload)
         if sa_p is None or ke is None or nonce is None:
             raise ProtocolError("IKE_SA_INIT without SA, KE or Nonce")

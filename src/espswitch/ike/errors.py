@@ -24,10 +24,12 @@ class IkeError(Exception):
     #: The RFC 7296 notify type to answer with when this error is about a request (0: none).
     notify: int = 0
 
-    def __init__(self, msg: str, *, notify: int = 0) -> None:
+    def __init__(self, msg: str, *, notify: int = 0, data: bytes = b"") -> None:
         super().__init__(msg)
         if notify:
             self.notify = notify
+        #: Notification data to answer with (e.g. the unsupported payload type).
+        self.data = data
 
 
 class LocalIkeError(IkeError):

@@ -538,7 +538,7 @@ def _decode_chain(data: bytes, first: int, off: int, end: int,
             out.append(reader(body))
         elif flags & 0x80:
             raise ProtocolError(f"unsupported critical payload {np}",
-                                notify=Notify.UNSUPPORTED_CRITICAL_PAYLOAD)
+                                notify=Notify.UNSUPPORTED_CRITICAL_PAYLOAD, data=bytes((np,)))
         off += plen
         np = nxt
     if off != end:
