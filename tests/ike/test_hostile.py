@@ -179,18 +179,22 @@ def test_mutated_real_messages_never_raise(idx, flips, cut):
 def test_mutated_messages_into_a_live_sa_never_raise():
     """Replay a whole recorded run into a fresh responder with random corruption."""
     rnd = random.Random(1)
+    ok = 0
     for _ in range(300):
         a, b, link = pair()
         a.initiate("b", 0.0)
 
-        def corrupt(data, sender):
+        def corrupt(data, sender, b=b, link=link):
             if rnd.random() < 0.3:
                 i = rnd.randrange(len(data))
-                link.b.receive_datagram(data[:i] + bytes([rnd.randrange(256)]) + data[i + 1:],
-                                        src=SRC, dst=DST, now=link.now)
+                b.receive_datagram(data[:i] + bytes([rnd.randrange(256)]) + data[i + 1:],
+                                   src=SRC, dst=DST, now=link.now)
             return False
 
         link.drop = corrupt
         link.run()
         link.advance(3.0)
-        assert b.errors is not None
+        # Nothing raised; b keeps at most the real SA and one made by a corrupted copy.
+        assert len(b.ike_sas()) <= 2
+        ok += bool(link.installed(a))
+    assert ok > 100  # most runs still come up despite the corrupted copies
