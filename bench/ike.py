@@ -20,9 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from espswitch.ike import ChildConfig, ChildSaInstalled, Credentials, IkeCore, PeerConfig  # noqa: E402
-from espswitch.ike.driver import IkeDriver  # noqa: E402
-from tests.ike.strongswan import (  # noqa: E402
+from tests.ike.strongswan import (
     ES_ADDR,
     ES_NET,
     PSK,
@@ -33,6 +31,9 @@ from tests.ike.strongswan import (  # noqa: E402
     swanctl_conf,
     udp_sockets,
 )
+
+from espswitch.ike import ChildConfig, ChildSaInstalled, Credentials, IkeCore, PeerConfig
+from espswitch.ike.driver import IkeDriver
 
 
 def initiator_peers(n: int, ike: str) -> list[PeerConfig]:
