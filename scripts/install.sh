@@ -34,4 +34,4 @@ fi
 # Debian marks its Python as externally managed; as root on a dedicated host we install
 # into /usr/local, which is what pip does for root anyway.
 export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-python3 -m pip install -q -e "$here[test]"
+python3 -m pip install -q -e "$here[test,bench]"
