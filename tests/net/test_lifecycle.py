@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
 import pytest
 
@@ -99,3 +100,31 @@ def _running(pid: int) -> bool:
             return not f.read().split(") ", 1)[1].startswith("Z")
     except OSError:
         return False
+
+
+def test_vm_traffic_survives_kill_and_restart(fresh_tunnel):
+    a, vma, vmb = fresh_tunnel["a"], fresh_tunnel["vma"], fresh_tunnel["vmb"]
+    assert wait_until(lambda: vma.can_reach(vmb.ip), 5) is not None
+    time.sleep(2.5)  # espswitchd notes where the VM's device went every 2 s
+    os.kill(a.pid(), signal.SIGKILL)
+    assert wait_until(lambda: not a.alive(), 5) is not None
+    # The VM keeps its (persistent) device and addresses while the daemon is down.
+    assert vma.tap in vma.sh("ip", "-o", "link", "show").stdout
+    a.start()
+    assert wait_until(lambda: vma.can_reach(vmb.ip), 5) is not None, \
+        "no VM traffic 5 s after restarting espswitchd"
+    assert "10 received" in vma.ping(vmb.ip, count=10).stdout
+    # A clean stop removes the VM's device too.
+    a.stop()
+    assert vma.tap not in vma.sh("ip", "-o", "link", "show").stdout
+
+
+def test_stop_after_crash_removes_devices_everywhere(fresh_tunnel):
+    a, vma = fresh_tunnel["a"], fresh_tunnel["vma"]
+    time.sleep(2.5)
+    os.kill(a.pid(), signal.SIGKILL)
+    assert wait_until(lambda: not a.alive(), 5) is not None
+    a.stop()
+    assert vma.tap not in vma.sh("ip", "-o", "link", "show").stdout
+    links = a.sh("ip", "-o", "link", "show").stdout
+    assert "br-int" not in links and "br-phy" not in links, links

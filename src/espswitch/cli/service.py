@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -207,28 +208,33 @@ def _leftover_devices() -> list[str]:
     """Internal and tap interfaces in the database whose TAP device is still here."""
     try:
         out = _run(
-            [
-                "ovs-vsctl",
-                "--timeout=5",
-                "--no-wait",
-                "--bare",
-                "--columns=name,type",
-                "list",
-                "Interface",
-            ],
+            ["ovs-vsctl", "--timeout=5", "--no-wait", "--format=csv", "--data=bare",
+             "--no-headings", "--columns=name,type", "list", "Interface"],
             "listing interfaces",
         )
     except ServiceError:
         return []
-    words = out.split()
     names = []
-    # --bare prints name and type on separate lines, records separated by blank lines.
-    for block in out.strip().split("\n\n"):
-        fields = block.split("\n")
-        if len(fields) == 2 and fields[1].strip() in ("internal", "tap"):
-            names.append(fields[0].strip())
-    del words
+    for line in out.splitlines():
+        name, _, type_ = line.strip().partition(",")
+        if type_ in ("internal", "tap"):
+            names.append(name)
     return [n for n in names if os.path.exists(f"/sys/class/net/{n}/tun_flags")]
+
+
+def _moved_devices() -> dict[str, str]:
+    """TAP devices that espswitchd saw moved into named namespaces: name -> namespace."""
+    try:
+        with open(os.path.join(dirs.rundir(), "espswitchd.taps.json")) as f:
+            homes = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    if isinstance(homes, dict):
+        for dev, path in homes.items():
+            if isinstance(path, str) and path.startswith("/run/netns/"):
+                out[str(dev)] = os.path.basename(path)
+    return out
 
 
 def _stop_daemon(name: str) -> bool:
@@ -258,10 +264,15 @@ def stop() -> None:
     db_up = _pid("ovsdb-server") is not None
     if _stop_daemon("espswitchd"):
         stopped.append("espswitchd")
-    # A crashed espswitchd leaves its persistent internal devices behind.
+    # A crashed espswitchd leaves its persistent devices behind: here, and in the
+    # namespaces its VM devices were moved into.
     if db_up:
         for dev in _leftover_devices():
             subprocess.run(["ip", "link", "del", dev], capture_output=True)
+    for dev, ns in _moved_devices().items():
+        subprocess.run(["ip", "-n", ns, "link", "del", dev], capture_output=True)
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(dirs.rundir(), "espswitchd.taps.json"))
     _cleanup_files("espswitchd")
     if _stop_daemon("ovsdb-server"):
         stopped.append("ovsdb-server")

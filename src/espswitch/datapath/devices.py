@@ -7,11 +7,14 @@ write frames.  `MemoryDevices` stands in for the kernel in unit tests of the for
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import json
 import os
 import socket
 import struct
+import threading
 from functools import partial
 
 from espswitch.datapath.errors import PortError
@@ -29,7 +32,11 @@ SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
 PACKET_IGNORE_OUTGOING = 23
+TUNGETDEVNETNS = 0x54E3
+CLONE_NEWNET = 0x40000000
 IFNAMSIZ = 16
+NETNS_DIR = "/run/netns"
+TRACK_INTERVAL = 2.0
 BUF_SIZE = 65536 + 64
 SOCK_BUF = 4 * 1024 * 1024
 
@@ -83,29 +90,65 @@ def _send_all(write, frames: list[bytes]) -> SendResult:
     return sent, dropped, too_big
 
 
+def _attach_tun(name: str, persist: bool) -> int:
+    """Open /dev/net/tun and create or attach the TAP device `name` (OSError on failure)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+        if persist:
+            fcntl.ioctl(fd, TUNSETPERSIST, 1)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _attach_tun_in(netns_path: str, name: str, persist: bool) -> int:
+    """Attach the TAP device `name` that lives in another network namespace.
+
+    A tun file belongs to the namespace it was opened in, so a helper thread enters that
+    namespace (setns affects only the calling thread), opens it and leaves.
+    """
+    result: list = []
+
+    def work() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(netns_path) as ns:
+                if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+            result.append(_attach_tun(name, persist))
+        except OSError as e:
+            result.append(e)
+
+    t = threading.Thread(target=work, name="tun-attach")
+    t.start()
+    t.join()
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]
+
+
 class TapDevice:
     """A TAP device (no packet info header); persistent devices outlive a crash."""
 
-    def __init__(self, name: str, persist: bool = False) -> None:
+    def __init__(self, name: str, persist: bool = False, fd: int | None = None) -> None:
         check_ifname(name)
         self.name = name
         self.persist = persist
+        self.next_track = 0.0
         try:
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = _attach_tun(name, persist) if fd is None else fd
         except OSError as e:
-            raise PortError(f"cannot open /dev/net/tun: {e.strerror}") from None
-        try:
-            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
-            if persist:
-                fcntl.ioctl(fd, TUNSETPERSIST, 1)
-        except OSError as e:
-            os.close(fd)
             if e.errno == errno.EBUSY:
                 raise PortError(f"cannot create TAP device '{name}': it is in use") from None
             if e.errno == errno.EINVAL:
                 raise PortError(
                     f"cannot create TAP device '{name}': a non-TAP device has that name"
                 ) from None
+            if e.errno in (errno.ENOENT, errno.ENODEV, errno.EACCES, errno.EPERM):
+                raise PortError(f"cannot open /dev/net/tun: {e.strerror}") from None
             raise PortError(f"cannot create TAP device '{name}': {e.strerror}") from None
         self.fd = fd
         try:
@@ -121,6 +164,17 @@ class TapDevice:
 
     def link_state(self) -> str:
         return "up"
+
+    def netns_inode(self) -> int | None:
+        """The inode of the network namespace the device lives in now."""
+        try:
+            nsfd = fcntl.ioctl(self.fd, TUNGETDEVNETNS)
+        except OSError:
+            return None
+        try:
+            return os.fstat(nsfd).st_ino
+        finally:
+            os.close(nsfd)
 
     def recv_batch(self, limit: int = 32) -> list[bytes]:
         out = []
@@ -205,10 +259,77 @@ class PacketSocketDevice:
 
 
 class LinuxDevices:
-    """Opens real devices; the datapath's default I/O provider."""
+    """Opens real devices; the datapath's default I/O provider.
+
+    With a `state_path`, it remembers which named network namespace each persistent TAP
+    device was moved into (a VM's), so that after a crash the restarted daemon attaches
+    to the device where it is instead of creating a new one.
+    """
+
+    def __init__(self, state_path: str | None = None) -> None:
+        self.state_path = state_path
+        self.homes: dict[str, str] = {}
+        self._own_ns = os.stat("/proc/self/ns/net").st_ino
+        if state_path:
+            try:
+                with open(state_path) as f:
+                    data = json.load(f)
+                self.homes = {str(k): str(v) for k, v in data.items()}
+            except (OSError, ValueError, AttributeError):
+                self.homes = {}
 
     def open_tap(self, name: str, persist: bool = False) -> TapDevice:
+        home = self.homes.get(name)
+        if persist and home and not os.path.exists(f"/sys/class/net/{name}"):
+            try:
+                return TapDevice(name, persist, fd=_attach_tun_in(home, name, persist))
+            except OSError:
+                pass  # gone with its namespace: create a new one here
         return TapDevice(name, persist)
+
+    def track_tap(self, dev: TapDevice, now: float) -> None:
+        """Note (every few seconds) which namespace a TAP device was moved into."""
+        if now < dev.next_track or self.state_path is None:
+            return
+        dev.next_track = now + TRACK_INTERVAL
+        ino = dev.netns_inode()
+        home = None
+        if ino is not None and ino != self._own_ns:
+            home = self._netns_path(ino)
+        if self.homes.get(dev.name) != home:
+            if home is None:
+                self.homes.pop(dev.name, None)
+            else:
+                self.homes[dev.name] = home
+            self._save()
+
+    def forget_tap(self, name: str) -> None:
+        if self.homes.pop(name, None) is not None:
+            self._save()
+
+    @staticmethod
+    def _netns_path(ino: int) -> str | None:
+        try:
+            names = os.listdir(NETNS_DIR)
+        except OSError:
+            return None
+        for n in names:
+            path = os.path.join(NETNS_DIR, n)
+            try:
+                if os.stat(path).st_ino == ino:
+                    return path
+            except OSError:
+                continue
+        return None
+
+    def _save(self) -> None:
+        tmp = f"{self.state_path}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.homes, f)
+            os.replace(tmp, self.state_path)
+        except OSError:
+            pass
 
     def open_system(self, name: str) -> PacketSocketDevice:
         return PacketSocketDevice(name)
@@ -268,6 +389,12 @@ class MemoryDevices:
     def open_tap(self, name: str, persist: bool = False) -> MemoryDevice:
         check_ifname(name)
         return self._new(name)
+
+    def track_tap(self, dev: MemoryDevice, now: float) -> None:
+        pass
+
+    def forget_tap(self, name: str) -> None:
+        pass
 
     def open_system(self, name: str) -> MemoryDevice:
         check_ifname(name)

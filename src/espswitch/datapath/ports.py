@@ -166,22 +166,32 @@ class DevicePort(Port):
 
 @register_port_type("tap")
 class TapPort(DevicePort):
-    """A TAP device created for a VM."""
+    """A TAP device created for a VM.
 
-    PERSIST = False
+    Persistent, so that a VM (namespace) keeps its device while espswitchd restarts after
+    a crash; a port that is deleted, or a daemon that exits, removes the device.
+    """
+
+    PERSIST = True
 
     def open(self) -> None:
         self.dev = self.dp.devices.open_tap(self.name, persist=self.PERSIST)
+
+    def run(self, now: float) -> None:
+        if self.dev is not None:
+            self.dp.devices.track_tap(self.dev, now)
+
+    def close(self) -> None:
+        super().close()
+        self.dp.devices.forget_tap(self.name)
 
 
 @register_port_type("internal")
 class InternalPort(TapPort):
     """The bridge-local port: a TAP device that the kernel's stack uses.
 
-    Persistent, so that its addresses survive a crash of the daemon, as OVS's do.
+    Persistent like `tap`, so that its addresses survive a crash of the daemon, as OVS's do.
     """
-
-    PERSIST = True
 
 
 @register_port_type("system")

@@ -81,7 +81,13 @@ class Switchd:
     """Reconciles the datapath with OVSDB and writes state back."""
 
     def __init__(
-        self, remote: str, schema_path: str, unixctl, dp: Datapath | None = None, routes=None
+        self,
+        remote: str,
+        schema_path: str,
+        unixctl,
+        dp: Datapath | None = None,
+        routes=None,
+        devices=None,
     ) -> None:
         helper = ovs.db.idl.SchemaHelper(location=schema_path)
         helper.register_columns("Open_vSwitch", ["bridges", "next_cfg", "cur_cfg"])
@@ -96,7 +102,7 @@ class Switchd:
             for c in cols:
                 self.idl.tables[table].columns[c].alert = False
         self.unixctl = unixctl
-        self.dp = dp or Datapath(log=vlog.info, log_rl=RateLimit(vlog_dp.warn))
+        self.dp = dp or Datapath(devices, log=vlog.info, log_rl=RateLimit(vlog_dp.warn))
         self.loop = EventLoop(self.dp, log_rl=RateLimit(vlog_dp.warn))
         self.routes = routes
         self.exiting = False

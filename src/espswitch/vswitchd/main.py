@@ -14,6 +14,7 @@ import ovs.util
 import ovs.vlog
 
 from espswitch import __version__
+from espswitch.datapath.devices import LinuxDevices
 from espswitch.datapath.netlink import KernelRoutes
 from espswitch.vswitchd import dirs
 
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if error:
         ovs.util.ovs_fatal(error, "could not create unixctl server", vlog=None)
     try:
-        sw = Switchd(remote, args.schema, server, routes=KernelRoutes())
+        devices = LinuxDevices(state_path=os.path.join(ovs.dirs.RUNDIR, "espswitchd.taps.json"))
+        sw = Switchd(remote, args.schema, server, routes=KernelRoutes(), devices=devices)
     except Exception as e:
         print(f"espswitchd: {e}", file=sys.stderr)
         return 1
