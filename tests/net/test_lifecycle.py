@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 import time
 
 import pytest
 
-from .lab import wait_until
+from .lab import run, wait_until
 
 pytestmark = pytest.mark.net
 
@@ -128,3 +129,56 @@ def test_stop_after_crash_removes_devices_everywhere(fresh_tunnel):
     assert vma.tap not in vma.sh("ip", "-o", "link", "show").stdout
     links = a.sh("ip", "-o", "link", "show").stdout
     assert "br-int" not in links and "br-phy" not in links, links
+
+
+SEND = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+frame = bytes.fromhex(sys.argv[2])
+for _ in range(int(sys.argv[3])):
+    s.send(frame)
+"""
+
+COUNT = """
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+s.bind((sys.argv[1], 0))
+s.settimeout(0.2)
+n, end = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        n += len(s.recv(2048)) > 0
+    except socket.timeout:
+        pass
+print(n)
+"""
+
+
+def test_vlan_trunk_over_a_system_port(lab):
+    """Tagged frames cross an AF_PACKET port in both directions (the kernel moves the
+    tag of a received frame into metadata; espswitchd must put it back)."""
+    hv = lab.hypervisor("hv")
+    hv.start()
+    peer = lab.netns("peer")
+    run(["ip", "link", "add", "ul0", "netns", hv.ns, "type", "veth", "peer", "name", "ul0",
+         "netns", peer])
+    run(["ip", "link", "set", "ul0", "up"], peer)
+    hv.vsctl("add-br", "br0", "--", "add-port", "br0", "ul0")
+    v10, v20 = lab.vm("v10", 1, "192.168.30.1"), lab.vm("v20", 3, "192.168.30.3")
+    hv.add_vm("br0", v10, tag=10)
+    hv.add_vm("br0", v20, tag=20)
+    # Peer -> VMs: five broadcasts tagged with VLAN 10 reach only the VLAN 10 VM.
+    listeners = [lab.spawn(vm.ns, sys.executable, "-c", COUNT, vm.tap, "3") for vm in (v10, v20)]
+    time.sleep(0.5)
+    tagged = "ff" * 6 + "020000000099" + "8100000a" + "88b5" + "00" * 46
+    run([sys.executable, "-c", SEND, "ul0", tagged, "5"], peer)
+    counts = [int(p.communicate(timeout=20)[0].strip()) for p in listeners]
+    assert counts == [5, 0]
+    # VM -> peer: the VLAN 10 VM's untagged frames leave the trunk tagged with VLAN 10.
+    dump = lab.spawn(peer, "tcpdump", "-e", "-n", "-c", "3", "-i", "ul0", "vlan 10")
+    time.sleep(1)
+    untagged = "ff" * 6 + "525400123401" + "88b5" + "00" * 46
+    run([sys.executable, "-c", SEND, v10.tap, untagged, "3"], v10.ns)
+    out = dump.communicate(timeout=10)[0]
+    assert out.count("vlan 10") == 3, out

@@ -32,6 +32,13 @@ SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
 PACKET_IGNORE_OUTGOING = 23
+PACKET_AUXDATA = 8
+TP_STATUS_VLAN_VALID = 0x10
+TP_STATUS_VLAN_TPID_VALID = 0x40
+# struct tpacket_auxdata: status, len, snaplen, mac, net, vlan_tci, vlan_tpid
+_AUX_VLAN = struct.Struct("=I12xHH")
+_VLAN_TAG = struct.Struct("!HH")
+AUX_SPACE = socket.CMSG_SPACE(20)
 TUNGETDEVNETNS = 0x54E3
 CLONE_NEWNET = 0x40000000
 IFNAMSIZ = 16
@@ -216,6 +223,8 @@ class PacketSocketDevice:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         try:
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            # The kernel strips VLAN tags into metadata; auxdata gives them back.
+            sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
@@ -231,6 +240,7 @@ class PacketSocketDevice:
         self.sock = sock
         self._buf = bytearray(BUF_SIZE)
         self._mv = memoryview(self._buf)
+        self._bufs = [self._buf]
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -239,16 +249,25 @@ class PacketSocketDevice:
         return "up" if _read_sys(self.name, "carrier") == "1" else "down"
 
     def recv_batch(self, limit: int = 32) -> list[bytes]:
+        """Up to `limit` frames, with the VLAN tag the kernel moved to metadata put back."""
         out = []
-        recv_into, buf, mv = self.sock.recv_into, self._buf, self._mv
+        recvmsg_into, bufs, mv = self.sock.recvmsg_into, self._bufs, self._mv
         for _ in range(limit):
             try:
-                n = recv_into(buf)
+                n, anc, _flags, _addr = recvmsg_into(bufs, AUX_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 break
-            out.append(mv[:n].tobytes())
+            frame = mv[:n].tobytes()
+            for level, type_, data in anc:
+                if level == SOL_PACKET and type_ == PACKET_AUXDATA and len(data) >= 20:
+                    status, tci, tpid = _AUX_VLAN.unpack_from(data)
+                    if status & TP_STATUS_VLAN_VALID and n >= 12:
+                        if not status & TP_STATUS_VLAN_TPID_VALID or not tpid:
+                            tpid = 0x8100
+                        frame = frame[:12] + _VLAN_TAG.pack(tpid, tci) + frame[12:]
+            out.append(frame)
         return out
 
     def send(self, frames: list[bytes]) -> SendResult:
