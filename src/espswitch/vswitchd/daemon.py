@@ -118,6 +118,8 @@ class Switchd:
         self.next_housekeeping = 0.0
         self.next_routes = 0.0
         self._cep = None
+        self.bugs = 0
+        self._bug_rl = RateLimit(vlog.err, interval=60.0, burst=3)
         appctl.register(self)
 
     # --- reconcile -----------------------------------------------------------------------
@@ -300,18 +302,32 @@ class Switchd:
         while not self.exiting:
             now = time.monotonic()
             if control_ready or now >= control_deadline:
-                self.control_run()
+                try:
+                    self.control_run()
+                except Exception:  # a bug must not stop every bridge
+                    self.bugs += 1
+                    self.log_bug("control plane error")
                 if self.exiting:
                     break
                 control_deadline = now + min(self.control_wait(), CONTROL_MAX_SLEEP)
             if now >= self.next_housekeeping:
                 self.next_housekeeping = now + HOUSEKEEPING
-                if self.routes is not None and now >= self.next_routes:
-                    self.next_routes = now + ROUTE_REFRESH
-                    self.refresh_routes()
-                self.dp.run(now)
+                try:
+                    if self.routes is not None and now >= self.next_routes:
+                        self.next_routes = now + ROUTE_REFRESH
+                        self.refresh_routes()
+                    self.dp.run(now)
+                except Exception:
+                    self.bugs += 1
+                    self.log_bug("housekeeping error")
             timeout = max(0.0, min(control_deadline, self.next_housekeeping) - now)
             control_ready = self.loop.poll(timeout)
+
+    def log_bug(self, what: str) -> None:
+        """Log an unexpected exception with its traceback, rate-limited."""
+        if self._bug_rl.count < self._bug_rl.burst:
+            vlog.exception(what)
+        self._bug_rl(f"{what} (see the traceback above)")
 
     def close(self) -> None:
         self.dp.close()
