@@ -28,7 +28,7 @@ class ReplayWindow:
     a packet authenticated (RFC 4303 §3.4.3). Size 0 turns the check off.
     """
 
-    __slots__ = ("_blocks", "_bmask", "_nblocks", "esn", "size", "top")
+    __slots__ = ("_nblocks", "blocks", "bmask", "esn", "size", "top")
 
     def __init__(self, size: int = 1024, *, esn: bool = False, initial_high: int = 0) -> None:
         if not isinstance(size, int) or not 0 <= size <= MAX_WINDOW:
@@ -39,8 +39,8 @@ class ReplayWindow:
         while (nblocks - 1) * 64 < size:  # one spare block: a full window fits any alignment
             nblocks <<= 1
         self._nblocks = nblocks
-        self._bmask = nblocks - 1
-        self._blocks = [0] * nblocks
+        self.bmask = nblocks - 1
+        self.blocks = [0] * nblocks
         self.size = size
         self.esn = esn
         # The state is as if every number below the first window had been received, so
@@ -48,7 +48,7 @@ class ReplayWindow:
         self.top = (initial_high << 32) | ((size or _ESN_GUESS_WINDOW) - 1) if esn else 0
         if initial_high == 0:
             # Sequence number 0 is never sent (RFC 4303 §2.2): treat it as already seen.
-            self._blocks[0] = 1
+            self.blocks[0] = 1
 
     def infer(self, seq_low: int) -> int:
         """Return the full sequence number for a received low half (RFC 4303 Appendix A).
@@ -81,22 +81,22 @@ class ReplayWindow:
             return OK
         if top - seq >= size:
             return _TOO_OLD
-        if self._blocks[(seq >> 6) & self._bmask] >> (seq & 63) & 1:
+        if self.blocks[(seq >> 6) & self.bmask] >> (seq & 63) & 1:
             return _REPLAYED
         return OK
 
     def update(self, seq: int) -> None:
         """Record an authenticated `seq`, moving the window forward when it is the newest."""
         top = self.top
-        blocks = self._blocks
+        blocks = self.blocks
         if seq > top:
             gap = (seq >> 6) - (top >> 6)
             if gap:
                 if gap >= self._nblocks:
                     blocks[:] = [0] * self._nblocks
                 else:
-                    mask = self._bmask
+                    mask = self.bmask
                     for b in range((top >> 6) + 1, (seq >> 6) + 1):
                         blocks[b & mask] = 0
             self.top = seq
-        blocks[(seq >> 6) & self._bmask] |= 1 << (seq & 63)
+        blocks[(seq >> 6) & self.bmask] |= 1 << (seq & 63)
