@@ -179,3 +179,22 @@ def test_neighbour_cache_states_and_aging():
     assert nc.lookup("br", ip, 5) == (FOUND, mac(1))
     assert nc.run(11) == [("br", ip)]
     assert nc.lookup("br", ip, 11)[0] == MISSING
+
+
+def test_system_port_follows_its_device_away_and_back():
+    a = Hypervisor("10.0.0.1", "10.0.0.2")
+    port = a.dp.ports["eth0"]
+    old = port.dev
+    t = a.dp.now
+    a.devs.system_names.discard("eth0")
+    a.dp.run(t + 2)
+    assert port.dev is None and old.closed and port.link_state() == "down"
+    a.inject("br-phy", eth(BCAST, a.dev("br-phy").mac))
+    assert port.stats["tx_link_down"] == 1 and port.stats["tx_dropped"] == 1
+    a.devs.system_names.add("eth0")
+    a.devs.generation["eth0"] = 1
+    a.dp.run(t + 4)
+    assert port.dev is not None and port.dev is not old
+    f = eth(BCAST, a.dev("br-phy").mac)
+    a.inject("br-phy", f)
+    assert port.dev.take() == [f]

@@ -182,3 +182,17 @@ def test_vlan_trunk_over_a_system_port(lab):
     run([sys.executable, "-c", SEND, v10.tap, untagged, "3"], v10.ns)
     out = dump.communicate(timeout=10)[0]
     assert out.count("vlan 10") == 3, out
+
+
+def test_underlay_device_deleted_and_created_again(fresh_tunnel):
+    a, b, vma, vmb = (fresh_tunnel[k] for k in ("a", "b", "vma", "vmb"))
+    assert wait_until(lambda: vma.can_reach(vmb.ip), 5) is not None
+    a.sh("ip", "link", "del", "ul0")  # both ends of the veth go
+    assert not vma.can_reach(vmb.ip)
+    assert wait_until(lambda: a.iface("ul0", "link_state") == "down", 8, 0.5) is not None
+    run(["ip", "link", "add", "ul0", "netns", a.ns, "type", "veth", "peer", "name", "ul0",
+         "netns", b.ns])
+    took = wait_until(lambda: vma.can_reach(vmb.ip), 5)
+    assert took is not None, "no traffic after the underlay device came back"
+    assert a.alive() and b.alive()
+    assert a.iface("ul0", "error") == "[]"

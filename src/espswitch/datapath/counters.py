@@ -31,6 +31,7 @@ class Counters(dict):
         "tx_neigh_drops",
         "tx_queue_full",
         "tx_too_big",
+        "tx_link_down",
     )
     DROP_CAUSES: ClassVar[dict[str, str]] = {
         "rx_malformed": "rx_dropped",
@@ -40,6 +41,7 @@ class Counters(dict):
         "tx_neigh_drops": "tx_dropped",
         "tx_queue_full": "tx_dropped",
         "tx_too_big": "tx_errors",
+        "tx_link_down": "tx_dropped",
     }
 
     def __init__(self) -> None:

@@ -238,6 +238,7 @@ class PacketSocketDevice:
             raise PortError(f"cannot attach system device '{name}': {e.strerror}") from None
         sock.setblocking(False)
         self.sock = sock
+        self.ifindex = ifindex
         self._buf = bytearray(BUF_SIZE)
         self._mv = memoryview(self._buf)
         self._bufs = [self._buf]
@@ -353,6 +354,14 @@ class LinuxDevices:
     def open_system(self, name: str) -> PacketSocketDevice:
         return PacketSocketDevice(name)
 
+    @staticmethod
+    def ifindex(name: str) -> int | None:
+        """The index of the device `name` in this namespace, None if there is none."""
+        try:
+            return socket.if_nametoindex(name)
+        except OSError:
+            return None
+
 
 class MemoryDevice:
     """A device in memory: `inject()` frames to receive, read `sent` for what went out."""
@@ -397,6 +406,8 @@ class MemoryDevices:
         self.devices: dict[str, MemoryDevice] = {}
         self._next_mac = 1
         self._prefix = mac_prefix
+        # bump a name's generation to simulate a device deleted and created again
+        self.generation: dict[str, int] = {}
 
     def _new(self, name: str) -> MemoryDevice:
         mac = bytes([0x02, 0, 0, 0, self._prefix & 0xFF, self._next_mac])
@@ -419,4 +430,12 @@ class MemoryDevices:
         check_ifname(name)
         if name not in self.system_names:
             raise PortError(f"system device '{name}' does not exist")
-        return self._new(name)
+        dev = self._new(name)
+        dev.ifindex = self.ifindex(name)
+        return dev
+
+    def ifindex(self, name: str) -> int | None:
+        """Stable per name while the name is in `system_names`; remove it to "unplug"."""
+        if name not in self.system_names:
+            return None
+        return self.generation.get(name, 0) * 1000 + sorted(self.system_names).index(name) + 1

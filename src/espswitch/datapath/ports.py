@@ -196,10 +196,45 @@ class InternalPort(TapPort):
 
 @register_port_type("system")
 class SystemPort(DevicePort):
-    """An existing Linux device on an AF_PACKET socket: the "physical NIC"."""
+    """An existing Linux device on an AF_PACKET socket: the "physical NIC".
+
+    If the device goes away, the port stays (link down, its frames counted as dropped)
+    and attaches again when a device of that name comes back.
+    """
+
+    CHECK_INTERVAL = 1.0
 
     def open(self) -> None:
         self.dev = self.dp.devices.open_system(self.name)
+        self._next_check = 0.0
+
+    def run(self, now: float) -> None:
+        if now < self._next_check:
+            return
+        self._next_check = now + self.CHECK_INTERVAL
+        devices = self.dp.devices
+        idx = devices.ifindex(self.name)
+        if self.dev is not None and self.dev.ifindex == idx:
+            return
+        if self.dev is not None:
+            self.dev.close()
+            self.dev = None
+            self.dp.fd_seq += 1
+            self.dp.log_rl(f"{self.name}: device disappeared, waiting for it to return")
+        if idx is not None:
+            try:
+                self.dev = devices.open_system(self.name)
+            except PortError:
+                return
+            self.dp.fd_seq += 1
+            self.bridge.flush_port(self)
+            self.dp.log_rl(f"{self.name}: device is back, attached again")
+
+    def send(self, frames: list[bytes]) -> None:
+        if self.dev is None:
+            self.stats.drop("tx_link_down", len(frames))
+            return
+        super().send(frames)
 
 
 @register_port_type("patch")
