@@ -196,6 +196,7 @@ class Lab:
         hv = self.hvs[hv_index]
         path = pcap or os.path.join(self._tmp or "/tmp", f"underlay{hv_index + 1}.pcap")
         cmd = ["ip", "netns", "exec", hv.ns, "tcpdump", "-i", hv.underlay_dev, "-n", "-U",
+               "--immediate-mode",
                "-s", "0", "-w", path]
         if bpf:
             cmd.append(bpf)
