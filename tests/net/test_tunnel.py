@@ -129,7 +129,8 @@ def test_appctl_set_commands_and_errors(tunnel):
                 ["ovs/route/add", "10.0.0.0/40", "br-phy"],
                 ["ovs/route/del", "10.99.0.0/16"],
                 ["fdb/show", "br-nope"],
-                ["fdb/show"]):
+                ["fdb/show"],
+                ["exit", "--bogus"]):
         r = a.sh("ovs-appctl", "-t", "espswitchd", *bad, check=False)
         assert r.returncode != 0, bad
         assert "Traceback" not in r.stderr and r.stderr.strip(), bad

@@ -42,3 +42,13 @@ def test_espswitchd_bad_option_is_an_error():
     r = subprocess.run(["espswitchd", "--no-such-option"], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_start_refuses_to_run_next_to_ovs_vswitchd(tmp_path):
+    # A live process's pid in ovs-vswitchd.pid: ours.
+    (tmp_path / "ovs-vswitchd.pid").write_text(f"{os.getpid()}\n")
+    r = _espswitch("start", env={"OVS_RUNDIR": str(tmp_path), "OVS_DBDIR": str(tmp_path),
+                                 "OVS_LOGDIR": str(tmp_path)})
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and "ovs-vswitchd is running" in r.stderr
+    assert not os.path.exists(tmp_path / "conf.db")

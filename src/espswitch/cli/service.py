@@ -157,6 +157,11 @@ def start(schema: str = SCHEMA, verbose: list[str] | None = None) -> None:
         except OSError as e:
             raise ServiceError(f"cannot create directory {d}: {e.strerror}") from None
     db_sock = os.path.join(rundir, "db.sock")
+    if _pid("ovs-vswitchd") is not None:
+        raise ServiceError(
+            f"ovs-vswitchd is running on {rundir}: espswitchd replaces it; stop it first "
+            "(systemctl stop openvswitch-switch, or ovs-appctl -t ovs-vswitchd exit)"
+        )
     if _pid("ovsdb-server") is None:
         db = os.path.join(dbdir, "conf.db")
         if not os.path.exists(db):

@@ -119,6 +119,9 @@ def register(sw: Switchd) -> None:
         conn.reply("OK\n")
 
     def exit_(conn, argv, aux):
+        if argv and argv[0] != "--cleanup":
+            conn.reply_error(f"exit: unknown option {argv[0]} (usage: exit [--cleanup])")
+            return
         sw.exiting = True
         conn.reply(None)
 
@@ -141,5 +144,6 @@ def register(sw: Switchd) -> None:
     reg("ovs/route/add", "IP/PLEN BRIDGE [GW]", 2, 3, route_add, None)
     reg("ovs/route/del", "IP/PLEN", 1, 1, route_del, None)
     reg("dpif/iface-show", "IFACE", 1, 1, iface_show, None)
-    reg("exit", "", 0, 0, exit_, None)
+    # OVS's `exit --cleanup` is accepted; espswitchd always removes its devices on exit.
+    reg("exit", "[--cleanup]", 0, 1, exit_, None)
     ipsec_appctl.register(sw)
