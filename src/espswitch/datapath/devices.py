@@ -210,6 +210,31 @@ class TapDevice:
         self.fd = -1
 
 
+RX_OFFLOADS = ("rx-gro", "rx-lro", "rx-gro-hw", "rx-gro-list")
+
+
+def _disable_rx_offloads(name: str) -> None:
+    """Best effort: coalesced frames (GRO/LRO) would reach a packet socket larger than the
+    MTU with stale checksums, so the datapath turns coalescing off on the NICs it owns."""
+    try:
+        from pyroute2 import Ethtool
+
+        e = Ethtool()
+        try:
+            f = e.get_features(name)
+            changed = False
+            for feat in RX_OFFLOADS:
+                if feat in f.features and f.features[feat].enable:
+                    f.features[feat].enable = False
+                    changed = True
+            if changed:
+                e.set_features(name, f)
+        finally:
+            e.close()
+    except Exception:
+        pass  # not supported by the driver, or fixed: nothing to do
+
+
 class PacketSocketDevice:
     """An existing Linux device on an AF_PACKET socket: promiscuous, own output ignored."""
 
@@ -232,6 +257,7 @@ class PacketSocketDevice:
             mreq = struct.pack("iHH8s", ifindex, PACKET_MR_PROMISC, 0, b"")
             sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
             _set_up(name)
+            _disable_rx_offloads(name)
             self.mac = _hwaddr(name)
         except OSError as e:
             sock.close()
