@@ -106,6 +106,16 @@ def _running(pid: int) -> bool:
 def test_vm_traffic_survives_kill_and_restart(fresh_tunnel):
     a, vma, vmb = fresh_tunnel["a"], fresh_tunnel["vma"], fresh_tunnel["vmb"]
     assert wait_until(lambda: vma.can_reach(vmb.ip), 5) is not None
+    # A gap in the port numbers: the restarted daemon must keep them anyway.
+    a.vsctl("del-port", "br-int", vma.tap)
+    a.vsctl("add-port", "br-int", "gap0", "--", "set", "Interface", "gap0", "type=tap",
+            "ofport_request=1")
+    a.vsctl("add-port", "br-int", vma.tap, "--", "set", "Interface", vma.tap, "type=tap")
+    a.plug(vma)
+    a.vsctl("del-port", "br-int", "gap0")
+    ofports = {n: a.iface(n, "ofport") for n in (vma.tap, "vx0")}
+    assert ofports[vma.tap] != "1", ofports
+    assert wait_until(lambda: vma.can_reach(vmb.ip), 5) is not None
     time.sleep(2.5)  # espswitchd notes where the VM's device went every 2 s
     os.kill(a.pid(), signal.SIGKILL)
     assert wait_until(lambda: not a.alive(), 5) is not None
@@ -115,6 +125,7 @@ def test_vm_traffic_survives_kill_and_restart(fresh_tunnel):
     assert wait_until(lambda: vma.can_reach(vmb.ip), 5) is not None, \
         "no VM traffic 5 s after restarting espswitchd"
     assert "10 received" in vma.ping(vmb.ip, count=10).stdout
+    assert {n: a.iface(n, "ofport") for n in ofports} == ofports
     # A clean stop removes the VM's device too.
     a.stop()
     assert vma.tap not in vma.sh("ip", "-o", "link", "show").stdout

@@ -160,6 +160,12 @@ class Switchd:
         self.errors = dict(desired.errors)
         if self.routes is not None:
             self.refresh_routes()
+        # Without an ofport_request, an interface keeps the port number it had (across a
+        # restart of the daemon, or a change that recreates it), as in OVS.
+        had = {}
+        for row in self.idl.tables["Interface"].rows.values():
+            if row.ofport and row.ofport[0] > 0:
+                had[row.name] = row.ofport[0]
         for cfg in p.add_ports:
             try:
                 dp.add_port(
@@ -169,7 +175,7 @@ class Switchd:
                     dict(cfg.options),
                     cfg.tag,
                     cfg.trunks,
-                    cfg.ofport_request,
+                    cfg.ofport_request or had.get(cfg.name),
                 )
             except PortError as e:
                 self.errors[cfg.name] = str(e)
