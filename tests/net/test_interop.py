@@ -38,10 +38,12 @@ def test_vxlan_interoperates_with_the_kernel(lab):
     # As with OVS's userspace datapath: a kernel sending into a veth that a packet socket
     # reads must compute its checksums itself (no tx checksum offload, hence no TSO/GSO).
     run([sys.executable, "-c", NO_TX_OFFLOAD, "ul0"], b)
+    vx = run(["ip", "link", "add", "vxlan0", "type", "vxlan", "id", "4242", "remote",
+              "10.0.0.1", "local", "10.0.0.2", "dstport", "4789"], b, check=False)
+    if vx.returncode != 0:
+        pytest.skip(f"the kernel has no VXLAN devices here: {vx.stderr.strip()}")
     for cmd in (["ip", "addr", "add", "10.0.0.2/24", "dev", "ul0"],
                 ["ip", "link", "set", "ul0", "up"],
-                ["ip", "link", "add", "vxlan0", "type", "vxlan", "id", "4242", "remote",
-                 "10.0.0.1", "local", "10.0.0.2", "dstport", "4789"],
                 ["ip", "link", "set", "vxlan0", "mtu", str(VM_MTU), "up"],
                 ["ip", "addr", "add", "192.168.10.2/24", "dev", "vxlan0"]):
         run(cmd, b)
