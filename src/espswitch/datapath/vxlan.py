@@ -2,7 +2,7 @@
 
 Two seams for tunnel types built on top (issue 4's `vxlanipsec`):
 
-* outbound, `TunnelPort.send()` turns each frame into an IPv4 packet with `encapsulate()`,
+* outbound, `VxlanPort.send()` turns each frame into an IPv4 packet with `encapsulate()`,
   passes it through `wrap_ipv4()` (identity here; ESP protection in a subclass) and hands the
   result to `TunnelLayer.output_ipv4()`, which resolves the next hop and adds Ethernet;
 * inbound, `TunnelLayer.receive()` gets every IPv4 frame addressed to a tunnel endpoint
