@@ -205,7 +205,7 @@ class TunnelLayer:
         state, mac = dp.neigh.lookup(bridge.name, port.nexthop, dp.now)
         if state == FOUND:
             eth = mac + internal.mac + ETH_IPV4
-            bridge.process(internal, [eth + p for p in pkts], False)
+            bridge.output_known(internal, [eth + p for p in pkts], mac)
             return
         key = (bridge.name, port.nexthop)
         q = self.queues.setdefault(key, [])

@@ -44,8 +44,7 @@ DEFAULT_UNDERLAY_MTU = 1500
 RETIRED_KEEP = 60.0  # seconds a closed tunnel's SAs may be taken over by its reopened self
 _UDP_VXLAN = struct.Struct("!HHHHII")  # UDP sport, dport, length, checksum; VXLAN flags, VNI
 _UDP = struct.Struct("!HHHH")
-_IP_LEN_ID = struct.Struct("!HH")
-_U16 = struct.Struct("!H")
+_OUTER = struct.Struct("!BBHHHBBH4s4s")  # IPv4 header without options
 _ETH_IPV4 = b"\x08\x00"
 _SIOCSIFMTU = 0x8922
 
@@ -222,8 +221,10 @@ class VxlanIpsecPort(VxlanPort):
         self.sa_in = InboundSA(keying.inbound, now=dp.now)
         self.underlay_mtu = DEFAULT_UNDERLAY_MTU
         self.max_frame = 0
-        self._outer = bytearray(20)
+        self._outer_src = b"\0\0\0\0"
+        self._outer_proto = ESP_PROTO
         self._outer_base = 0
+        self._vni_word = 0
         self._udp_vxlan_len = 0
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -253,24 +254,12 @@ class VxlanIpsecPort(VxlanPort):
     def rebuild_template(self) -> None:
         super().rebuild_template()
         src = self.local_ip or b"\0\0\0\0"
-        proto = 17 if self.encap else ESP_PROTO
-        t = bytearray(
-            struct.pack(
-                "!BBHHHBBH4s4s",
-                0x45,
-                self.tos,
-                0,
-                0,
-                0x4000,
-                self.ttl,
-                proto,
-                0,
-                src,
-                self.remote_ip,
-            )
-        )
-        self._outer = t
-        self._outer_base = sum(struct.unpack("!10H", bytes(t)))
+        self._outer_src = src
+        self._outer_proto = 17 if self.encap else ESP_PROTO
+        self._vni_word = self.vni << 8
+        # Sum of the header's 16-bit words with length, ID and checksum left at zero.
+        self._outer_base = sum(struct.unpack("!10H", _OUTER.pack(
+            0x45, self.tos, 0, 0, 0x4000, self.ttl, self._outer_proto, 0, src, self.remote_ip)))
         self.selector = UdpSelector(src=self.remote_ip, dst=src, dport=self.dst_port)
         if self.egress_port is not None:
             self.underlay_mtu = _sysfs_mtu(self.egress_port.name) or DEFAULT_UNDERLAY_MTU
@@ -343,29 +332,25 @@ class VxlanIpsecPort(VxlanPort):
 
     def _protect(self, frame: bytes, seal, tunnel: bool) -> bytes:
         """One inner frame -> the outer IPv4 packet carrying it in ESP."""
-        n = len(frame)
-        # Source port from the inner flow (RFC 7348 §5): MACs, then IPs and L4 ports.
-        sport = 49152 | (zlib.crc32(frame[26:38], zlib.crc32(frame[0:14])) & 0x3FFF)
         if tunnel:
             esp = seal(self.encapsulate(frame), 4)
         else:
-            esp = seal(
-                _UDP_VXLAN.pack(sport, self.dst_port, n + 16, 0, 0x08000000, self.vni << 8) + frame,
-                17,
-            )
-        hdr = bytearray(self._outer)
-        if self.encap:
-            total = 28 + len(esp)
-            hdr += _UDP.pack(NAT_T_PORT, NAT_T_PORT, total - 20, 0)
-        else:
-            total = 20 + len(esp)
+            # Source port from the inner flow (RFC 7348 §5): MACs, then IPs and L4 ports.
+            sport = 49152 | (zlib.crc32(frame[26:38], zlib.crc32(frame[0:14])) & 0x3FFF)
+            esp = seal(_UDP_VXLAN.pack(sport, self.dst_port, len(frame) + 16, 0, 0x08000000,
+                                       self._vni_word) + frame, 17)
+        total = len(esp) + (28 if self.encap else 20)
         ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
+        # The header checksum from the template's precomputed sum plus the two fields
+        # that change per packet.
         s = self._outer_base + total + ident
         s = (s & 0xFFFF) + (s >> 16)
         s = (s & 0xFFFF) + (s >> 16)
-        _IP_LEN_ID.pack_into(hdr, 2, total, ident)
-        _U16.pack_into(hdr, 10, ~s & 0xFFFF)
-        return bytes(hdr) + esp
+        hdr = _OUTER.pack(0x45, self.tos, total, ident, 0x4000, self.ttl, self._outer_proto,
+                          ~s & 0xFFFF, self._outer_src, self.remote_ip)
+        if self.encap:
+            return hdr + _UDP.pack(NAT_T_PORT, NAT_T_PORT, total - 20, 0) + esp
+        return hdr + esp
 
     def _too_big(self, frame: bytes) -> list[bytes]:
         """A frame that would not fit the underlay: ICMP back if DF, else fragment it."""
