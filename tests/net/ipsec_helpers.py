@@ -6,16 +6,14 @@ operator has: `ovs-vsctl`, `ovs-appctl`, `ip`, `tcpdump`, `iperf3`, `tshark`, sc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from espswitch.cli.lab import Lab, run
@@ -147,29 +145,6 @@ def pin_neighbours(lab: Lab) -> None:
 
 
 # -- traffic and captures ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def tcpdump(ns: str, dev: str, path: str, bpf: Sequence[str] = ()) -> Iterator[str]:
-    """tcpdump -w `path` on `dev` in namespace `ns` while the block runs."""
-    # --immediate-mode: without it, a capture shorter than tcpdump's 1 s buffer timeout
-    # can end with its packets still in the kernel's ring, never written.
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-i", dev, "-n", "-U",
-                             "--immediate-mode", "-s", "0", "-w", path, *bpf],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        # The pcap file header is written once the capture socket is open.
-        wait_for(lambda: os.path.exists(path) and os.path.getsize(path) >= 24, 10, 0.05)
-        time.sleep(0.2)
-        yield path
-    finally:
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def iperf3(lab: Lab, src: int = 0, args: Sequence[str] = ("-t", "5"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from espswitch.cli.lab import Lab, run
+from espswitch.cli.lab import Lab, run, tcpdump
 from espswitch.ipsec import parse_transform
 
 from .ipsec_helpers import (
@@ -35,7 +35,6 @@ from .ipsec_helpers import (
     statistics,
     status,
     tcp_transfer,
-    tcpdump,
     tshark_available,
     tshark_rows,
     wait_for,

@@ -74,6 +74,33 @@ def run(cmd: Sequence[str], *, ns: str | None = None, env: Mapping[str, str] | N
     return r
 
 
+@contextlib.contextmanager
+def tcpdump(ns: str, dev: str, path: str, bpf: Sequence[str] = ()) -> Iterator[str]:
+    """tcpdump -w `path` on `dev` in namespace `ns` while the block runs."""
+    # --immediate-mode: without it, a capture shorter than tcpdump's 1 s buffer timeout
+    # can end with its packets still in the kernel's ring, never written.
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-i", dev, "-n", "-U",
+                             "--immediate-mode", "-s", "0", "-w", path, *bpf],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # The pcap file header is written once the capture socket is open.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            if os.path.exists(path) and os.path.getsize(path) >= 24:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+        yield path
+    finally:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class Lab:
     """The topology; use as a context manager so it is always taken down.
@@ -189,35 +216,12 @@ class Lab:
                 return True
         return False
 
-    @contextlib.contextmanager
     def capture(self, hv_index: int = 0, pcap: str | None = None,
-                bpf: str = "") -> Iterator[str]:
+                bpf: str = "") -> contextlib.AbstractContextManager[str]:
         """tcpdump on hypervisor `hv_index`'s underlay device while the block runs."""
         hv = self.hvs[hv_index]
         path = pcap or os.path.join(self._tmp or "/tmp", f"underlay{hv_index + 1}.pcap")
-        cmd = ["ip", "netns", "exec", hv.ns, "tcpdump", "-i", hv.underlay_dev, "-n", "-U",
-               "--immediate-mode",
-               "-s", "0", "-w", path]
-        if bpf:
-            cmd.append(bpf)
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            # tcpdump says "listening on" once the socket is open.
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and proc.poll() is None:
-                if os.path.exists(path) and os.path.getsize(path) > 0:
-                    break
-                time.sleep(0.05)
-            time.sleep(0.2)
-            yield path
-        finally:
-            time.sleep(0.3)
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        return tcpdump(hv.ns, hv.underlay_dev, path, bpf.split() if bpf else ())
 
     # -- taking down ----------------------------------------------------------------------
 
