@@ -50,7 +50,6 @@ INNER = ("198.51.100.1", "198.51.100.2")
 KERNEL_VNI = 42
 CHARON = "/usr/lib/ipsec/charon"
 PING_COUNT = 20
-PLAIN_VXLAN_VM_MTU = 1450
 PING_INTERVAL = "0.05"
 
 CHARON_PLUGINS = ("random nonce openssl aes sha1 sha2 hmac gcm chapoly pem pkcs1 x509 "
@@ -189,12 +188,6 @@ def _espswitch(tunnel_type: str, opts: tuple[dict[str, str], dict[str, str]],
                seconds: int) -> dict[str, Any]:
     with Lab(tunnel_type=tunnel_type, tunnel_options=opts) as lab:
         a, b = lab.hvs
-        if tunnel_type == "vxlan":
-            # espswitchd adjusts VM MTUs only on bridges with IPsec tunnels; for plain VXLAN
-            # the operator gives VMs 1450 (1500 - 50 bytes of VXLAN), as with Open vSwitch.
-            # With 1500, full-size TCP segments do not fit the underlay and TCP stalls.
-            for hv in lab.hvs:
-                run(["ip", "link", "set", hv.tap, "mtu", str(PLAIN_VXLAN_VM_MTU)], ns=hv.vm_ns)
         result = measure(a.vm_ns, b.vm_ns, b.vm_ip, seconds)
         result["vm_mtu"] = _mtu(a.vm_ns, a.tap)
         if tunnel_type == "vxlanipsec":

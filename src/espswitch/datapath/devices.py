@@ -25,6 +25,7 @@ TUNSETPERSIST = 0x400454CB
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+SIOCSIFMTU = 0x8922
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 SIOCGIFHWADDR = 0x8927
@@ -95,6 +96,24 @@ def _read_sys(name: str, attr: str) -> str | None:
 SendResult = tuple[int, list[int], list[int]]
 
 
+def device_mtu(name: str) -> int | None:
+    """The MTU of a device in this network namespace, or None if there is no such device."""
+    text = _read_sys(name, "mtu")
+    return int(text) if text and text.isdigit() else None
+
+
+def set_device_mtu(name: str, mtu: int) -> bool:
+    """Set a device's MTU (SIOCSIFMTU); False if it is not here or the kernel refused."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        fcntl.ioctl(s, SIOCSIFMTU, struct.pack("16si12x", name.encode()[:15], mtu))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def _send_all(write, frames: list[bytes]) -> SendResult:
     """Write each frame; return (sent, lengths dropped, lengths too big for the link)."""
     sent = 0
@@ -114,8 +133,9 @@ def _attach_tun(name: str, persist: bool) -> int:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         # With a virtio-net header on every frame, writes can carry coalesced TCP segments.
-        fcntl.ioctl(fd, TUNSETIFF,
-                    struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        fcntl.ioctl(
+            fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        )
         if persist:
             fcntl.ioctl(fd, TUNSETPERSIST, 1)
     except OSError:
@@ -225,7 +245,8 @@ class TapDevice:
             except OSError as e:
                 # Counted per original frame, as if they had been written one by one.
                 (too_big if e.errno == errno.EMSGSIZE else dropped).extend(
-                    [len(frame) // count] * count)
+                    [len(frame) // count] * count
+                )
         return sent, dropped, too_big
 
     def close(self) -> None:
@@ -313,10 +334,17 @@ class PacketSocketDevice:
         block_nr = max(RING_BYTES // block_size, 1)
         frame_nr = block_nr * (block_size // frame_size)
         self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
-        self.sock.setsockopt(SOL_PACKET, PACKET_RX_RING,
-                             struct.pack("IIII", block_size, block_nr, frame_size, frame_nr))
-        self._ring = mmap.mmap(self.sock.fileno(), block_size * block_nr, mmap.MAP_SHARED,
-                               mmap.PROT_READ | mmap.PROT_WRITE)
+        self.sock.setsockopt(
+            SOL_PACKET,
+            PACKET_RX_RING,
+            struct.pack("IIII", block_size, block_nr, frame_size, frame_nr),
+        )
+        self._ring = mmap.mmap(
+            self.sock.fileno(),
+            block_size * block_nr,
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+        )
         self._frame_size = frame_size
         self._frame_nr = frame_nr
         self._head = 0

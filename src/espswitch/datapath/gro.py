@@ -50,8 +50,12 @@ def _segment(f: bytes) -> tuple[bytes, int, int] | None:
     return key, _U32.unpack_from(f, 38)[0], hlen
 
 
-def _merge(first: bytes, hlen: int, payloads: list[bytes], psh: bool,
-           ) -> tuple[bytes, bytes, int]:
+def _merge(
+    first: bytes,
+    hlen: int,
+    payloads: list[bytes],
+    psh: bool,
+) -> tuple[bytes, bytes, int]:
     hdr = bytearray(first[:hlen])
     total = hlen - 14 + sum(map(len, payloads))
     _U16.pack_into(hdr, 16, total)
@@ -62,8 +66,9 @@ def _merge(first: bytes, hlen: int, payloads: list[bytes], psh: bool,
     # CHECKSUM_PARTIAL convention: the field holds the folded pseudo-header sum.
     src_dst = struct.unpack_from("!4H", hdr, 26)
     _U16.pack_into(hdr, 50, _fold(sum(src_dst) + 6 + total - 20))
-    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, hlen,
-                         len(payloads[0]), 34, 16)
+    vnet = VNET_HDR.pack(
+        VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, hlen, len(payloads[0]), 34, 16
+    )
     count = len(payloads)
     payloads.insert(0, bytes(hdr))
     return vnet, b"".join(payloads), count
@@ -97,8 +102,13 @@ def coalesce(frames: list[bytes]) -> list[tuple[bytes, bytes, int]]:
         if seg is not None:
             key, seq, hlen = seg
             plen = len(f) - hlen
-            if (run_key == key and not run_closed and seq == run_next and plen <= run_mss
-                    and run_size + plen <= MAX_GSO):
+            if (
+                run_key == key
+                and not run_closed
+                and seq == run_next
+                and plen <= run_mss
+                and run_size + plen <= MAX_GSO
+            ):
                 run_payloads.append(f[hlen:])
                 run_next = (seq + plen) & 0xFFFFFFFF
                 run_size += plen

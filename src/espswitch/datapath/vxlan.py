@@ -19,9 +19,13 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, ClassVar
 
+from espswitch.datapath.devices import device_mtu, set_device_mtu
 from espswitch.datapath.errors import PortError
-from espswitch.datapath.ports import Port, register_port_type
+from espswitch.datapath.ports import Port, TapPort, register_port_type
 from espswitch.datapath.tunnel import FOUND, MISSING, ip4, ip4_str
+from espswitch.packet.errors import PacketError
+from espswitch.packet.icmp import build_frag_needed
+from espswitch.packet.ipv4 import fragment_ipv4
 
 if TYPE_CHECKING:
     from espswitch.datapath.bridge import Bridge
@@ -31,6 +35,7 @@ QUEUE_MAX = 64  # frames waiting for one next hop's MAC
 ARP_RETRY = 1.0
 ARP_TRIES = 3
 VXLAN_PORT = 4789
+DEFAULT_UNDERLAY_MTU = 1500
 ETH_IPV4 = b"\x08\x00"
 ARP_REQ_HDR = b"\x08\x06\x00\x01\x08\x00\x06\x04\x00\x01"
 ARP_HDR = b"\x00\x01\x08\x00\x06\x04"
@@ -370,6 +375,10 @@ class TunnelPort(Port):
 class VxlanPort(TunnelPort):
     """VXLAN (RFC 7348) over IPv4, encapsulated from a precomputed header template."""
 
+    #: the largest inner frame that fits the underlay MTU (set from the egress device)
+    max_frame: int = DEFAULT_UNDERLAY_MTU - 36
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU
+
     def open(self) -> None:
         self._ip_id = 0
         self._tmpl = bytearray(36)
@@ -407,6 +416,83 @@ class VxlanPort(TunnelPort):
         self._tmpl = t
         words = struct.unpack("!10H", bytes(t[:20]))
         self._csum_base = sum(words)  # the patched words are zero in the template
+        if self.egress_port is not None:
+            self.underlay_mtu = device_mtu(self.egress_port.name) or DEFAULT_UNDERLAY_MTU
+        self.max_frame = self._largest_frame(self.underlay_mtu)
+
+    def resolve(self) -> None:
+        super().resolve()
+        self.adjust_mtus()
+
+    def status(self) -> dict[str, str]:
+        return {**super().status(), "tunnel_mtu": str(self.inner_mtu)}
+
+    # --- MTU --------------------------------------------------------------------------------
+    def outer_len(self, frame_len: int) -> int:
+        """Bytes on the underlay (IP header onwards) for an inner frame of `frame_len`."""
+        return 36 + frame_len
+
+    def _largest_frame(self, mtu: int) -> int:
+        # Encryption padding makes the overhead step: search near the first estimate.
+        frame = mtu - self.outer_len(0) - 16
+        while self.outer_len(frame + 1) <= mtu:
+            frame += 1
+        while frame > 0 and self.outer_len(frame) > mtu:
+            frame -= 1
+        return frame
+
+    @property
+    def inner_mtu(self) -> int:
+        """The IP MTU a VM behind this tunnel can use without fragmentation."""
+        return self.max_frame - 14
+
+    def adjust_mtus(self) -> None:
+        """Lower the MTU of the bridge's tap and internal devices to what the tunnel carries,
+        so that VMs never send a frame the underlay cannot take (OVS leaves this to users)."""
+        mtu = self.inner_mtu
+        for port in self.bridge.ports:
+            if isinstance(port, TapPort) and port.dev is not None:
+                current = device_mtu(port.name)
+                if current is not None and current > mtu:
+                    set_device_mtu(port.name, mtu)
+
+    def fit(self, frames: list[bytes]) -> list[bytes]:
+        """The frames with each one too big for the tunnel replaced by what can be sent."""
+        max_frame = self.max_frame
+        out: list[bytes] = []
+        for f in frames:
+            if len(f) <= max_frame:
+                out.append(f)
+            else:
+                out.extend(self._too_big(f))
+        return out
+
+    def _too_big(self, frame: bytes) -> list[bytes]:
+        """ICMP "fragmentation needed" back to the sender if DF is set, else fragments.
+
+        The outer packet is never fragmented: a receiver would have to reassemble it
+        before it could even check the tunnel's integrity.
+        """
+        st = self.stats
+        if frame[12:14] != ETH_IPV4 or len(frame) < 34:
+            st.drop("tx_too_big")
+            return []
+        ip = frame[14:]
+        mtu = self.inner_mtu
+        if ip[6] & 0x40:  # DF: path MTU discovery (RFC 1191) across the tunnel
+            st.drop("tx_too_big")
+            try:
+                icmp = build_frag_needed(ip, mtu, ip[16:20])
+            except (PacketError, ValueError):
+                return []
+            self.dp.defer_rx(self, frame[6:12] + frame[0:6] + ETH_IPV4 + icmp)
+            return []
+        try:
+            pieces = fragment_ipv4(ip, mtu)
+        except PacketError:
+            st.drop("tx_too_big")
+            return []
+        return [frame[:14] + p for p in pieces]
 
     def encapsulate(self, frame: bytes) -> bytes:
         """The IPv4/UDP/VXLAN packet that carries `frame`."""
@@ -432,6 +518,8 @@ class VxlanPort(TunnelPort):
         if self.egress_bridge is None:
             st.drop("tx_no_route", len(frames))
             return
+        if max(map(len, frames)) > self.max_frame:
+            frames = self.fit(frames)
         st["tx_packets"] += len(frames)
         st["tx_bytes"] += sum(map(len, frames))
         enc = self.encapsulate

@@ -14,15 +14,13 @@ outer IPv4 header patched from a template with an incremental checksum.
 
 from __future__ import annotations
 
-import fcntl
-import socket
 import struct
 import zlib
 from typing import TYPE_CHECKING, ClassVar
 
 from espswitch.datapath.counters import Counters
 from espswitch.datapath.errors import PortError
-from espswitch.datapath.ports import Port, TapPort, register_port_type
+from espswitch.datapath.ports import Port, register_port_type
 from espswitch.datapath.tunnel import ip4_str
 from espswitch.datapath.vxlan import TunnelPort, VxlanPort
 from espswitch.ipsec.config import IPSEC_OPTIONS, ManualKeying, parse_ipsec_options
@@ -30,9 +28,6 @@ from espswitch.ipsec.errors import DropReason, EspDrop, IpsecConfigError, SaRefu
 from espswitch.ipsec.policy import UdpSelector
 from espswitch.ipsec.sa import InboundSA, Mode, OutboundSA
 from espswitch.ipsec.sad import Sad
-from espswitch.packet.errors import PacketError
-from espswitch.packet.icmp import build_frag_needed
-from espswitch.packet.ipv4 import fragment_ipv4
 
 if TYPE_CHECKING:
     from espswitch.datapath.bridge import Bridge
@@ -40,13 +35,10 @@ if TYPE_CHECKING:
 
 ESP_PROTO = 50
 NAT_T_PORT = 4500
-DEFAULT_UNDERLAY_MTU = 1500
 RETIRED_KEEP = 60.0  # seconds a closed tunnel's SAs may be taken over by its reopened self
 _UDP_VXLAN = struct.Struct("!HHHHII")  # UDP sport, dport, length, checksum; VXLAN flags, VNI
 _UDP = struct.Struct("!HHHH")
 _OUTER = struct.Struct("!BBHHHBBH4s4s")  # IPv4 header without options
-_ETH_IPV4 = b"\x08\x00"
-_SIOCSIFMTU = 0x8922
 
 
 class IpsecCounters(Counters):
@@ -81,29 +73,6 @@ _RX_COUNTER = {
     DropReason.MALFORMED: "esp_malformed",
     DropReason.EXPIRED: "esp_expired_drops",
 }
-
-
-def _sysfs_mtu(dev: str) -> int | None:
-    try:
-        with open(f"/sys/class/net/{dev}/mtu") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-def _set_mtu(dev: str, mtu: int) -> bool:
-    """Set a device's MTU in this namespace; False if the device is not here."""
-    if _sysfs_mtu(dev) in (None, mtu):
-        return False
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        ifreq = struct.pack("16si12x", dev.encode()[:15], mtu)
-        fcntl.ioctl(s, _SIOCSIFMTU, ifreq)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 class IpsecLayer:
@@ -219,8 +188,6 @@ class VxlanIpsecPort(VxlanPort):
         self.encap = keying.encapsulation
         self.sa_out = OutboundSA(keying.outbound, now=dp.now)
         self.sa_in = InboundSA(keying.inbound, now=dp.now)
-        self.underlay_mtu = DEFAULT_UNDERLAY_MTU
-        self.max_frame = 0
         self._outer_src = b"\0\0\0\0"
         self._outer_proto = ESP_PROTO
         self._outer_base = 0
@@ -244,7 +211,6 @@ class VxlanIpsecPort(VxlanPort):
         except BaseException:
             self._layer.remove(self.sa_in)
             raise
-        self.adjust_mtus()
 
     def close(self) -> None:
         super().close()
@@ -258,46 +224,32 @@ class VxlanIpsecPort(VxlanPort):
         self._outer_proto = 17 if self.encap else ESP_PROTO
         self._vni_word = self.vni << 8
         # Sum of the header's 16-bit words with length, ID and checksum left at zero.
-        self._outer_base = sum(struct.unpack("!10H", _OUTER.pack(
-            0x45, self.tos, 0, 0, 0x4000, self.ttl, self._outer_proto, 0, src, self.remote_ip)))
+        self._outer_base = sum(
+            struct.unpack(
+                "!10H",
+                _OUTER.pack(
+                    0x45,
+                    self.tos,
+                    0,
+                    0,
+                    0x4000,
+                    self.ttl,
+                    self._outer_proto,
+                    0,
+                    src,
+                    self.remote_ip,
+                ),
+            )
+        )
         self.selector = UdpSelector(src=self.remote_ip, dst=src, dport=self.dst_port)
-        if self.egress_port is not None:
-            self.underlay_mtu = _sysfs_mtu(self.egress_port.name) or DEFAULT_UNDERLAY_MTU
-        self.max_frame = self._largest_frame(self.underlay_mtu)
-
-    def resolve(self) -> None:
-        super().resolve()
-        self.adjust_mtus()
 
     # -- MTU ------------------------------------------------------------------------------------
 
     def outer_len(self, frame_len: int) -> int:
-        """Bytes on the underlay (IP header onwards) for an inner frame of `frame_len`."""
+        """Bytes on the underlay (IP header onwards) for an inner frame of `frame_len`:
+        the ESP overhead of this transform and mode is computed, not guessed."""
         payload = frame_len + 16 + (20 if self.mode is Mode.TUNNEL else 0)
         return 20 + (8 if self.encap else 0) + payload + self.transform.overhead(payload)
-
-    def _largest_frame(self, mtu: int) -> int:
-        # Padding makes the overhead step, so search near the closed-form estimate.
-        frame = mtu - self.outer_len(0) - self.transform.block_size
-        while self.outer_len(frame + 1) <= mtu:
-            frame += 1
-        while frame > 0 and self.outer_len(frame) > mtu:
-            frame -= 1
-        return frame
-
-    @property
-    def inner_mtu(self) -> int:
-        """The IP MTU a VM on this tunnel can use without fragmentation (Ethernet removed)."""
-        return self.max_frame - 14
-
-    def adjust_mtus(self) -> None:
-        """Lower the MTU of the bridge's tap and internal devices to what the tunnel carries."""
-        mtu = self.inner_mtu
-        for port in self.bridge.ports:
-            if isinstance(port, TapPort) and port.dev is not None:
-                current = _sysfs_mtu(port.name)
-                if current is not None and current > mtu:
-                    _set_mtu(port.name, mtu)
 
     # -- outbound -------------------------------------------------------------------------------
 
@@ -308,23 +260,22 @@ class VxlanIpsecPort(VxlanPort):
         if self.egress_bridge is None:
             st.drop("tx_no_route", len(frames))
             return
-        max_frame = self.max_frame
+        if max(map(len, frames)) > self.max_frame:
+            frames = self.fit(frames)
         seal = self.sa_out.encrypt
         tunnel = self.mode is Mode.TUNNEL
         protect = self._protect
         pkts = []
         nbytes = 0
         for frame in frames:
-            pieces = (frame,) if len(frame) <= max_frame else self._too_big(frame)
-            for piece in pieces:
-                try:
-                    pkts.append(protect(piece, seal, tunnel))
-                except SaRefused:
-                    # Past the hard lifetime (or out of sequence numbers): counted, not sent.
-                    st["esp_expired_drops"] += 1
-                    st["tx_dropped"] += 1
-                    continue
-                nbytes += len(piece)
+            try:
+                pkts.append(protect(frame, seal, tunnel))
+            except SaRefused:
+                # Past the hard lifetime (or out of sequence numbers): counted, not sent.
+                st["esp_expired_drops"] += 1
+                st["tx_dropped"] += 1
+                continue
+            nbytes += len(frame)
         st["tx_packets"] += len(pkts)
         st["tx_bytes"] += nbytes
         if pkts:
@@ -337,8 +288,13 @@ class VxlanIpsecPort(VxlanPort):
         else:
             # Source port from the inner flow (RFC 7348 §5): MACs, then IPs and L4 ports.
             sport = 49152 | (zlib.crc32(frame[26:38], zlib.crc32(frame[0:14])) & 0x3FFF)
-            esp = seal(_UDP_VXLAN.pack(sport, self.dst_port, len(frame) + 16, 0, 0x08000000,
-                                       self._vni_word) + frame, 17)
+            esp = seal(
+                _UDP_VXLAN.pack(
+                    sport, self.dst_port, len(frame) + 16, 0, 0x08000000, self._vni_word
+                )
+                + frame,
+                17,
+            )
         total = len(esp) + (28 if self.encap else 20)
         ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
         # The header checksum from the template's precomputed sum plus the two fields
@@ -346,34 +302,21 @@ class VxlanIpsecPort(VxlanPort):
         s = self._outer_base + total + ident
         s = (s & 0xFFFF) + (s >> 16)
         s = (s & 0xFFFF) + (s >> 16)
-        hdr = _OUTER.pack(0x45, self.tos, total, ident, 0x4000, self.ttl, self._outer_proto,
-                          ~s & 0xFFFF, self._outer_src, self.remote_ip)
+        hdr = _OUTER.pack(
+            0x45,
+            self.tos,
+            total,
+            ident,
+            0x4000,
+            self.ttl,
+            self._outer_proto,
+            ~s & 0xFFFF,
+            self._outer_src,
+            self.remote_ip,
+        )
         if self.encap:
             return hdr + _UDP.pack(NAT_T_PORT, NAT_T_PORT, total - 20, 0) + esp
         return hdr + esp
-
-    def _too_big(self, frame: bytes) -> list[bytes]:
-        """A frame that would not fit the underlay: ICMP back if DF, else fragment it."""
-        st = self.stats
-        if frame[12:14] != _ETH_IPV4 or len(frame) < 34:
-            st.drop("tx_too_big")
-            return []
-        ip = frame[14:]
-        mtu = self.inner_mtu
-        if ip[6] & 0x40:  # DF: path MTU discovery (RFC 1191) across the tunnel
-            st.drop("tx_too_big")
-            try:
-                icmp = build_frag_needed(ip, mtu, ip[16:20])
-            except (PacketError, ValueError):
-                return []
-            self.dp.defer_rx(self, frame[6:12] + frame[0:6] + _ETH_IPV4 + icmp)
-            return []
-        try:
-            pieces = fragment_ipv4(ip, mtu)
-        except PacketError:
-            st.drop("tx_too_big")
-            return []
-        return [frame[:14] + p for p in pieces]
 
     # -- inbound --------------------------------------------------------------------------------
 
@@ -433,7 +376,6 @@ class VxlanIpsecPort(VxlanPort):
             spi_out=f"0x{self.sa_out.spi:08x}",
             spi_in=f"0x{self.sa_in.spi:08x}",
             ipsec_encapsulation="yes" if self.encap else "no",
-            tunnel_mtu=str(self.inner_mtu),
         )
         return st
 
