@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from espswitch import __version__
+from espswitch.cli import bench as bench_cmd
 from espswitch.cli import demo as demo_cmd
 from espswitch.cli import esp as esp_cmd
 from espswitch.cli import service as service_cmd
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     esp_cmd.register(sub)
     service_cmd.register(sub)
     demo_cmd.register(sub)
+    bench_cmd.register(sub)
     return parser
 
 

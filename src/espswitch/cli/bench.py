@@ -1,0 +1,28 @@
+"""`espswitch bench esp|e2e [OPTIONS]`: the benchmarks, with their own options after the name."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """Add `bench` to the `espswitch` subcommand parsers."""
+    p = subparsers.add_parser(
+        "bench", help="run a benchmark: esp (the ESP engine) or e2e (VM to VM, root)",
+        description="Run a benchmark. `esp`: ESP round trips per second against the bare "
+        "cryptography AEAD and scapy. `e2e` (root): iperf3 and ping VM to VM over espswitch "
+        "vxlanipsec and vxlan, kernel VXLAN and strongSwan kernel-libipsec. Options after "
+        "the name go to the benchmark (--help shows them).")
+    p.add_argument("which", choices=("esp", "e2e"), help="the benchmark")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the chosen benchmark with its own options; return its exit code."""
+    if args.which == "esp":
+        from espswitch.benchmarks.esp import main
+    else:
+        from espswitch.benchmarks.e2e import main
+    return main(args.options)
