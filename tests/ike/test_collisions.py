@@ -67,16 +67,82 @@ def test_simultaneous_child_rekeys_20_times():
         assert spi_in != link.installed(a)[0].spi_in
 
 
-def test_simultaneous_ike_rekeys_end_with_one_ike_sa():
-    a, b, link = pair()
+def _ike_rekey_crossing(a, b, link, now):
+    """Start an IKE SA rekey on both sides at once; both requests are on the wire before
+    either is delivered."""
+    a.rekey_ike("b", now)
+    b.rekey_ike("a", now)
+    link.now = now
+    link.run()
+
+
+def test_simultaneous_ike_rekeys_20_times_both_complete_lowest_nonce_deleted():
+    """§2.8.2: both rekeys complete; the new IKE SA holding the lowest of the four nonces
+    is deleted by its creator, the CHILD_SAs end on the survivor, the old SA goes."""
+    a, b, link = pair(children=(VXLAN_CHILD_A,))
     a.initiate("b", 0.0)
     link.run()
-    a.rekey_ike("b", 1.0)
-    b.rekey_ike("a", 1.0)
+    kids_before = _live(a)[1]
+    now = 1.0
+    for _ in range(20):
+        ups_a = len([e for e in link.events[id(a)] if isinstance(e, IkeSaUp)])
+        ups_b = len([e for e in link.events[id(b)] if isinstance(e, IkeSaUp)])
+        old = a.ike_sas()[0]
+        _ike_rekey_crossing(a, b, link, now)
+        link.advance(0.5)
+        _one_pair_each(a, b)
+        # A real crossing: each side made two new IKE SAs, both from the old one.
+        new_a = [e for e in link.events[id(a)] if isinstance(e, IkeSaUp)][ups_a:]
+        new_b = [e for e in link.events[id(b)] if isinstance(e, IkeSaUp)][ups_b:]
+        assert len(new_a) == len(new_b) == 2, (new_a, new_b)
+        assert {e.rekey_of for e in new_a} == {old.ike_id}
+        survivor = a.ike_sas()[0]
+        assert survivor.spi_i != old.spi_i and survivor.ike_id in {e.ike_id for e in new_a}
+        # The CHILD_SAs moved, untouched (no CHILD_SA event at all).
+        assert _live(a)[1] == kids_before and _live(b)[1] == [k[::-1] for k in kids_before]
+        assert not [e for e in link.events[id(a)] if isinstance(e, ChildSaDeleted)]
+        # No TEMPORARY_FAILURE back-off: nothing is pending afterwards but DPD and rekeys.
+        assert not [s for s in a.ike_sas() + b.ike_sas() if s.state != "established"]
+        now = link.now + 1.0
+    # The survivor still works: a CHILD_SA rekey and a delete go through.
+    a.rekey_child("b", link.now)
     link.run()
-    link.advance(10.0)
     _one_pair_each(a, b)
-    assert any(e.rekey_of is not None for e in link.events[id(a)] if isinstance(e, IkeSaUp))
+    a.delete_ike("b", link.now)
+    link.run()
+    assert a.ike_sas() == [] and b.ike_sas() == []
+
+
+def test_simultaneous_ike_rekeys_who_deletes_what():
+    """The redundant new SA is deleted by the end that created it, the old SA by the
+    creator of the survivor; each side reports both as rekeyed, nothing else goes."""
+    for _ in range(10):
+        a, b, link = pair()
+        a.initiate("b", 0.0)
+        link.run()
+        old = a.ike_sas()[0]
+        deletes: list[tuple[bytes, object]] = []
+
+        def watch(data, sender, deletes=deletes):
+            if data[18] == 37 and not data[19] & 0x20:  # INFORMATIONAL requests
+                deletes.append((data[:16], sender))
+            return False
+        link.drop = watch
+        _ike_rekey_crossing(a, b, link, 1.0)
+        link.advance(0.5)
+        _one_pair_each(a, b)
+        survivor = a.ike_sas()[0]
+        ups = {c: [e for e in link.events[id(c)] if isinstance(e, IkeSaUp) and e.rekey_of]
+               for c in (a, b)}
+        made_by = {e.spi_i + e.spi_r: c for c in (a, b) for e in ups[c] if e.initiator}
+        assert len(made_by) == 2
+        (loser,) = [k for k in made_by if k != survivor.spi_i + survivor.spi_r]
+        winner = survivor.spi_i + survivor.spi_r
+        assert sorted(deletes, key=lambda d: d[0] == loser) == [
+            (old.spi_i + old.spi_r, made_by[winner]), (loser, made_by[loser])]
+        for c in (a, b):
+            assert [e.reason for e in link.events[id(c)] if isinstance(e, IkeSaDown)] == [
+                "rekeyed", "rekeyed"]
 
 
 def test_timed_rekeys_keep_one_pair_and_delete_expired_ones():

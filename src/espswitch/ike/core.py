@@ -93,6 +93,9 @@ __all__ = ["ChildInfo", "IkeCore", "IkeSaInfo"]
 _ZERO_SPI = bytes(8)
 _NONCE_LEN = 32
 _MAX_ERRORS = 64
+# Other IKE_SA_INIT responses tried next to the first one taken (§2.4: they are unprotected,
+# so a spoofed or corrupted copy may arrive before the real one).
+_MAX_INIT_CANDIDATES = 3
 _SIG_HASHES = struct.pack("!HHH", HashAlg.SHA2_256, HashAlg.SHA2_384, HashAlg.SHA2_512)
 # Notifies in an IKE_AUTH response that fail only the CHILD_SA, not the IKE SA (§1.2).
 _CHILD_ERRORS = frozenset({
@@ -202,6 +205,12 @@ class _IkeSa:
         self.close_after_response = ""
         self.half_open_key: tuple | None = None
         self.first_child: _Child | None = None
+        self.rekeyed_at = 0.0  # when it entered REKEYED
+        # Initiator in AUTH_SENT: the same IKE SA built from other IKE_SA_INIT responses,
+        # each with its own IKE_AUTH out; the IKE_AUTH response decides which one is real.
+        self.candidates: list[_IkeSa] = []
+        # The IKE SA the peer's rekey of this one made while our own rekey was out (§2.8.2).
+        self.crossing: _IkeSa | None = None
 
     @property
     def our_spi(self) -> bytes:
@@ -357,6 +366,11 @@ class IkeCore:
                     now >= sa.created + self.settings.half_open_timeout:
                 self._close(sa, "half-open SA timed out", now, quiet=True)
                 continue
+            if sa.state is IkeState.REKEYED and now >= sa.rekeyed_at + _give_up(sa.peer):
+                # Replaced, and nobody deleted it (§2.8): say so once, then forget it.
+                self._send_delete_once(sa, now)
+                self._close(sa, "rekeyed", now)
+                continue
             if sa.state is not IkeState.ESTABLISHED:
                 continue
             if sa.outstanding is None and not sa.queue and \
@@ -413,6 +427,10 @@ class IkeCore:
             return
         if h.exchange == Exchange.IKE_SA_INIT:
             sa = self._sas.get(h.spi_i)
+            if sa is not None and sa.initiator and sa.state is IkeState.AUTH_SENT \
+                    and not h.from_initiator and h.mid == 0:
+                self._init_response_candidate(sa, h, data, now)
+                return
             if sa is None or not sa.initiator or sa.state is not IkeState.INIT_SENT \
                     or h.from_initiator or h.mid != 0:
                 raise ProtocolError("unexpected IKE_SA_INIT response")
@@ -422,6 +440,8 @@ class IkeCore:
         sa = self._sas.get(our_spi)
         if sa is None or sa.state is IkeState.CLOSED:
             raise ProtocolError("message for an unknown IKE SA")
+        if sa.candidates and h.is_response:
+            sa = self._pick_candidate(sa, h, data)
         if h.from_initiator == sa.initiator or (
                 (sa.spi_i if h.from_initiator else sa.spi_r)
                 != (h.spi_i if h.from_initiator else h.spi_r)):
@@ -603,6 +623,8 @@ class IkeCore:
         raise ProtocolError("IKE_SA_INIT responses are handled before decryption")
 
     def _on_init_response(self, sa: _IkeSa, h: Header, data: bytes, now: float) -> None:
+        """Unprotected, so anything wrong with it only means "not the real response": it is
+        dropped (a `ProtocolError`) and we keep waiting, retransmitting our request."""
         msg = parse_message(data, None, h)
         cfg = sa.peer
         cookie = msg.notify(Notify.COOKIE)
@@ -628,12 +650,24 @@ class IkeCore:
             return
         err = msg.error_notify()
         if err is not None:
+            if msg.get(SaPayload) is not None:
+                # A refusal carries nothing else: this one was mangled on the way.
+                raise ProtocolError("IKE_SA_INIT response with both an SA and an error")
             self._close(sa, f"peer refused IKE_SA_INIT: {_notify_name(err.notify)}", now)
             return
+        self._take_init_response(sa, h, msg, data, now)
+
+    def _take_init_response(self, sa: _IkeSa, h: Header, msg: Message, data: bytes,
+                            now: float, child_spi: int | None = None) -> None:
+        """Check an IKE_SA_INIT response, derive the keys and send IKE_AUTH (or raise,
+        changing nothing)."""
+        cfg = sa.peer
         sa_p, ke, nonce = msg.get(SaPayload), msg.get(KePayload), msg.get(NoncePayload)
         if sa_p is None or ke is None or nonce is None or h.spi_r == _ZERO_SPI \
                 or len(sa_p.proposals) != 1:
             raise ProtocolError("IKE_SA_INIT response without SA, KE or Nonce")
+        if msg.error_notify() is not None:
+            raise ProtocolError("IKE_SA_INIT response with both an SA and an error")
         chosen = choose(sa_p.proposals, cfg.ike, protocol=Protocol.IKE)
         if chosen.dh != sa.dh.group or ke.group != sa.dh.group:
             raise ProtocolError("responder chose another DH group than our KE")
@@ -652,11 +686,52 @@ class IkeCore:
             sa.local = (sa.local[0], NAT_T_PORT)
             sa.remote = (sa.remote[0], NAT_T_PORT)
         sa.state = transition(sa.state, Trigger.INIT_RESPONSE)
-        self._send_auth(sa, now)
+        self._send_auth(sa, now, child_spi)
+
+    def _init_response_candidate(self, sa: _IkeSa, h: Header, data: bytes,
+                                 now: float) -> None:
+        """Another IKE_SA_INIT response after we took one (§2.4): the first may have been a
+        spoofed or corrupted copy, so this one gets its own IKE_AUTH too; the IKE_AUTH
+        response that decrypts and authenticates picks the real one (`_pick_candidate`)."""
+        if data == sa.init_response or any(c.init_response == data for c in sa.candidates):
+            raise ProtocolError("IKE_SA_INIT response again")
+        if len(sa.candidates) >= _MAX_INIT_CANDIDATES:
+            raise ProtocolError("too many different IKE_SA_INIT responses")
+        msg = parse_message(data, None, h)
+        if msg.error_notify() is not None or msg.notify(Notify.COOKIE) is not None:
+            raise ProtocolError("IKE_SA_INIT refusal after a response was taken")
+        alt = _IkeSa(sa.uid, sa.peer, True, sa.created)
+        alt.spi_i, alt.ni, alt.dh, alt.cookie = sa.spi_i, sa.ni, sa.dh, sa.cookie
+        alt.init_request, alt.next_mid, alt.retries = sa.init_request, 1, sa.retries
+        alt.state = IkeState.INIT_SENT
+        # The same CHILD_SA SPI: the responder may answer any of the IKE_AUTH requests
+        # with the same keys (a copy mangled outside the key material) from its cache.
+        self._take_init_response(alt, h, msg, data, now, sa.first_child.spi_in)
+        sa.candidates.append(alt)
+
+    def _pick_candidate(self, sa: _IkeSa, h: Header, data: bytes) -> _IkeSa:
+        """The IKE SA (of `sa` and its candidates) whose keys open this IKE_AUTH response
+        and whose IKE_SA_INIT response the peer's AUTH signs; the others are dropped."""
+        for cand in (sa, *sa.candidates):
+            req = cand.outstanding
+            if cand.spi_r != h.spi_r or req is None or req.mid != h.mid:
+                continue
+            try:
+                msg = parse_message(data, cand.sk_in, h)
+                idr, auth = msg.get(IdPayload, initiator=False), msg.get(AuthPayload)
+                if idr is not None and auth is not None:
+                    self._authenticate_peer(cand, msg, idr, auth, cand.init_response,
+                                            cand.ni, cand.keys.sk_pr)
+            except ProtocolError:
+                continue
+            sa.candidates = []
+            self._sas[cand.spi_i] = cand
+            return cand
+        return sa
 
     # == IKE_AUTH ============================================================================
 
-    def _send_auth(self, sa: _IkeSa, now: float) -> None:
+    def _send_auth(self, sa: _IkeSa, now: float, child_spi: int | None = None) -> None:
         cfg = sa.peer
         creds = cfg.credentials
         idi = cfg.local_id.payload(initiator=True)
@@ -664,12 +739,17 @@ class IkeCore:
                                sk_p=sa.keys.sk_pi, id_payload=idi)
         payloads: list[Payload] = [idi]
         if creds.uses_certs:
-            payloads += [creds.cert_payload(), creds.certreq()]
+            payloads.append(creds.cert_payload())
+        if not any(o.uid != sa.uid and o.peer is cfg for o in self._all_sas()):
+            # §2.4: our first IKE SA with this peer; whatever it still holds of ours is stale.
+            payloads.append(NotifyPayload(notify=Notify.INITIAL_CONTACT))
+        if creds.uses_certs:
+            payloads.append(creds.certreq())
         if cfg.remote_id is not None:
             payloads.append(cfg.remote_id.payload(initiator=False))
         payloads.append(make_auth(creds, octets, sa.chosen.prf, sa.peer_hashes))
         child = _Child(cfg.children[0])
-        child.spi_in = self._new_child_spi()
+        child.spi_in = self._new_child_spi() if child_spi is None else child_spi
         sa.first_child = child
         payloads += self._child_request_payloads(sa, child, pfs=False)
         self._request(sa, "auth", Exchange.IKE_AUTH, payloads, self._on_auth_response, child,
@@ -707,6 +787,7 @@ class IkeCore:
                                 notify=Notify.AUTHENTICATION_FAILED)
         self._authenticate_peer(sa, msg, idr, auth, sa.init_response, sa.ni, sa.keys.sk_pr)
         sa.state = transition(sa.state, Trigger.AUTH_RESPONSE)
+        self._initial_contact(sa, msg, now)
         self._ike_up(sa, now)
         if err is None:
             try:
@@ -757,6 +838,7 @@ class IkeCore:
         out.append(make_auth(creds, octets, sa.chosen.prf, sa.peer_hashes))
         sa.state = transition(sa.state, Trigger.AUTH_REQUEST)
         self._drop_half_open(sa)
+        self._initial_contact(sa, msg, now)
         child = None
         if msg.get(SaPayload) is not None:
             try:
@@ -771,6 +853,18 @@ class IkeCore:
             self._install(sa, child, now)
         self._resolve_duplicates(sa, now)
         return out
+
+    def _initial_contact(self, sa: _IkeSa, msg: Message, now: float) -> None:
+        """INITIAL_CONTACT (§2.4): the peer holds no other IKE SA with us (it restarted), so
+        ours with its identity are stale; they go now rather than at the next DPD."""
+        if msg.notify(Notify.INITIAL_CONTACT) is None:
+            return
+        for other in self._all_sas():
+            if other is not sa and other.remote_identity == sa.remote_identity and \
+                    other.state in (IkeState.ESTABLISHED, IkeState.REKEYED, IkeState.DELETING):
+                # Tell it too, once: should the peer still hold this SA after all, it goes.
+                self._send_delete_once(other, now)
+                self._close(other, "peer restarted (INITIAL_CONTACT)", now)
 
     # == CHILD_SAs ==========================================================================
 
@@ -959,7 +1053,9 @@ class IkeCore:
         spi, ni, dh = ctx
         err = msg.error_notify()
         if err is not None:
-            sa.rekey_at = now + 2.0 + self._rng(1)[0] / 32
+            if sa.crossing is None:
+                sa.rekey_at = now + 2.0 + self._rng(1)[0] / 32
+            # Otherwise the peer's crossing rekey replaced the SA: its creator deletes it.
             return
         sa_p, nonce, ke = msg.get(SaPayload), msg.get(NoncePayload), msg.get(KePayload)
         if sa_p is None or nonce is None or ke is None or len(sa_p.proposals) != 1:
@@ -968,9 +1064,43 @@ class IkeCore:
         if ke.group != dh.group or chosen.dh != dh.group or len(chosen.spi) != 8:
             raise ProtocolError("IKE rekey response with another group or a bad SPI")
         shared = dh.shared(ke.data)
-        self._rekeyed_ike(sa, chosen, shared, ni, nonce.nonce, spi, chosen.spi,
-                          initiator=True, now=now)
-        self._queue(sa, "delete_ike", None, now)
+        ours = self._rekeyed_ike(sa, chosen, shared, ni, nonce.nonce, spi, chosen.spi,
+                                 initiator=True, now=now)
+        theirs = sa.crossing
+        if theirs is not None and theirs.state is IkeState.ESTABLISHED:
+            self._settle_rekey_collision(sa, ours, theirs, now)
+        else:
+            # §2.8: the initiator of the rekey deletes the old IKE SA.
+            self._queue(sa, "delete_ike", None, now)
+
+    def _settle_rekey_collision(self, old: _IkeSa, ours: _IkeSa, theirs: _IkeSa,
+                                now: float) -> None:
+        """Both crossing IKE SA rekeys completed (§2.8.2): of the two new SAs, the one made
+        with the lowest of the four nonces goes, deleted by the end that created it; the
+        CHILD_SAs live on in the other, whose creator deletes the old SA."""
+        if min(ours.ni, ours.nr) < min(theirs.ni, theirs.nr):
+            loser, winner = ours, theirs
+        else:
+            loser, winner = theirs, ours
+        self._adopt(winner, loser)
+        loser.state = transition(loser.state, Trigger.REKEYED)
+        loser.rekeyed_at = now
+        if loser is ours:
+            self._queue(loser, "delete_ike", None, now)
+        else:
+            self._queue(old, "delete_ike", None, now)
+
+    def _adopt(self, new: _IkeSa, old: _IkeSa) -> None:
+        """Move the CHILD_SAs of `old` to `new`, with the requests queued about them."""
+        new.children += old.children
+        old.children = []
+        keep: deque[tuple[str, Any]] = deque()
+        for kind, ctx in old.queue:
+            if kind in ("create_child", "rekey_child", "delete_child"):
+                self._queue(new, kind, ctx, self._now)
+            else:
+                keep.append((kind, ctx))
+        old.queue = keep
 
     def _rekeyed_ike(self, old: _IkeSa, chosen: Chosen, shared: bytes, ni: bytes, nr: bytes,
                      spi_i: bytes, spi_r: bytes, *, initiator: bool, now: float) -> _IkeSa:
@@ -985,9 +1115,10 @@ class IkeCore:
             shared=shared, ni=ni, nr=nr, spi_i=spi_i, spi_r=spi_r, old_sk_d=old.keys.sk_d,
             old_prf=old.chosen.prf))
         new.state = transition(new.state, Trigger.BORN_FROM_REKEY)
-        new.children, old.children = old.children, []
+        self._adopt(new, old)
         self._sas[new.our_spi] = new
         old.state = transition(old.state, Trigger.REKEYED)
+        old.rekeyed_at = now
         self._ike_up(new, now, rekey_of=old.uid)
         return new
 
@@ -1072,13 +1203,11 @@ class IkeCore:
 
     def _on_rekey_ike_request(self, sa: _IkeSa, msg: Message, ni: bytes,
                               now: float) -> list[Payload]:
-        if (sa.outstanding is not None and sa.outstanding.kind == "rekey_ike") or any(
-                k == "rekey_ike" for k, _ in sa.queue):
-            # A crossing IKE SA rekey: both sides back off and retry (simpler than
-            # keeping two new IKE SAs apart, and what RFC 4718 era peers did).
-            raise ProtocolError("IKE SA rekey collision", notify=Notify.TEMPORARY_FAILURE)
-        if any(c.state in ("rekeying", "deleting") for c in sa.children) or \
-                sa.outstanding is not None:
+        # Our own IKE SA rekey is out too: a crossing rekey. Both complete, and when ours
+        # does, the redundant new SA goes (§2.8.2, `_settle_rekey_collision`).
+        crossing = sa.outstanding is not None and sa.outstanding.kind == "rekey_ike"
+        if not crossing and (sa.outstanding is not None or any(
+                c.state in ("rekeying", "deleting") for c in sa.children)):
             raise ProtocolError("busy", notify=Notify.TEMPORARY_FAILURE)
         ke = msg.get(KePayload)
         sa_p = msg.get(SaPayload)
@@ -1091,8 +1220,11 @@ class IkeCore:
         shared = dh.shared(ke.data)
         nr = self._rng(_NONCE_LEN)
         spi_r = self._new_ike_spi()
-        self._rekeyed_ike(sa, chosen, shared, ni, nr, chosen.spi, spi_r, initiator=False,
-                          now=now)
+        new = self._rekeyed_ike(sa, chosen, shared, ni, nr, chosen.spi, spi_r,
+                                initiator=False, now=now)
+        if crossing:
+            sa.crossing = new
+        # What is left queued on the old SA (DPD, its own rekey) has no point any more.
         sa.queue.clear()
         return [SaPayload(proposals=(chosen.to_proposal(spi_r),)), NoncePayload(nonce=nr),
                 KePayload(group=dh.group, data=dh.public)]
@@ -1183,15 +1315,23 @@ class IkeCore:
                                   now + sa.peer.retransmit_timeout)
         self._emit(sa, data, now)
 
+    def _send_delete_once(self, sa: _IkeSa, now: float,
+                          notify: NotifyPayload | None = None) -> None:
+        """An INFORMATIONAL Delete of `sa` that expects no answer (the SA is closed next)."""
+        if sa.sk_out is None:
+            return
+        mid = sa.next_mid
+        sa.next_mid += 1
+        payloads: list[Payload] = [notify] if notify is not None else []
+        payloads.append(DeletePayload(protocol=Protocol.IKE))
+        self._emit(sa, self._encode(sa, Exchange.INFORMATIONAL, mid, payloads,
+                                    response=False), now)
+
     def _request_error(self, sa: _IkeSa, req: _Request, e: ProtocolError, now: float) -> None:
         """A response we could not accept: what it means depends on the request."""
         if req.kind == "auth" and sa.sk_out is not None:
             # The responder thinks the SA is up (§2.21.2): tell it, once, then forget it.
-            mid = sa.next_mid
-            sa.next_mid += 1
-            self._emit(sa, self._encode(sa, Exchange.INFORMATIONAL, mid, [
-                NotifyPayload(notify=Notify.AUTHENTICATION_FAILED),
-                DeletePayload(protocol=Protocol.IKE)], response=False), now)
+            self._send_delete_once(sa, now, NotifyPayload(notify=Notify.AUTHENTICATION_FAILED))
             self._close(sa, f"IKE SA setup failed: {e}", now)
         elif req.kind in ("auth", "init"):
             self._close(sa, f"IKE SA setup failed: {e}", now)
@@ -1219,6 +1359,9 @@ class IkeCore:
         self.counters["retransmits"] += 1
         req.deadline = now + cfg.retransmit_timeout * cfg.retransmit_base ** req.tries
         self._emit(sa, req.data, now)
+        for cand in sa.candidates:
+            if cand.outstanding is not None:
+                self._emit(cand, cand.outstanding.data, now)
 
     def _respond(self, sa: _IkeSa, exchange: int, mid: int, payloads: list[Payload],
                  now: float) -> None:
@@ -1282,6 +1425,7 @@ class IkeCore:
         sa.state = transition(sa.state, Trigger.CLOSE)
         sa.outstanding = None
         sa.queue.clear()
+        sa.candidates = []
         for c in list(sa.children):
             self._remove_child(sa, c, reason)
         self._drop_half_open(sa)
@@ -1302,6 +1446,8 @@ class IkeCore:
             out.append(sa.outstanding.deadline)
         if sa.state is IkeState.HALF_OPEN:
             out.append(sa.created + self.settings.half_open_timeout)
+        if sa.state is IkeState.REKEYED:
+            out.append(sa.rekeyed_at + _give_up(sa.peer))
         if sa.state is IkeState.ESTABLISHED:
             if sa.outstanding is None:
                 out.append(sa.last_recv + sa.peer.dpd_delay)
@@ -1367,6 +1513,12 @@ def _nat_hash(spi_i: bytes, spi_r: bytes, addr: tuple[str, int]) -> bytes:
     """NAT_DETECTION_*_IP data: SHA-1(SPIi | SPIr | IP | port) (§2.23)."""
     return hashlib.sha1(spi_i + spi_r + ip_to_bytes(addr[0]) + struct.pack("!H", addr[1]),
                         usedforsecurity=False).digest()
+
+
+def _give_up(cfg: PeerConfig) -> float:
+    """How long a request to `cfg` is retransmitted before we give up on it."""
+    return sum(cfg.retransmit_timeout * cfg.retransmit_base ** k
+               for k in range(cfg.retransmit_tries))
 
 
 def _parse_hashes(data: bytes) -> frozenset[int]:

@@ -23,7 +23,7 @@ class IkeState(enum.StrEnum):
     AUTH_SENT = "auth-sent"  # initiator: IKE_AUTH request out
     HALF_OPEN = "half-open"  # responder: IKE_SA_INIT answered, IKE_AUTH awaited
     ESTABLISHED = "established"
-    REKEYED = "rekeyed"  # replaced by a new IKE SA, waiting for its delete
+    REKEYED = "rekeyed"  # replaced by a new IKE SA (or lost a rekey collision), awaiting delete
     DELETING = "deleting"  # our delete request is out
     CLOSED = "closed"
 
@@ -54,6 +54,8 @@ TRANSITIONS: dict[tuple[IkeState, Trigger], IkeState] = {
     (S.AUTH_SENT, T.AUTH_RESPONSE): S.ESTABLISHED,
     (S.HALF_OPEN, T.AUTH_REQUEST): S.ESTABLISHED,
     (S.ESTABLISHED, T.REKEYED): S.REKEYED,
+    # §2.8.2: the peer's crossing rekey replaced the SA first, then ours completes too.
+    (S.REKEYED, T.REKEYED): S.REKEYED,
     (S.ESTABLISHED, T.DELETE): S.DELETING,
     (S.REKEYED, T.DELETE): S.DELETING,
     **{(s, T.CLOSE): S.CLOSED for s in S if s is not S.CLOSED},
