@@ -145,6 +145,31 @@ def test_simultaneous_ike_rekeys_who_deletes_what():
                 "rekeyed", "rekeyed"]
 
 
+def test_simultaneous_ike_rekeys_with_lost_messages_keep_the_child_sas():
+    """Crossing IKE SA rekeys on a lossy link: whichever end settles the collision first,
+    and whatever is lost, both end on the same single IKE SA with the CHILD_SA pair."""
+    import random
+    for seed in range(40):
+        rnd = random.Random(seed)
+        a, b, link = pair(children=(VXLAN_CHILD_A,), retransmit_timeout=0.5,
+                          retransmit_base=1.5, retransmit_tries=6, dpd_delay=100.0)
+        a.initiate("b", 0.0)
+        link.run()
+        kids = _live(a)[1]
+        link.drop = lambda data, sender, rnd=rnd: rnd.random() < 0.2
+        link.now = 1.0
+        a.rekey_ike("b", 1.0)
+        b.rekey_ike("a", 1.0 + rnd.random() * 0.1)
+        link.run()
+        link.advance(40.0, step=0.5)
+        link.drop = lambda data, sender: False
+        link.advance(40.0, step=1.0)
+        _one_pair_each(a, b)
+        assert _live(a)[1] == kids, seed
+        assert not [e for e in link.events[id(a)] + link.events[id(b)]
+                    if isinstance(e, ChildSaDeleted)], seed
+
+
 def test_timed_rekeys_keep_one_pair_and_delete_expired_ones():
     from espswitch.ike import ChildConfig
     child = ChildConfig(name="c", rekey_time=10.0, life_time=12.0)

@@ -211,6 +211,7 @@ class _IkeSa:
         self.candidates: list[_IkeSa] = []
         # The IKE SA the peer's rekey of this one made while our own rekey was out (§2.8.2).
         self.crossing: _IkeSa | None = None
+        self.born_of: _IkeSa | None = None  # the IKE SA this one replaced
 
     @property
     def our_spi(self) -> bytes:
@@ -1115,6 +1116,7 @@ class IkeCore:
             shared=shared, ni=ni, nr=nr, spi_i=spi_i, spi_r=spi_r, old_sk_d=old.keys.sk_d,
             old_prf=old.chosen.prf))
         new.state = transition(new.state, Trigger.BORN_FROM_REKEY)
+        new.born_of = old
         self._adopt(new, old)
         self._sas[new.our_spi] = new
         old.state = transition(old.state, Trigger.REKEYED)
@@ -1234,6 +1236,15 @@ class IkeCore:
         ours: list[bytes] = []
         for d in msg.all(DeletePayload):
             if d.protocol == Protocol.IKE:
+                old = sa.born_of
+                if old is not None and old.crossing is sa and old.outstanding is not None \
+                        and old.outstanding.kind == "rekey_ike":
+                    # The peer settled a rekey collision (§2.8.2) before our rekey's
+                    # response reached us: this new SA lost, ours will win. Its CHILD_SAs
+                    # go back to the old SA, which hands them to ours when it completes.
+                    self._adopt(old, sa)
+                    sa.close_after_response = "rekeyed"
+                    return []
                 sa.close_after_response = "deleted by peer" if sa.state is not \
                     IkeState.REKEYED else "rekeyed"
                 return []
