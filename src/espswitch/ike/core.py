@@ -8,6 +8,15 @@ socket nor reads a clock: every entry point takes `now`, in seconds on any monot
 Each IKE SA moves only through `espswitch.ike.state.transition`. Hostile input never raises
 out of `receive_datagram`: what a message did wrong is decided there (a `RemoteIkeError`,
 counted and kept in `errors`) and the message is answered with a notify or dropped.
+
+Collisions: crossing IKE_SA_INIT and crossing CHILD_SA or IKE SA rekeys all complete, and
+the redundant SA (the one holding the lowest nonce) is deleted by the end that created it
+(RFC 7296 §2.8.1, §2.8.2). An IKE SA replaced by a rekey is deleted by the rekey's
+initiator, or goes by itself when nobody has deleted it within the retransmission give-up
+time. IKE_SA_INIT responses are unprotected: one that fails its checks is dropped, and
+when several differing ones arrive, each gets its own IKE_AUTH and the authenticated
+IKE_AUTH response decides. INITIAL_CONTACT is sent when we hold no other IKE SA with the
+peer, and on receipt the other IKE SAs with that identity are deleted at once.
 """
 
 from __future__ import annotations
