@@ -1,4 +1,9 @@
-"""`vxlanipsec`: VXLAN tunnels whose packets are protected by ESP (RFC 4303), keyed manually.
+"""`vxlanipsec`: VXLAN tunnels whose packets are protected by ESP (RFC 4303).
+
+A tunnel is keyed manually (its options hold the SA pair) or by IKEv2: then the port starts
+without SAs ("connecting") and the daemon's IKE layer (`espswitch.vswitchd.ike`) installs
+them with `install_child`, retires them with `remove_child` and `remove_all_children`; the
+port itself does no I/O for IKE.
 
 Outbound, each inner frame becomes UDP / VXLAN / frame, is sealed by the tunnel's outbound
 SA (transport mode: ESP after the outer IPv4 header, next header 17; tunnel mode: a whole
@@ -23,10 +28,10 @@ from espswitch.datapath.errors import PortError
 from espswitch.datapath.ports import Port, register_port_type
 from espswitch.datapath.tunnel import ip4_str
 from espswitch.datapath.vxlan import TunnelPort, VxlanPort
-from espswitch.ipsec.config import IPSEC_OPTIONS, ManualKeying, parse_ipsec_options
+from espswitch.ipsec.config import IPSEC_OPTIONS, IkeKeying, ManualKeying, parse_ipsec_options
 from espswitch.ipsec.errors import DropReason, EspDrop, IpsecConfigError, SaRefused
 from espswitch.ipsec.policy import UdpSelector
-from espswitch.ipsec.sa import InboundSA, Mode, OutboundSA
+from espswitch.ipsec.sa import InboundSA, Mode, OutboundSA, SaParams
 from espswitch.ipsec.sad import Sad
 
 if TYPE_CHECKING:
@@ -165,7 +170,7 @@ class IpsecLayer:
 
 @register_port_type("vxlanipsec")
 class VxlanIpsecPort(VxlanPort):
-    """A VXLAN tunnel protected by a manually keyed ESP SA pair."""
+    """A VXLAN tunnel protected by ESP: a manually keyed SA pair, or SA pairs from IKEv2."""
 
     OPTIONS: ClassVar[frozenset[str]] = TunnelPort.OPTIONS | IPSEC_OPTIONS
     COUNTERS = IpsecCounters
@@ -176,18 +181,22 @@ class VxlanIpsecPort(VxlanPort):
             keying = parse_ipsec_options(self.options, remote_ip=self.remote_ip)
         except IpsecConfigError as e:
             raise PortError(f"interface {name}: {e}") from None
-        if not isinstance(keying, ManualKeying):
-            raise PortError(
-                f"interface {name}: IKEv2 keying (psk, remote_cert) is not available in the "
-                "datapath yet; key the tunnel manually with spi_out, spi_in, esp_key_out and "
-                "esp_key_in"
-            )
         self.keying = keying
         self.transform = keying.transform
         self.mode = keying.mode
         self.encap = keying.encapsulation
-        self.sa_out = OutboundSA(keying.outbound, now=dp.now)
-        self.sa_in = InboundSA(keying.inbound, now=dp.now)
+        # IKE-keyed: no SA until IKE installs one. `pairs` are the installed CHILD_SAs,
+        # oldest first; the newest one's outbound SA protects what is sent, and every
+        # inbound SA is accepted until IKE deletes it (a rekey keeps the old one a while).
+        self.ike: IkeKeying | None = keying if isinstance(keying, IkeKeying) else None
+        self.ike_error: str | None = None
+        self.pairs: list[tuple[OutboundSA, InboundSA]] = []
+        self._in_by_spi: dict[int, InboundSA] = {}
+        if isinstance(keying, ManualKeying):
+            self.sa_out: OutboundSA | None = OutboundSA(keying.outbound, now=dp.now)
+            self.sa_in: InboundSA | None = InboundSA(keying.inbound, now=dp.now)
+        else:
+            self.sa_out = self.sa_in = None
         self._outer_src = b"\0\0\0\0"
         self._outer_proto = ESP_PROTO
         self._outer_base = 0
@@ -198,6 +207,9 @@ class VxlanIpsecPort(VxlanPort):
 
     def open(self) -> None:
         self._layer = IpsecLayer.of(self.dp)
+        if self.ike is not None:
+            super().open()
+            return
         old = self._layer.adopt(self.name)
         if old is not None:
             old_out, old_in = old
@@ -214,8 +226,83 @@ class VxlanIpsecPort(VxlanPort):
 
     def close(self) -> None:
         super().close()
+        if self.ike is not None:
+            # The SAs stay in `pairs`: if IKE goes on with the same peer (the interface was
+            # reconfigured), they move to the new port object with `adopt_child`.
+            for _, sa_in in self.pairs:
+                self._layer.remove(sa_in)
+            return
         self._layer.remove(self.sa_in)
         self._layer.retire(self.name, self.sa_out, self.sa_in)
+
+    # -- IKE-keyed SAs (driven by espswitch.vswitchd.ike) ----------------------------------------
+
+    def install_child(self, outbound: SaParams, inbound: SaParams, *,
+                      encap: bool | None = None) -> None:
+        """Install a CHILD_SA pair: its outbound SA protects traffic from now on, its
+        inbound SA is accepted next to the ones already there (after a rekey the old one
+        stays until `remove_child`). Raises PortError if the inbound SPI is taken."""
+        if self.ike is None:
+            raise PortError(f"interface {self.name} is keyed manually")
+        sa_in = InboundSA(inbound, now=self.dp.now)
+        self._layer.add(self, sa_in)
+        sa_out = OutboundSA(outbound, now=self.dp.now)
+        self.pairs.append((sa_out, sa_in))
+        self._in_by_spi[sa_in.spi] = sa_in
+        self.sa_out, self.sa_in = sa_out, sa_in
+        self.transform = sa_out.transform
+        if encap is not None and encap != self.encap:
+            self.encap = encap
+            self.rebuild_template()
+        self.ike_error = None
+
+    def adopt_child(self, sa_out: OutboundSA, sa_in: InboundSA) -> None:
+        """Take over a live SA pair of this tunnel's previous port object (sequence numbers
+        and replay window go on)."""
+        self._layer.add(self, sa_in)
+        self.pairs.append((sa_out, sa_in))
+        self._in_by_spi[sa_in.spi] = sa_in
+        self.sa_out, self.sa_in = sa_out, sa_in
+
+    def release_child(self, spi_in: int) -> tuple[OutboundSA, InboundSA] | None:
+        """Forget a pair without expiring it (it moves to another port object)."""
+        for pair in self.pairs:
+            if pair[1].spi == spi_in:
+                self.pairs.remove(pair)
+                self._in_by_spi.pop(spi_in, None)
+                if self.sa_in is pair[1]:
+                    self.sa_out, self.sa_in = self.pairs[-1] if self.pairs else (None, None)
+                return pair
+        return None
+
+    def remove_child(self, spi_in: int) -> bool:
+        """Remove the CHILD_SA pair whose inbound SPI is `spi_in`; False if there is none."""
+        for i, (sa_out, sa_in) in enumerate(self.pairs):
+            if sa_in.spi == spi_in:
+                del self.pairs[i]
+                self._drop_pair(sa_out, sa_in)
+                if self.sa_out is sa_out or self.sa_in is sa_in:
+                    self.sa_out, self.sa_in = self.pairs[-1] if self.pairs else (None, None)
+                return True
+        return False
+
+    def remove_all_children(self, keep: frozenset[int] = frozenset()) -> list[int]:
+        """Remove every CHILD_SA pair but those whose inbound SPI is in `keep` (the IKE SA
+        went down); returns the inbound SPIs removed."""
+        gone = [sa_in.spi for _, sa_in in self.pairs if sa_in.spi not in keep]
+        for spi in gone:
+            self.remove_child(spi)
+        return gone
+
+    def child_sas(self) -> list[tuple[OutboundSA, InboundSA]]:
+        """The installed CHILD_SA pairs, oldest first."""
+        return list(self.pairs)
+
+    def _drop_pair(self, sa_out: OutboundSA, sa_in: InboundSA) -> None:
+        sa_out.expire("deleted")
+        sa_in.expire("deleted")
+        self._in_by_spi.pop(sa_in.spi, None)
+        self._layer.remove(sa_in)
 
     def rebuild_template(self) -> None:
         super().rebuild_template()
@@ -262,6 +349,9 @@ class VxlanIpsecPort(VxlanPort):
             return
         if max(map(len, frames)) > self.max_frame:
             frames = self.fit(frames)
+        if self.sa_out is None:  # IKE has not installed an SA (yet): nothing leaves
+            st["tx_dropped"] += len(frames)
+            return
         seal = self.sa_out.encrypt
         tunnel = self.mode is Mode.TUNNEL
         protect = self._protect
@@ -323,8 +413,14 @@ class VxlanIpsecPort(VxlanPort):
     def input_esp(self, src: bytes, dst: bytes, esp: bytes, encap: bool) -> None:
         """An ESP packet with this tunnel's inbound SPI: decrypt, check selectors, decapsulate."""
         st = self.stats
+        sa = self.sa_in
+        if self.ike is not None:
+            sa = self._in_by_spi.get((esp[0] << 24) | (esp[1] << 16) | (esp[2] << 8) | esp[3])
+            if sa is None:  # removed a moment ago
+                st.drop("esp_expired_drops")
+                return
         try:
-            nh, payload = self.sa_in.decrypt(esp)
+            nh, payload = sa.decrypt(esp)
         except EspDrop as e:
             counter = _RX_COUNTER.get(e.reason)
             if counter is not None:  # a dummy packet (RFC 4303 §2.6) is not an error
@@ -365,6 +461,8 @@ class VxlanIpsecPort(VxlanPort):
     # -- state for the database and ovs-appctl ----------------------------------------------------
 
     def ipsec_state(self) -> str:
+        if self.ike is not None:
+            return "established" if self.sa_out is not None else "connecting"
         return "expired" if self.sa_out.expired or self.sa_in.expired else "manual"
 
     def status(self) -> dict[str, str]:
@@ -373,10 +471,14 @@ class VxlanIpsecPort(VxlanPort):
             ipsec_state=self.ipsec_state(),
             esp=self.transform.proposal,
             ipsec_mode=str(self.mode),
-            spi_out=f"0x{self.sa_out.spi:08x}",
-            spi_in=f"0x{self.sa_in.spi:08x}",
             ipsec_encapsulation="yes" if self.encap else "no",
         )
+        if self.sa_out is not None and self.sa_in is not None:
+            st.update(spi_out=f"0x{self.sa_out.spi:08x}", spi_in=f"0x{self.sa_in.spi:08x}")
+        if self.ike is not None:
+            st["ipsec_keying"] = "ikev2"
+            if self.ike_error and self.sa_out is None:
+                st["ike_error"] = self.ike_error
         return st
 
     def describe(self) -> str:
@@ -385,7 +487,17 @@ class VxlanIpsecPort(VxlanPort):
     def sa_rows(self) -> list[dict[str, object]]:
         """Every SA of this tunnel for ipsec/show: no key material, ever."""
         rows = []
-        for sa in (self.sa_out, self.sa_in):
+        if self.ike is None:
+            sas: list[OutboundSA | InboundSA] = [self.sa_out, self.sa_in]
+        else:
+            sas = [sa for pair in self.pairs for sa in pair]
+        for sa in sas:
+            if sa.expired:
+                state = "expired"
+            elif self.ike is not None and sa is not self.sa_out and sa is not self.sa_in:
+                state = "rekeyed"  # replaced, kept until IKE deletes it
+            else:
+                state = "active"
             row: dict[str, object] = {
                 "interface": self.name,
                 "direction": sa.direction,
@@ -393,7 +505,8 @@ class VxlanIpsecPort(VxlanPort):
                 "esp": self.transform.proposal,
                 "mode": str(self.mode),
                 "encapsulation": "udp/4500" if self.encap else "none",
-                "state": "expired" if sa.expired else "active",
+                "keying": "manual" if self.ike is None else "ikev2",
+                "state": state,
                 **sa.counters(),
                 "lifetime_left": sa.lifetime_left() or "unlimited",
             }

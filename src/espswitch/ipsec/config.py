@@ -22,6 +22,7 @@ IPSEC_OPTIONS = frozenset({
 })
 SPI_MIN = 256  # RFC 4303 §2.1: 1 to 255 are reserved by IANA, 0 is for local use
 DEFAULT_ESP = "aes128gcm16"
+DEFAULT_IKE = "aes128gcm16-prfsha256-x25519"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,7 +46,14 @@ class IkeKeying:
     psk: bytes | None = field(repr=False, default=None)
     remote_cert: str | None = None
     remote_name: str | None = None
-    ike: str = "aes128gcm16-prfsha256-x25519"
+    ike: str = DEFAULT_IKE
+    esp: str = DEFAULT_ESP
+    replay_window: int = 1024
+    rekey_time: float = 3600.0
+    ike_rekey_time: float = 14400.0
+    dpd_delay: float = 30.0
+    rekey_bytes: int | None = None
+    rekey_packets: int | None = None
 
 
 def _int(options: Mapping[str, str], name: str, lo: int, hi: int, default: int | None,
@@ -60,6 +68,75 @@ def _int(options: Mapping[str, str], name: str, lo: int, hi: int, default: int |
     if not lo <= value <= hi:
         raise IpsecConfigError(f"options:{name} must be {what}, got {text!r}")
     return value
+
+
+def _seconds(options: Mapping[str, str], name: str, default: float) -> float:
+    text = options.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = -1.0
+    if not 1.0 <= value <= 10 * 365 * 86400.0:
+        raise IpsecConfigError(f"options:{name} must be a number of seconds from 1, got {text!r}")
+    return value
+
+
+def _ike_keying(options: Mapping[str, str], transform: Transform, mode: Mode, encap: bool,
+                window: int) -> IkeKeying:
+    """Validate what IKEv2 needs: the proposals, timers and credentials' options."""
+    # Imported here: espswitch.ike itself imports espswitch.ipsec.
+    from espswitch.ike.consts import Protocol
+    from espswitch.ike.errors import IkeConfigError
+    from espswitch.ike.proposals import parse_proposals
+
+    ike = (options.get("ike") or DEFAULT_IKE).strip()
+    try:
+        parse_proposals(ike, Protocol.IKE)
+    except IkeConfigError as e:
+        raise IpsecConfigError(
+            f"options:ike {options.get('ike')!r} is not a usable IKE proposal ({e}); use "
+            f"strongSwan's encryption-prf-group syntax, for example {DEFAULT_IKE}") from None
+    esp = (options.get("esp") or DEFAULT_ESP).strip()
+    try:
+        parse_proposals(esp, Protocol.ESP)
+    except IkeConfigError as e:
+        raise IpsecConfigError(
+            f"options:esp {options.get('esp')!r} cannot be negotiated with IKEv2 ({e})") from None
+    if not options.get("remote_cert") and not options.get("psk") and \
+            not options.get("remote_name"):
+        raise IpsecConfigError(
+            "IKEv2 needs options:psk (a pre-shared key), or options:remote_cert or "
+            "options:remote_name (certificates)")
+    if options.get("psk") is not None and not options["psk"]:
+        raise IpsecConfigError("options:psk must not be empty")
+    if options.get("remote_cert") and options.get("psk"):
+        raise IpsecConfigError(
+            "options:psk and options:remote_cert cannot be combined: choose a pre-shared key "
+            "or certificates")
+    rekey_time = _seconds(options, "rekey_time", 3600.0)
+    ike_rekey_time = _seconds(options, "ike_rekey_time", 14400.0)
+    dpd_delay = _seconds(options, "dpd_delay", 30.0)
+    rekey_bytes = _int(options, "rekey_bytes", 1, 2**64 - 1, None, "a positive number of bytes")
+    rekey_packets = _int(options, "rekey_packets", 1, 2**64 - 1, None,
+                         "a positive number of packets")
+    remote_name = (options.get("remote_name") or "").strip() or None
+    if remote_name is not None:
+        from espswitch.ike.auth import Identity
+        try:
+            Identity.parse(remote_name)
+        except IkeConfigError:
+            raise IpsecConfigError(
+                f"options:remote_name {options.get('remote_name')!r} is not an identity (an "
+                "IPv4 address, a host name, an e-mail address or a distinguished name)") from None
+    return IkeKeying(
+        transform=transform, mode=mode, encapsulation=encap,
+        psk=options["psk"].encode() if options.get("psk") else None,
+        remote_cert=options.get("remote_cert") or None, remote_name=remote_name,
+        ike=ike, esp=esp, replay_window=window, rekey_time=rekey_time,
+        ike_rekey_time=ike_rekey_time, dpd_delay=dpd_delay, rekey_bytes=rekey_bytes,
+        rekey_packets=rekey_packets)
 
 
 def _key(options: Mapping[str, str], name: str, transform: Transform) -> bytes:
@@ -114,13 +191,7 @@ def parse_ipsec_options(options: Mapping[str, str], *, local_ip: bytes | None = 
             f"options {', '.join(manual)} (manual keying) and {', '.join(ike)} (IKEv2) "
             "cannot be combined: choose one keying method")
     if ike:
-        return IkeKeying(
-            transform=transform, mode=mode, encapsulation=encap,
-            psk=options["psk"].encode() if options.get("psk") else None,
-            remote_cert=options.get("remote_cert") or None,
-            remote_name=options.get("remote_name") or None,
-            ike=options.get("ike") or "aes128gcm16-prfsha256-x25519",
-        )
+        return _ike_keying(options, transform, mode, encap, window)
     if len(manual) != len(MANUAL_OPTIONS):
         missing = [o for o in MANUAL_OPTIONS if o not in manual]
         raise IpsecConfigError(

@@ -11,7 +11,7 @@ import ovs.vlog
 
 from espswitch.datapath import Datapath, PortError
 from espswitch.datapath.loop import EventLoop
-from espswitch.vswitchd import appctl
+from espswitch.vswitchd import appctl, ike
 from espswitch.vswitchd.config import Desired, IfaceConfig, desired_state, plan
 
 vlog = ovs.vlog.Vlog("espswitchd")
@@ -90,7 +90,8 @@ class Switchd:
         devices=None,
     ) -> None:
         helper = ovs.db.idl.SchemaHelper(location=schema_path)
-        helper.register_columns("Open_vSwitch", ["bridges", "next_cfg", "cur_cfg"])
+        helper.register_columns("Open_vSwitch", ["bridges", "next_cfg", "cur_cfg",
+                                                 "other_config"])
         helper.register_columns("Bridge", ["name", "ports"])
         helper.register_columns("Port", ["name", "interfaces", "tag", "trunks"])
         helper.register_columns(
@@ -121,6 +122,7 @@ class Switchd:
         self.bugs = 0
         self._bug_rl = RateLimit(vlog.err, interval=60.0, burst=3)
         appctl.register(self)
+        self.ike = ike.attach(self)  # IKEv2 for vxlanipsec tunnels keyed with psk/certs
 
     # --- reconcile -----------------------------------------------------------------------
     def config_changed(self) -> Desired | None:
@@ -188,6 +190,7 @@ class Switchd:
             vlog.info(f"added interface {cfg.name} on bridge {cfg.bridge}")
             self.current[cfg.name] = cfg
         dp.run(time.monotonic())
+        self.ike.run()
         self.write_back(cfg_done=True)
         vlog.dbg(
             f"reconfigured in {1000 * (time.monotonic() - t0):.1f} ms "
@@ -262,6 +265,7 @@ class Switchd:
     # --- control plane -------------------------------------------------------------------
     def control_run(self) -> None:
         self.unixctl.run()
+        self.ike.run()
         self.idl.run()
         if self.txn is not None:
             status = self.txn.commit()
@@ -291,6 +295,7 @@ class Switchd:
         self.idl.wait(p)
         if self.txn is not None:
             self.txn.wait(p)
+        self.ike.wait(p)
         if self._cep is not None:
             self.loop.set_control_fd(None)
             self._cep.close()
@@ -336,6 +341,7 @@ class Switchd:
         self._bug_rl(f"{what} (see the traceback above)")
 
     def close(self) -> None:
+        self.ike.close()
         self.dp.close()
         self.loop.close()
         self.idl.close()

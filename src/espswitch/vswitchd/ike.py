@@ -1,0 +1,545 @@
+"""IKEv2 for `vxlanipsec` tunnels keyed with `options:psk` (or certificates) in espswitchd.
+
+One `IkeCore` serves every IKE-keyed tunnel of the daemon. Its UDP sockets (ports 500 and
+4500, bound to the wildcard address of the hypervisor's namespace, with IP_PKTINFO to learn
+and choose the local address) belong to the kernel stack: IKE packets reach it through the
+bridge's internal port, as any non-tunnel traffic to `local_ip` does, and leave through it.
+The sockets and the core's next deadline join the daemon's control-plane poll (`wait`), and
+`run` does the work: no thread, no second event loop.
+
+Each IKE-keyed port becomes one peer of the core, named after the interface. The core's
+events drive the port (`install_child`, `remove_child`, `remove_all_children`); the port
+never does I/O for IKE. Keys and PSKs are never logged, shown or put in an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import ovs.poller
+import ovs.unixctl
+import ovs.vlog
+
+from espswitch.datapath.errors import PortError
+from espswitch.datapath.tunnel import ip4_str
+from espswitch.datapath.vxlanipsec import VxlanIpsecPort
+from espswitch.ike import (
+    ChildConfig,
+    ChildSaDeleted,
+    ChildSaExpired,
+    ChildSaInstalled,
+    Credentials,
+    Identity,
+    IkeCore,
+    IkeError,
+    IkeSaDown,
+    IkeSaUp,
+    PeerConfig,
+)
+from espswitch.ike.consts import IdType
+from espswitch.ipsec.sa import Lifetime
+
+if TYPE_CHECKING:
+    from espswitch.datapath import Datapath
+    from espswitch.vswitchd.daemon import Switchd
+
+vlog = ovs.vlog.Vlog("ike")
+
+IKE_PORT = 500
+NAT_T_PORT = 4500
+IP_PKTINFO = 8  # <linux/in.h>; Python's socket module does not export it
+_PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+RETRY = 10.0  # seconds between attempts while a tunnel has no IKE SA
+RECV_BATCH = 64
+
+
+def bind_wildcard(port: int) -> socket.socket:
+    """A non-blocking UDP socket on 0.0.0.0:`port` that reports each datagram's destination."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        s.bind(("0.0.0.0", port))
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+@dataclass
+class _Peer:
+    """One IKE-keyed port as the core knows it."""
+
+    cfg: PeerConfig
+    port: VxlanIpsecPort
+    local_ip: bytes
+    next_try: float = 0.0
+    last_error: str | None = None
+    soft: Lifetime = field(default_factory=Lifetime)
+
+
+class IkeManager:
+    """The daemon's IKE layer: one core, its sockets, and the ports it keys."""
+
+    def __init__(self, dp: Datapath, *, on_change: Callable[[], None] | None = None,
+                 bind: Callable[[int], socket.socket] = bind_wildcard,
+                 other_config: Callable[[], dict[str, str]] | None = None) -> None:
+        self.dp = dp
+        self.core = IkeCore([])
+        self.peers: dict[str, _Peer] = {}
+        self.sockets: dict[int, socket.socket] = {}
+        self.on_change = on_change or (lambda: None)
+        self._bind = bind
+        self._other_config = other_config or dict
+        self._bind_error: str | None = None
+        self._next_bind = 0.0
+        self._changed = False
+        self.bugs = 0
+        self._oc_key: tuple = ()
+
+    # -- the daemon's hooks -------------------------------------------------------------------
+
+    def wait(self, poller) -> None:
+        """Register the sockets and the next deadline with an ovs.poller-like `poller`."""
+        for s in self.sockets.values():
+            poller.fd_wait(s.fileno(), ovs.poller.POLLIN)
+        deadline = self.next_deadline()
+        if deadline is not None:
+            poller.timer_wait(max(0, math.ceil((deadline - time.monotonic()) * 1000)))
+
+    def next_deadline(self) -> float | None:
+        """When `run` has work to do next (monotonic seconds), or None."""
+        times = [p.next_try for p in self.peers.values() if p.port.sa_out is None]
+        d = self.core.next_deadline()
+        if d is not None:
+            times.append(d)
+        if self.peers and not self.sockets:
+            times.append(self._next_bind)
+        return min(times, default=None)
+
+    def run(self, now: float | None = None) -> None:
+        """Follow the ports, read the sockets, fire timers, retry; never raises (a bug is
+        logged: it must not stop the reconfiguration of every other port)."""
+        now = time.monotonic() if now is None else now
+        try:
+            self._run(now)
+        except Exception:
+            self.bugs += 1
+            if self.bugs <= 5 or self.bugs % 100 == 0:
+                vlog.exception(f"IKE layer error ({self.bugs} so far)")
+
+    def _run(self, now: float) -> None:
+        self.sync(now)
+        self._receive(now)
+        d = self.core.next_deadline()
+        if d is not None and d <= now:
+            self.core.on_timer(now)
+        for name, p in self.peers.items():
+            if p.port.sa_out is None and now >= p.next_try:
+                p.next_try = now + RETRY
+                self._command(self.core.initiate, name, now)
+            self._check_volume(name, p, now)
+        self._flush(now)
+
+    def close(self) -> None:
+        """Close the sockets (the peers learn of our end through DPD)."""
+        for s in self.sockets.values():
+            s.close()
+        self.sockets.clear()
+
+    # -- following the configuration ---------------------------------------------------------
+
+    def sync(self, now: float) -> None:
+        """Make the core's peers match the IKE-keyed ports of the datapath."""
+        want = {p.name: p for p in self.dp.ports.values()
+                if isinstance(p, VxlanIpsecPort) and p.ike is not None}
+        oc = self._other_config()
+        oc_key = tuple(oc.get(k) for k in ("certificate", "private_key", "ca_cert"))
+        certs_changed, self._oc_key = oc_key != self._oc_key, oc_key
+        for name in [n for n in self.peers if n not in want]:
+            self._drop(name, now)
+        for name, port in want.items():
+            p = self.peers.get(name)
+            if p is not None and p.port is port and p.local_ip == port.local_ip and not (
+                    certs_changed and p.cfg.credentials.uses_certs):
+                continue
+            if port.local_ip is None:
+                if p is not None:
+                    self._drop(name, now)
+                port.ike_error = port.route_problem or "no local_ip: no route to remote_ip"
+                continue
+            try:
+                cfg = self._peer_config(port)
+            except (IkeError, PortError, OSError, ValueError) as e:
+                if p is not None:
+                    self._drop(name, now)
+                if port.ike_error != str(e):
+                    vlog.warn(f"{name}: {e}")
+                port.ike_error = str(e)
+                continue
+            if p is not None and p.cfg == cfg:
+                # The same tunnel in a new port object (another option changed): its SAs
+                # move over with their sequence numbers and replay windows.
+                old, p.port, p.local_ip = p.port, port, port.local_ip
+                if old is not port:
+                    self._move_children(old, port)
+                continue
+            if p is not None:
+                self._drop(name, now)
+            clash = next((n for n, o in self.peers.items()
+                          if o.cfg.remote_addr == cfg.remote_addr), None)
+            if clash is not None:
+                port.ike_error = (f"options:remote_ip {cfg.remote_addr} is already the peer of "
+                                  f"IKE-keyed interface {clash}")
+                vlog.warn(f"{name}: {port.ike_error}")
+                continue
+            self.core.peers[name] = cfg
+            ike = port.ike
+            soft = Lifetime(packets=ike.rekey_packets, bytes=ike.rekey_bytes)
+            self.peers[name] = _Peer(cfg=cfg, port=port, local_ip=port.local_ip, soft=soft)
+            vlog.info(f"{name}: IKEv2 with {cfg.remote_addr} from {cfg.local_addr} "
+                      f"({'certificates' if cfg.credentials.uses_certs else 'PSK'}, "
+                      f"ike={cfg.ike_proposals}, esp={ike.esp}, mode={port.mode})")
+            self._changed = True
+        self._update_sockets(now)
+
+    def _peer_config(self, port: VxlanIpsecPort) -> PeerConfig:
+        ike = port.ike
+        local, remote = ip4_str(port.local_ip), ip4_str(port.remote_ip)
+        child = ChildConfig(
+            name="vxlan", mode=str(port.mode), esp_proposals=ike.esp,
+            # VXLAN between the two endpoints: any source port, to dst_port (as the
+            # datapath checks after decryption).
+            local_ts="dynamic[udp]", remote_ts=f"dynamic[udp/{port.dst_port}]",
+            rekey_time=ike.rekey_time)
+        if ike.psk is not None:
+            creds = Credentials(psk=ike.psk)
+            local_id, remote_id = local, ike.remote_name or remote
+        else:
+            creds, remote_subject = self._cert_credentials(port)
+            local_id = _subject_of(creds.cert)
+            remote_id = ike.remote_name or remote_subject
+        return PeerConfig(
+            name=port.name, local_addr=local, remote_addr=remote, credentials=creds,
+            local_id=local_id, remote_id=remote_id, ike_proposals=ike.ike,
+            children=(child,), ike_rekey_time=ike.ike_rekey_time, dpd_delay=ike.dpd_delay,
+            encap=port.encap)
+
+    def _cert_credentials(self, port: VxlanIpsecPort) -> tuple[Credentials, Identity | None]:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        oc = self._other_config()
+        need = [k for k in ("certificate", "private_key") if not oc.get(k)]
+        if need:
+            raise PortError(
+                f"certificates need Open_vSwitch other_config:{' and other_config:'.join(need)}"
+                " (ovs-vsctl set Open_vSwitch . other_config:certificate=PATH ...)")
+        ca_path = oc.get("ca_cert") or port.ike.remote_cert
+        if not ca_path:
+            raise PortError("options:remote_name needs Open_vSwitch other_config:ca_cert "
+                            "(or options:remote_cert)")
+
+        def load(path: str, what: str) -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise PortError(f"{what} {path}: {e.strerror}") from None
+
+        def cert(path: str, what: str):
+            try:
+                return x509.load_pem_x509_certificate(load(path, what))
+            except ValueError:
+                raise PortError(f"{what} {path} is not a PEM certificate") from None
+
+        mine = cert(oc["certificate"], "other_config:certificate")
+        try:
+            key = serialization.load_pem_private_key(
+                load(oc["private_key"], "other_config:private_key"), None)
+        except (ValueError, TypeError):
+            raise PortError(f"other_config:private_key {oc['private_key']} is not an "
+                            "unencrypted PEM private key") from None
+        what = "other_config:ca_cert" if oc.get("ca_cert") else "options:remote_cert"
+        cas = (cert(ca_path, what),)
+        remote_subject = None
+        if port.ike.remote_cert:
+            remote_subject = _subject_of(cert(port.ike.remote_cert, "options:remote_cert"))
+        return Credentials(cert=mine, key=key, cas=cas), remote_subject
+
+    def _drop(self, name: str, now: float) -> None:
+        p = self.peers.pop(name)
+        self._command(self.core.delete_ike, name, now)
+        self.core.peers.pop(name, None)
+        p.port.remove_all_children()
+        vlog.info(f"{name}: IKE peer {p.cfg.remote_addr} removed")
+        self._changed = True
+
+    def _move_children(self, old: VxlanIpsecPort, new: VxlanIpsecPort) -> None:
+        for sa_out, sa_in in old.child_sas():
+            if sa_out.expired or sa_in.expired:
+                continue
+            old.release_child(sa_in.spi)
+            try:
+                new.adopt_child(sa_out, sa_in)
+            except PortError as e:
+                vlog.warn(f"{new.name}: {e}")
+
+    def _update_sockets(self, now: float) -> None:
+        if not self.peers:
+            if self.sockets:
+                self.close()
+            return
+        if self.sockets or now < self._next_bind:
+            return
+        try:
+            for port in (IKE_PORT, NAT_T_PORT):
+                self.sockets[port] = self._bind(port)
+        except OSError as e:
+            self.close()
+            self._next_bind = now + RETRY
+            msg = f"cannot bind UDP port {port} for IKE: {e.strerror or e}"
+            if msg != self._bind_error:
+                vlog.err(msg)
+            self._bind_error = msg
+            for p in self.peers.values():
+                p.port.ike_error = msg
+            return
+        self._bind_error = None
+
+    # -- I/O --------------------------------------------------------------------------------
+
+    def _receive(self, now: float) -> None:
+        for lport, s in self.sockets.items():
+            for _ in range(RECV_BATCH):
+                try:
+                    data, anc, _flags, src = s.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO.size))
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:  # an ICMP error on the socket and the like
+                    vlog.dbg(f"UDP {lport}: {e}")
+                    continue
+                dst = None
+                for level, kind, cdata in anc:
+                    if level == socket.IPPROTO_IP and kind == IP_PKTINFO and \
+                            len(cdata) >= _PKTINFO.size:
+                        dst = socket.inet_ntoa(_PKTINFO.unpack_from(cdata)[2])
+                if dst is None:
+                    continue
+                self.core.receive_datagram(data, src=src, dst=(dst, lport), now=now)
+                self._flush(now)
+
+    def _flush(self, now: float) -> None:
+        for d in self.core.datagrams_to_send():
+            s = self.sockets.get(d.src[1])
+            if s is None:
+                continue
+            info = _PKTINFO.pack(0, socket.inet_aton(d.src[0]), b"\0\0\0\0")
+            try:
+                s.sendmsg([d.data], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, d.dst)
+            except OSError as e:
+                self.dp.log_rl(f"IKE: cannot send to {d.dst[0]}:{d.dst[1]}: {e.strerror or e}")
+        for ev in self.core.events():
+            self._event(ev, now)
+        while self.core.errors:
+            e = self.core.errors.popleft()
+            self.dp.log_rl(f"IKE: {e}")
+        if self._changed:
+            self._changed = False
+            self.on_change()
+
+    def _command(self, fn, name: str, now: float, *args) -> str | None:
+        try:
+            fn(name, now, *args)
+        except IkeError as e:
+            return str(e)
+        return None
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _event(self, ev, now: float) -> None:
+        p = self.peers.get(ev.peer)
+        port = p.port if p is not None else None
+        if isinstance(ev, IkeSaUp):
+            what = " (rekeyed)" if ev.rekey_of is not None else ""
+            vlog.info(f"{ev.peer}: IKE SA #{ev.ike_id} established{what} with "
+                      f"{ev.remote_addr[0]}, {ev.local_id} <-> {ev.remote_id}, "
+                      f"{'initiator' if ev.initiator else 'responder'}"
+                      f"{', NAT-T' if ev.nat else ''}")
+            if p is not None:
+                p.last_error = None
+        elif isinstance(ev, IkeSaDown):
+            routine = ev.reason.startswith(("deleted", "rekeyed"))
+            level = vlog.info if routine else vlog.warn
+            level(f"{ev.peer}: IKE SA #{ev.ike_id} down: {ev.reason}")
+            if port is not None:
+                live = frozenset(c.spi_in for s in self.core.ike_sas(ev.peer)
+                                 for c in s.children)
+                if port.remove_all_children(keep=live):
+                    self._changed = True
+                if not port.pairs:
+                    p.last_error = port.ike_error = f"IKE SA down: {ev.reason}"
+                    p.next_try = min(p.next_try, now + RETRY)
+                    self._changed = True
+        elif isinstance(ev, ChildSaInstalled):
+            vlog.info(f"{ev.peer}: CHILD_SA installed, spi_in 0x{ev.spi_in:08x} spi_out "
+                      f"0x{ev.spi_out:08x}, {ev.transform} {ev.mode}"
+                      f"{', UDP-encapsulated' if ev.encap else ''}"
+                      + (f" (rekey of 0x{ev.rekey_of:08x})" if ev.rekey_of else ""))
+            if port is None:
+                return
+            window = port.ike.replay_window
+            out = replace(ev.outbound_params(), soft=p.soft)
+            inb = replace(ev.inbound_params(replay_window=window), soft=p.soft)
+            try:
+                port.install_child(out, inb, encap=ev.encap)
+            except PortError as e:
+                vlog.err(f"{ev.peer}: CHILD_SA not installed: {e}")
+                return
+            self._changed = True
+        elif isinstance(ev, ChildSaDeleted | ChildSaExpired):
+            reason = ev.reason if isinstance(ev, ChildSaDeleted) else "expired"
+            vlog.info(f"{ev.peer}: CHILD_SA spi_in 0x{ev.spi_in:08x} spi_out "
+                      f"0x{ev.spi_out:08x} removed: {reason}")
+            if port is not None and port.remove_child(ev.spi_in):
+                self._changed = True
+
+    def _check_volume(self, name: str, p: _Peer, now: float) -> None:
+        """rekey_bytes/rekey_packets: a soft lifetime crossed on the current SAs rekeys."""
+        due = False
+        for sa_out, sa_in in p.port.child_sas():
+            for sa in (sa_out, sa_in):
+                for e in sa.take_events():
+                    if not e.hard and sa_out is p.port.sa_out:
+                        due = True
+        if due:
+            self._command(self.core.rekey_child, name, now)
+
+    # -- ovs-appctl ---------------------------------------------------------------------------
+
+    def show(self, name: str | None = None) -> list[dict[str, object]]:
+        """The IKE peers and SAs for ike/show: no keys, no PSK."""
+        out = []
+        for pname in sorted(self.peers):
+            if name is not None and pname != name:
+                continue
+            p = self.peers[pname]
+            sas = []
+            for s in self.core.ike_sas(pname):
+                sas.append({
+                    "ike_id": s.ike_id, "state": s.state,
+                    "role": "initiator" if s.initiator else "responder",
+                    "spi_i": s.spi_i.hex(), "spi_r": s.spi_r.hex(),
+                    "children": [{"name": c.name, "state": c.state,
+                                  "spi_in": f"0x{c.spi_in:08x}", "spi_out": f"0x{c.spi_out:08x}",
+                                  "esp": c.transform, "mode": c.mode} for c in s.children],
+                })
+            out.append({
+                "interface": pname, "local": p.cfg.local_addr, "remote": p.cfg.remote_addr,
+                "local_id": str(p.cfg.local_id),
+                "remote_id": str(p.cfg.remote_id) if p.cfg.remote_id else "any",
+                "auth": "certificates" if p.cfg.credentials.uses_certs else "psk",
+                "ike": p.cfg.ike_proposals, "esp": p.port.ike.esp,
+                "ipsec_state": p.port.ipsec_state(), "last_error": p.port.ike_error,
+                "ike_sas": sas,
+            })
+        return out
+
+    def register_appctl(self) -> None:
+        """ike/show [--json] [IFACE] and ike/rekey IFACE [child|ike]."""
+
+        def ike_show(conn, argv, aux) -> None:
+            as_json = "--json" in argv
+            names = [a for a in argv if a != "--json"]
+            if names and names[0] not in self.peers:
+                conn.reply_error(f"no IKE-keyed vxlanipsec interface named {names[0]}")
+                return
+            rows = self.show(names[0] if names else None)
+            if as_json:
+                conn.reply(json.dumps({"peers": rows}, indent=1) + "\n")
+            else:
+                conn.reply(_format(rows))
+
+        def ike_rekey(conn, argv, aux) -> None:
+            name = argv[0]
+            what = argv[1] if len(argv) > 1 else "child"
+            if name not in self.peers:
+                conn.reply_error(f"no IKE-keyed vxlanipsec interface named {name}")
+                return
+            if what not in ("child", "ike"):
+                conn.reply_error(f"ike/rekey: say child or ike, not {what!r}")
+                return
+            now = time.monotonic()
+            fn = self.core.rekey_child if what == "child" else self.core.rekey_ike
+            err = self._command(fn, name, now)
+            self._flush(now)
+            if err is not None:
+                conn.reply_error(f"{name}: cannot rekey: {err}")
+            else:
+                conn.reply(f"{name}: {'CHILD_SA' if what == 'child' else 'IKE SA'} rekey "
+                           "started\n")
+
+        def guarded(cb):
+            def handler(conn, argv, aux):
+                try:
+                    cb(conn, argv, aux)
+                except Exception as e:
+                    vlog.exception(f"appctl handler {cb.__name__} failed")
+                    conn.reply_error(f"internal error: {e}")
+            return handler
+
+        ovs.unixctl.command_register("ike/show", "[--json] [IFACE]", 0, 2, guarded(ike_show),
+                                     None)
+        ovs.unixctl.command_register("ike/rekey", "IFACE [child|ike]", 1, 2, guarded(ike_rekey),
+                                     None)
+
+
+def _subject_of(cert) -> Identity:
+    """The certificate's subject as an ID_DER_ASN1_DN identity."""
+    return Identity(id_type=IdType.DER_ASN1_DN, data=cert.subject.public_bytes())
+
+
+def _format(rows: list[dict[str, object]]) -> str:
+    if not rows:
+        return "no IKE-keyed tunnels\n"
+    lines = []
+    for r in rows:
+        lines.append(f"{r['interface']}: {r['local']} <-> {r['remote']}, {r['auth']}, "
+                     f"ids {r['local_id']} <-> {r['remote_id']}, ike={r['ike']} esp={r['esp']}, "
+                     f"ipsec_state {r['ipsec_state']}")
+        if not r["ike_sas"]:
+            lines.append(f"  no IKE SA; last error: {r['last_error'] or 'none'}")
+        for s in r["ike_sas"]:
+            lines.append(f"  IKE SA #{s['ike_id']} {s['state']} ({s['role']}), "
+                         f"spi_i {s['spi_i']} spi_r {s['spi_r']}")
+            for c in s["children"]:
+                lines.append(f"    CHILD_SA {c['name']} {c['state']}: spi_in {c['spi_in']} "
+                             f"spi_out {c['spi_out']}, {c['esp']} {c['mode']}")
+    return "\n".join(lines) + "\n"
+
+
+def attach(sw: Switchd) -> IkeManager:
+    """The daemon's IKE layer, with ike/ commands registered and state written back."""
+
+    def other_config() -> dict[str, str]:
+        table = sw.idl.tables.get("Open_vSwitch")
+        if table is None or "other_config" not in table.columns:
+            return {}
+        for row in table.rows.values():
+            with contextlib.suppress(AttributeError):
+                return dict(row.other_config)
+        return {}
+
+    mgr = IkeManager(sw.dp, on_change=lambda: sw.write_back(cfg_done=False),
+                     other_config=other_config)
+    mgr.register_appctl()
+    return mgr
