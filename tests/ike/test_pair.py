@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from espswitch.ike import ChildConfig, Credentials, IkeCore, IkeSaUp
+from espswitch.ike import ChildConfig, Credentials, IkeCore, IkeSaUp, LocalIkeError
 from espswitch.ike.state import IkeState
 from espswitch.ipsec import InboundSA, OutboundSA
 
@@ -139,3 +139,19 @@ def test_ike_sa_states_are_table_driven():
     assert a.ike_sas()[0].state == IkeState.ESTABLISHED
     ups = [e for e in link.events[id(b)] if isinstance(e, IkeSaUp)]
     assert len(ups) == 1 and not ups[0].initiator
+
+
+def test_a_peer_added_at_run_time_connects_and_its_removal_deletes_the_ike_sa():
+    a = IkeCore([])
+    b = IkeCore([peer(B_ADDR, A_ADDR, "a")])
+    link = Link(a, b)
+    a.add_peer(peer(A_ADDR, B_ADDR, "b"))
+    with pytest.raises(LocalIkeError, match="duplicate"):
+        a.add_peer(peer(A_ADDR, B_ADDR, "b"))
+    a.initiate("b", 0.0)
+    link.run()
+    assert [s.state for s in b.ike_sas()] == ["established"]
+    a.remove_peer("b", 1.0)
+    link.run()
+    assert "b" not in a.peers
+    assert b.ike_sas() == []  # the INFORMATIONAL delete reached the other side

@@ -283,6 +283,21 @@ class IkeCore:
         self._events.clear()
         return out
 
+    def add_peer(self, peer: PeerConfig) -> None:
+        """Configure one more peer (a tunnel that was added while running)."""
+        if peer.name in self.peers:
+            raise LocalIkeError(f"duplicate peer name {peer.name!r}")
+        self.peers[peer.name] = peer
+
+    def remove_peer(self, peer: str, now: float) -> None:
+        """Delete the peer's IKE SAs (INFORMATIONAL delete sent) and forget its config."""
+        if peer not in self.peers:
+            return
+        try:
+            self.delete_ike(peer, now)
+        finally:
+            del self.peers[peer]
+
     def ike_sas(self, peer: str | None = None) -> list[IkeSaInfo]:
         """The IKE SAs (not closed), optionally of one peer."""
         out = []

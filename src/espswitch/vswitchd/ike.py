@@ -202,7 +202,7 @@ class IkeManager:
                                   f"IKE-keyed interface {clash}")
                 vlog.warn(f"{name}: {port.ike_error}")
                 continue
-            self.core.peers[name] = cfg
+            self.core.add_peer(cfg)
             ike = port.ike
             soft = Lifetime(packets=ike.rekey_packets, bytes=ike.rekey_bytes)
             self.peers[name] = _Peer(cfg=cfg, port=port, local_ip=port.local_ip, soft=soft)
@@ -278,8 +278,7 @@ class IkeManager:
 
     def _drop(self, name: str, now: float) -> None:
         p = self.peers.pop(name)
-        self._command(self.core.delete_ike, name, now)
-        self.core.peers.pop(name, None)
+        self._command(self.core.remove_peer, name, now)
         p.port.remove_all_children()
         vlog.info(f"{name}: IKE peer {p.cfg.remote_addr} removed")
         self._changed = True
