@@ -192,6 +192,10 @@ class VxlanIpsecPort(VxlanPort):
         self.ike_error: str | None = None
         self.pairs: list[tuple[OutboundSA, InboundSA]] = []
         self._in_by_spi: dict[int, InboundSA] = {}
+        # After a rekey: the new inbound SA whose first packet switches sending over to its pair.
+        self._switch_on: InboundSA | None = None
+        # Inbound SAs deleted by IKE that still open packets until (deadline, SA).
+        self._lingering: list[tuple[float, InboundSA]] = []
         if isinstance(keying, ManualKeying):
             self.sa_out: OutboundSA | None = OutboundSA(keying.outbound, now=dp.now)
             self.sa_in: InboundSA | None = InboundSA(keying.inbound, now=dp.now)
@@ -231,6 +235,9 @@ class VxlanIpsecPort(VxlanPort):
             # reconfigured), they move to the new port object with `adopt_child`.
             for _, sa_in in self.pairs:
                 self._layer.remove(sa_in)
+            for _, sa_in in self._lingering:
+                self._layer.remove(sa_in)
+            self._lingering = []
             return
         self._layer.remove(self.sa_in)
         self._layer.retire(self.name, self.sa_out, self.sa_in)
@@ -238,10 +245,15 @@ class VxlanIpsecPort(VxlanPort):
     # -- IKE-keyed SAs (driven by espswitch.vswitchd.ike) ----------------------------------------
 
     def install_child(self, outbound: SaParams, inbound: SaParams, *,
-                      encap: bool | None = None) -> None:
-        """Install a CHILD_SA pair: its outbound SA protects traffic from now on, its
-        inbound SA is accepted next to the ones already there (after a rekey the old one
-        stays until `remove_child`). Raises PortError if the inbound SPI is taken."""
+                      encap: bool | None = None, rekey: bool = False) -> None:
+        """Install a CHILD_SA pair; its inbound SA is accepted next to the ones already
+        there (after a rekey the old one stays until `remove_child`).
+
+        A fresh pair protects traffic at once. A rekey's new outbound SA is used only once
+        the peer shows it has the pair (a packet arrives on the new inbound SA) or the old
+        pair is deleted: the side that answers a rekey has the new SAs before the side
+        that asked, and switching at once would drop what the other cannot open yet.
+        Raises PortError if the inbound SPI is taken."""
         if self.ike is None:
             raise PortError(f"interface {self.name} is keyed manually")
         sa_in = InboundSA(inbound, now=self.dp.now)
@@ -249,7 +261,11 @@ class VxlanIpsecPort(VxlanPort):
         sa_out = OutboundSA(outbound, now=self.dp.now)
         self.pairs.append((sa_out, sa_in))
         self._in_by_spi[sa_in.spi] = sa_in
-        self.sa_out, self.sa_in = sa_out, sa_in
+        if rekey and self.sa_out is not None and not self.sa_out.expired:
+            self._switch_on = sa_in
+        else:
+            self.sa_out, self.sa_in = sa_out, sa_in
+            self._switch_on = None
         self.transform = sa_out.transform
         if encap is not None and encap != self.encap:
             self.encap = encap
@@ -275,16 +291,43 @@ class VxlanIpsecPort(VxlanPort):
                 return pair
         return None
 
-    def remove_child(self, spi_in: int) -> bool:
-        """Remove the CHILD_SA pair whose inbound SPI is `spi_in`; False if there is none."""
+    def remove_child(self, spi_in: int, linger: float = 0.0) -> bool:
+        """Remove the CHILD_SA pair whose inbound SPI is `spi_in`; False if there is none.
+
+        With `linger`, the inbound SA still opens packets for that many seconds (those the
+        peer sent before it processed the same delete), while nothing is sent on the pair.
+        """
         for i, (sa_out, sa_in) in enumerate(self.pairs):
             if sa_in.spi == spi_in:
                 del self.pairs[i]
-                self._drop_pair(sa_out, sa_in)
+                if linger > 0 and self.pairs:
+                    sa_out.expire("deleted")
+                    self._lingering.append((self.dp.now + linger, sa_in))
+                else:
+                    self._drop_pair(sa_out, sa_in)
+                if sa_in is self._switch_on:
+                    self._switch_on = None
                 if self.sa_out is sa_out or self.sa_in is sa_in:
                     self.sa_out, self.sa_in = self.pairs[-1] if self.pairs else (None, None)
+                    self._switch_on = None
                 return True
         return False
+
+    def run(self, now: float) -> None:
+        super().run(now)
+        if self._lingering and self._lingering[0][0] <= now:
+            for _, sa_in in [e for e in self._lingering if e[0] <= now]:
+                sa_in.expire("deleted")
+                self._in_by_spi.pop(sa_in.spi, None)
+                self._layer.remove(sa_in)
+            self._lingering = [e for e in self._lingering if e[0] > now]
+
+    def _use_pair_of(self, sa_in: InboundSA) -> None:
+        """Send with the pair whose inbound SA is `sa_in` (the peer has proved it has it)."""
+        for pair in self.pairs:
+            if pair[1] is sa_in:
+                self.sa_out, self.sa_in = pair
+        self._switch_on = None
 
     def remove_all_children(self, keep: frozenset[int] = frozenset()) -> list[int]:
         """Remove every CHILD_SA pair but those whose inbound SPI is in `keep` (the IKE SA
@@ -421,6 +464,8 @@ class VxlanIpsecPort(VxlanPort):
                 return
         try:
             nh, payload = sa.decrypt(esp)
+            if sa is self._switch_on:
+                self._use_pair_of(sa)
         except EspDrop as e:
             counter = _RX_COUNTER.get(e.reason)
             if counter is not None:  # a dummy packet (RFC 4303 §2.6) is not an error

@@ -57,6 +57,7 @@ IKE_PORT = 500
 NAT_T_PORT = 4500
 IP_PKTINFO = 8  # <linux/in.h>; Python's socket module does not export it
 _PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+CHILD_LINGER = 2.0  # seconds a deleted CHILD_SA's inbound SA still opens packets
 RETRY = 10.0  # seconds between attempts while a tunnel has no IKE SA
 RECV_BATCH = 64
 
@@ -400,7 +401,7 @@ class IkeManager:
             out = replace(ev.outbound_params(), soft=p.soft)
             inb = replace(ev.inbound_params(replay_window=window), soft=p.soft)
             try:
-                port.install_child(out, inb, encap=ev.encap)
+                port.install_child(out, inb, encap=ev.encap, rekey=ev.rekey_of is not None)
             except PortError as e:
                 vlog.err(f"{ev.peer}: CHILD_SA not installed: {e}")
                 return
@@ -409,7 +410,8 @@ class IkeManager:
             reason = ev.reason if isinstance(ev, ChildSaDeleted) else "expired"
             vlog.info(f"{ev.peer}: CHILD_SA spi_in 0x{ev.spi_in:08x} spi_out "
                       f"0x{ev.spi_out:08x} removed: {reason}")
-            if port is not None and port.remove_child(ev.spi_in):
+            # After a rekey the peer may still have packets in flight on the old SA.
+            if port is not None and port.remove_child(ev.spi_in, linger=CHILD_LINGER):
                 self._changed = True
 
     def _check_volume(self, name: str, p: _Peer, now: float) -> None:
