@@ -5,36 +5,16 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING
 
-import ovs.unixctl
-import ovs.vlog
-
 from espswitch.datapath.ports import format_mac
 from espswitch.datapath.tunnel import ip4
-from espswitch.vswitchd import ipsec_appctl
+from espswitch.vswitchd import ipsec_appctl, unixctl
 
 if TYPE_CHECKING:
     from espswitch.vswitchd.daemon import Switchd
 
 
-vlog = ovs.vlog.Vlog("appctl")
-
-
-def _guarded(cb):
-    """Reply with an error instead of leaving ovs-appctl waiting if a handler fails."""
-
-    def handler(conn, argv, aux):
-        try:
-            cb(conn, argv, aux)
-        except Exception as e:
-            vlog.exception(f"appctl handler {cb.__name__} failed")
-            conn.reply_error(f"internal error: {e}")
-
-    return handler
-
-
 def register(sw: Switchd) -> None:
-    def reg(name, usage, lo, hi, cb, aux):
-        ovs.unixctl.command_register(name, usage, lo, hi, _guarded(cb), aux)
+    reg = unixctl.register
     dp = sw.dp
 
     def dpif_show(conn, argv, aux):

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import ovs.poller
-import ovs.unixctl
 import ovs.vlog
 
 from espswitch.datapath.errors import PortError
@@ -46,6 +45,7 @@ from espswitch.ike import (
 )
 from espswitch.ike.consts import IdType
 from espswitch.ipsec.sa import Lifetime
+from espswitch.vswitchd import unixctl
 
 if TYPE_CHECKING:
     from espswitch.datapath import Datapath
@@ -489,19 +489,8 @@ class IkeManager:
                 conn.reply(f"{name}: {'CHILD_SA' if what == 'child' else 'IKE SA'} rekey "
                            "started\n")
 
-        def guarded(cb):
-            def handler(conn, argv, aux):
-                try:
-                    cb(conn, argv, aux)
-                except Exception as e:
-                    vlog.exception(f"appctl handler {cb.__name__} failed")
-                    conn.reply_error(f"internal error: {e}")
-            return handler
-
-        ovs.unixctl.command_register("ike/show", "[--json] [IFACE]", 0, 2, guarded(ike_show),
-                                     None)
-        ovs.unixctl.command_register("ike/rekey", "IFACE [child|ike]", 1, 2, guarded(ike_rekey),
-                                     None)
+        unixctl.register("ike/show", "[--json] [IFACE]", 0, 2, ike_show)
+        unixctl.register("ike/rekey", "IFACE [child|ike]", 1, 2, ike_rekey)
 
 
 def _subject_of(cert) -> Identity:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-import ovs.unixctl
-
 from espswitch.datapath.vxlanipsec import VxlanIpsecPort
+from espswitch.vswitchd import unixctl
 
 if TYPE_CHECKING:
     from espswitch.vswitchd.daemon import Switchd
@@ -67,4 +66,4 @@ def register(sw: Switchd) -> None:
         else:
             conn.reply(_format(rows))
 
-    ovs.unixctl.command_register("ipsec/show", "[--json] [IFACE]", 0, 2, ipsec_show, None)
+    unixctl.register("ipsec/show", "[--json] [IFACE]", 0, 2, ipsec_show)
