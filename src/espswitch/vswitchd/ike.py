@@ -218,9 +218,10 @@ class IkeManager:
         local, remote = ip4_str(port.local_ip), ip4_str(port.remote_ip)
         child = ChildConfig(
             name="vxlan", mode=str(port.mode), esp_proposals=ike.esp,
-            # VXLAN between the two endpoints: any source port, to dst_port (as the
-            # datapath checks after decryption).
-            local_ts="dynamic[udp]", remote_ts=f"dynamic[udp/{port.dst_port}]",
+            # UDP between the two endpoints, any ports: one CHILD_SA must carry VXLAN both
+            # ways, and each side's VXLAN source port is a hash of the inner flow. The
+            # datapath narrows what it accepts to UDP to dst_port after decryption.
+            local_ts="dynamic[udp]", remote_ts="dynamic[udp]",
             rekey_time=ike.rekey_time)
         if ike.psk is not None:
             creds = Credentials(psk=ike.psk)
