@@ -5,7 +5,7 @@ Every error names the option and what it accepts, and never repeats a key's valu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from espswitch.ipsec.errors import IpsecConfigError
@@ -83,27 +83,35 @@ def _seconds(options: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+# The syntax of IKE proposals and identities belongs to espswitch.ike, a layer above this
+# one: it installs its checker here when it is imported (espswitchd imports it before any
+# tunnel is configured). Without it those values are checked when IKE starts instead.
+IkeSyntaxCheck = Callable[[str, str], "str | None"]
+_ike_syntax: IkeSyntaxCheck | None = None
+
+
+def set_ike_syntax_check(check: IkeSyntaxCheck) -> None:
+    """Install `check(what, text) -> problem or None`, `what` being "ike", "esp" or
+    "identity"."""
+    global _ike_syntax
+    _ike_syntax = check
+
+
 def _ike_keying(options: Mapping[str, str], transform: Transform, mode: Mode, encap: bool,
                 window: int) -> IkeKeying:
     """Validate what IKEv2 needs: the proposals, timers and credentials' options."""
-    # Imported here: espswitch.ike itself imports espswitch.ipsec.
-    from espswitch.ike.consts import Protocol
-    from espswitch.ike.errors import IkeConfigError
-    from espswitch.ike.proposals import parse_proposals
-
+    check = _ike_syntax or (lambda what, text: None)
     ike = (options.get("ike") or DEFAULT_IKE).strip()
-    try:
-        parse_proposals(ike, Protocol.IKE)
-    except IkeConfigError as e:
+    problem = check("ike", ike)
+    if problem:
         raise IpsecConfigError(
-            f"options:ike {options.get('ike')!r} is not a usable IKE proposal ({e}); use "
-            f"strongSwan's encryption-prf-group syntax, for example {DEFAULT_IKE}") from None
+            f"options:ike {options.get('ike')!r} is not a usable IKE proposal ({problem}); "
+            f"use strongSwan's encryption-prf-group syntax, for example {DEFAULT_IKE}")
     esp = (options.get("esp") or DEFAULT_ESP).strip()
-    try:
-        parse_proposals(esp, Protocol.ESP)
-    except IkeConfigError as e:
+    problem = check("esp", esp)
+    if problem:
         raise IpsecConfigError(
-            f"options:esp {options.get('esp')!r} cannot be negotiated with IKEv2 ({e})") from None
+            f"options:esp {options.get('esp')!r} cannot be negotiated with IKEv2 ({problem})")
     if not options.get("remote_cert") and not options.get("psk") and \
             not options.get("remote_name"):
         raise IpsecConfigError(
@@ -122,14 +130,10 @@ def _ike_keying(options: Mapping[str, str], transform: Transform, mode: Mode, en
     rekey_packets = _int(options, "rekey_packets", 1, 2**64 - 1, None,
                          "a positive number of packets")
     remote_name = (options.get("remote_name") or "").strip() or None
-    if remote_name is not None:
-        from espswitch.ike.auth import Identity
-        try:
-            Identity.parse(remote_name)
-        except IkeConfigError:
-            raise IpsecConfigError(
-                f"options:remote_name {options.get('remote_name')!r} is not an identity (an "
-                "IPv4 address, a host name, an e-mail address or a distinguished name)") from None
+    if remote_name is not None and check("identity", remote_name):
+        raise IpsecConfigError(
+            f"options:remote_name {options.get('remote_name')!r} is not an identity (an "
+            "IPv4 address, a host name, an e-mail address or a distinguished name)")
     return IkeKeying(
         transform=transform, mode=mode, encapsulation=encap,
         psk=options["psk"].encode() if options.get("psk") else None,
