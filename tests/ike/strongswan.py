@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from espswitch.cli.lab import strongswan_conf
+
 ES_ADDR, SW_ADDR = "192.0.2.1", "192.0.2.2"
 ES_NET, SW_NET = "10.200.1.0/24", "10.200.2.0/24"
 ES_INNER, SW_INNER = "10.200.1.1", "10.200.2.1"
@@ -80,39 +82,6 @@ def udp_sockets(ns: str, addr: str) -> dict[int, socket.socket]:
     return out
 
 
-_PLUGINS = ("random nonce openssl aes sha1 sha2 hmac gcm chapoly pem pkcs1 pkcs8 x509 curve25519"
-            " gmp mgf1 kdf kernel-libipsec kernel-netlink socket-default vici updown")
-
-STRONGSWAN_CONF = """charon {{
-  load = {plugins}
-  install_routes = yes
-  retransmit_timeout = 1.0
-  retransmit_tries = 3
-  plugins {{
-    vici {{
-      socket = unix://{d}/charon.vici
-    }}
-    kernel-libipsec {{
-      load = yes
-      allow_peer_ts = yes
-    }}
-  }}
-  filelog {{
-    f {{
-      path = {d}/charon.log
-      default = 1
-      ike = 2
-      chd = 2
-      flush_line = yes
-    }}
-  }}
-  syslog {{
-    daemon {{
-      default = -1
-    }}
-  }}
-}}
-"""
 
 
 class Lab:
@@ -155,7 +124,7 @@ class Lab:
     def start_charon(self, swanctl_conf: str) -> None:
         """(Re)start charon with this swanctl.conf and load it."""
         self.stop_charon()
-        conf = STRONGSWAN_CONF.format(d=self.dir, plugins=_PLUGINS)
+        conf = strongswan_conf(str(self.dir))
         (self.dir / "strongswan.conf").write_text(conf)
         (self.dir / "swanctl.conf").write_text(swanctl_conf)
         vici = self.dir / "charon.vici"

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from espswitch.cli.lab import strongswan_conf
+
 from .lab import run, wait_until
 
 pytestmark = pytest.mark.net
@@ -50,38 +52,6 @@ for name in ("tx-checksum-ip-generic", "tx-checksum-ipv4", "tx-generic-segmentat
 e.set_features(sys.argv[1], f)
 """
 
-PLUGINS = ("random nonce openssl aes sha1 sha2 hmac gcm chapoly pem pkcs1 x509 curve25519 gmp kdf"
-           " kernel-libipsec kernel-netlink socket-default vici updown")
-STRONGSWAN_CONF = """charon {{
-  load = {plugins}
-  install_routes = yes
-  retransmit_timeout = 1.0
-  retransmit_tries = 3
-  plugins {{
-    vici {{
-      socket = unix://{d}/charon.vici
-    }}
-    kernel-libipsec {{
-      load = yes
-      allow_peer_ts = yes
-    }}
-  }}
-  filelog {{
-    f {{
-      path = {d}/charon.log
-      default = 1
-      ike = 2
-      chd = 2
-      flush_line = yes
-    }}
-  }}
-  syslog {{
-    daemon {{
-      default = -1
-    }}
-  }}
-}}
-"""
 
 SWANCTL_CONF = f"""connections {{
   vx {{
@@ -142,7 +112,7 @@ class Charon:
 
     def start(self) -> None:
         (self.dir / "run").mkdir(parents=True, exist_ok=True)
-        conf = STRONGSWAN_CONF.format(d=self.dir, plugins=PLUGINS)
+        conf = strongswan_conf(str(self.dir))
         (self.dir / "strongswan.conf").write_text(conf)
         (self.dir / "swanctl.conf").write_text(SWANCTL_CONF)
         vici = self.dir / "charon.vici"

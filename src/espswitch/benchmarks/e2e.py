@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from espswitch.cli.lab import Lab, LabError, run
+from espswitch.cli.lab import Lab, LabError, run, strongswan_conf
 
 PATHS = ("espswitch-vxlanipsec-aes128gcm16", "espswitch-vxlan", "kernel-vxlan",
          "strongswan-libipsec")
@@ -51,9 +51,6 @@ CHARON = "/usr/lib/ipsec/charon"
 PING_COUNT = 1000  # the latency run of issue 3: 1000 pings
 PING_INTERVAL = "0.002"
 
-CHARON_PLUGINS = ("random nonce openssl aes sha1 sha2 hmac gcm chapoly pem pkcs1 x509 "
-                  "curve25519 gmp kdf kernel-libipsec kernel-netlink socket-default vici "
-                  "updown")
 
 
 class BenchError(Exception):
@@ -215,34 +212,6 @@ def bench_kernel_vxlan(seconds: int) -> dict[str, Any]:
         return {**measure(a, b, INNER[1], seconds), "vm_mtu": _mtu(a, "vx0")}
 
 
-def _strongswan_conf(d: str) -> str:
-    return f"""charon {{
-  load = {CHARON_PLUGINS}
-  install_routes = yes
-  plugins {{
-    vici {{
-      socket = unix://{d}/charon.vici
-    }}
-    kernel-libipsec {{
-      load = yes
-      allow_peer_ts = yes
-    }}
-  }}
-  filelog {{
-    f {{
-      path = {d}/charon.log
-      default = 1
-      ike = 2
-      flush_line = yes
-    }}
-  }}
-  syslog {{
-    daemon {{
-      default = -1
-    }}
-  }}
-}}
-"""
 
 
 def _swanctl_conf(local: str, remote: str, local_id: str, remote_id: str, psk: str) -> str:
@@ -310,7 +279,7 @@ def bench_strongswan_libipsec(seconds: int) -> dict[str, Any]:
                 local, remote = UNDERLAY[i], UNDERLAY[1 - i]
                 ids = ("a", "b") if i == 0 else ("b", "a")
                 with open(os.path.join(d, "strongswan.conf"), "w") as f:
-                    f.write(_strongswan_conf(d))
+                    f.write(strongswan_conf(d))
                 with open(os.path.join(d, "swanctl.conf"), "w") as f:
                     f.write(_swanctl_conf(local, remote, *ids, psk))
                 add_kernel_vxlan(ns, local, remote, INNER[i], mtu=1350)

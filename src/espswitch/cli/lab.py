@@ -26,6 +26,47 @@ VM_IPS = ("198.51.100.1", "198.51.100.2")
 DEFAULT_VNI = 5001
 
 
+# strongSwan as a peer (tests and benchmarks): charon with its userspace ESP (kernel-libipsec),
+# as ../shared/spec/references.md runs it here; `kdf` is needed, pkcs8/mgf1 for certificates.
+CHARON_PLUGINS = ("random nonce openssl aes sha1 sha2 hmac gcm chapoly pem pkcs1 pkcs8 x509 "
+                  "curve25519 gmp mgf1 kdf kernel-libipsec kernel-netlink socket-default vici "
+                  "updown")
+
+
+def strongswan_conf(d: str) -> str:
+    """A strongswan.conf for one charon whose vici socket and log live in directory `d`."""
+    return f"""charon {{
+  load = {CHARON_PLUGINS}
+  install_routes = yes
+  retransmit_timeout = 1.0
+  retransmit_tries = 3
+  plugins {{
+    vici {{
+      socket = unix://{d}/charon.vici
+    }}
+    kernel-libipsec {{
+      load = yes
+      allow_peer_ts = yes
+    }}
+  }}
+  filelog {{
+    f {{
+      path = {d}/charon.log
+      default = 1
+      ike = 2
+      chd = 2
+      flush_line = yes
+    }}
+  }}
+  syslog {{
+    daemon {{
+      default = -1
+    }}
+  }}
+}}
+"""
+
+
 class LabError(Exception):
     """A lab step failed; the message names the step and what the tool said."""
 
