@@ -15,17 +15,15 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from espswitch.cli.lab import strongswan_conf
+from espswitch.cli.lab import CHARON, start_charon, stop_charon
 
 ES_ADDR, SW_ADDR = "192.0.2.1", "192.0.2.2"
 ES_NET, SW_NET = "10.200.1.0/24", "10.200.2.0/24"
 ES_INNER, SW_INNER = "10.200.1.1", "10.200.2.1"
-CHARON = "/usr/lib/ipsec/charon"
 PSK = "espswitch-test-psk-0123456789"
 
 _CLONE_NEWNET = 0x40000000
@@ -124,24 +122,8 @@ class Lab:
     def start_charon(self, swanctl_conf: str) -> None:
         """(Re)start charon with this swanctl.conf and load it."""
         self.stop_charon()
-        conf = strongswan_conf(str(self.dir))
-        (self.dir / "strongswan.conf").write_text(conf)
         (self.dir / "swanctl.conf").write_text(swanctl_conf)
-        vici = self.dir / "charon.vici"
-        vici.unlink(missing_ok=True)
-        env = dict(os.environ, STRONGSWAN_CONF=str(self.dir / "strongswan.conf"))
-        with open(self.dir / "stdout", "ab") as out:
-            self.charon = subprocess.Popen(
-                ["ip", "netns", "exec", self.sw_ns, "sh", "-c",
-                 f"mount --bind {self.dir}/run /run && exec {CHARON}"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True)
-        deadline = time.monotonic() + 15
-        while not vici.exists():
-            if self.charon.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"charon did not start: {self.log()[-2000:]}")
-            time.sleep(0.05)
-        time.sleep(0.1)
+        self.charon = start_charon(self.sw_ns, str(self.dir))
         self.swanctl("--load-all")
 
     def swanctl(self, *args: str, check: bool = True, timeout: float = 30) -> str:
@@ -174,16 +156,7 @@ class Lab:
 
     def stop_charon(self) -> None:
         """Stop charon if it runs."""
-        if self.charon is None:
-            return
-        if self.charon.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.charon.pid, signal.SIGTERM)
-            try:
-                self.charon.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.charon.pid, signal.SIGKILL)
-                self.charon.wait(5)
+        stop_charon(self.charon)
         self.charon = None
 
     def close(self) -> None:

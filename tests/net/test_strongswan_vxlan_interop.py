@@ -14,25 +14,21 @@ configures the same.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from espswitch.cli.lab import strongswan_conf
+from espswitch.cli.lab import CHARON, LabError, start_charon, stop_charon, tcpdump
 
 from .lab import run, wait_until
 
 pytestmark = pytest.mark.net
 
-CHARON = "/usr/lib/ipsec/charon"
 A_IP, B_IP = "192.0.2.1", "192.0.2.2"
 A_VM, B_VX = "198.51.100.1", "198.51.100.2"
 VNI = 42
@@ -111,23 +107,12 @@ class Charon:
         return f"unix://{self.dir}/charon.vici"
 
     def start(self) -> None:
-        (self.dir / "run").mkdir(parents=True, exist_ok=True)
-        conf = strongswan_conf(str(self.dir))
-        (self.dir / "strongswan.conf").write_text(conf)
+        self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "swanctl.conf").write_text(SWANCTL_CONF)
-        vici = self.dir / "charon.vici"
-        vici.unlink(missing_ok=True)
-        env = dict(os.environ, STRONGSWAN_CONF=str(self.dir / "strongswan.conf"))
-        with open(self.dir / "stdout", "ab") as out:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns, "sh", "-c",
-                 f"mount --bind {self.dir}/run /run && exec {CHARON}"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True)
-        if wait_until(lambda: vici.exists() or self.proc.poll() is not None, 15) is None \
-                or not vici.exists():
-            raise AssertionError(f"charon did not start: {self.log()[-2000:]}")
-        time.sleep(0.1)
+        try:
+            self.proc = start_charon(self.ns, str(self.dir))
+        except LabError as e:
+            raise AssertionError(str(e)) from None
         self.swanctl("--load-all", "--file", str(self.dir / "swanctl.conf"))
 
     def swanctl(self, *args: str, check: bool = True, timeout: float = 30) -> str:
@@ -147,36 +132,7 @@ class Charon:
         return p.read_text(errors="replace") if p.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-
-
-@contextlib.contextmanager
-def capture(ns: str, dev: str, path: str):
-    """tcpdump -w `path` on `dev` in `ns` while the block runs."""
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-i", dev, "-n", "-U",
-                             "--immediate-mode", "-s", "0", "-w", path],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: os.path.exists(path) and os.path.getsize(path) >= 24, 10)
-        time.sleep(0.2)
-        yield path
-    finally:
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_charon(self.proc)
 
 
 def status(hv) -> dict[str, str]:
@@ -227,7 +183,7 @@ def topo(lab, tmp_path):
         a.add_vm("br-int", vm)
         vm.sh("ip", "link", "set", vm.tap, "mtu", str(INNER_MTU))
         pcap = str(tmp_path / "underlay.pcap")
-        with capture(b, "ul0", pcap):
+        with tcpdump(b, "ul0", pcap):
             yield {"a": a, "b": b, "vm": vm, "charon": charon, "pcap": pcap}
     finally:
         charon.stop()

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from espswitch.cli.lab import Lab, LabError, run, strongswan_conf
+from espswitch.cli.lab import CHARON, Lab, LabError, run, start_charon, stop_charon
 
 PATHS = ("espswitch-vxlanipsec-aes128gcm16", "espswitch-vxlan", "kernel-vxlan",
          "strongswan-libipsec")
@@ -47,7 +47,6 @@ BASELINE = "strongswan-libipsec"
 UNDERLAY = ("192.0.2.1", "192.0.2.2")
 INNER = ("198.51.100.1", "198.51.100.2")
 KERNEL_VNI = 42
-CHARON = "/usr/lib/ipsec/charon"
 PING_COUNT = 1000  # the latency run of issue 3: 1000 pings
 PING_INTERVAL = "0.002"
 
@@ -274,12 +273,10 @@ def bench_strongswan_libipsec(seconds: int) -> dict[str, Any]:
             psk = secrets.token_hex(16)
             for i, ns in enumerate(names):
                 d = os.path.join(tmp, f"side{i + 1}")
-                os.makedirs(os.path.join(d, "run"))
+                os.makedirs(d)
                 dirs.append(d)
                 local, remote = UNDERLAY[i], UNDERLAY[1 - i]
                 ids = ("a", "b") if i == 0 else ("b", "a")
-                with open(os.path.join(d, "strongswan.conf"), "w") as f:
-                    f.write(strongswan_conf(d))
                 with open(os.path.join(d, "swanctl.conf"), "w") as f:
                     f.write(_swanctl_conf(local, remote, *ids, psk))
                 add_kernel_vxlan(ns, local, remote, INNER[i], mtu=1350)
@@ -289,25 +286,11 @@ def bench_strongswan_libipsec(seconds: int) -> dict[str, Any]:
                      "dport", "4789", "lookup", "220"], ns=ns)
                 run(["ip", "rule", "add", "pref", "219", "to", f"{remote}/32", "lookup", "main"],
                     ns=ns)
-                vici = os.path.join(d, "charon.vici")
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(vici)
-                env = dict(os.environ, STRONGSWAN_CONF=os.path.join(d, "strongswan.conf"))
-                with open(os.path.join(d, "stdout"), "wb") as out:
-                    charons.append(subprocess.Popen(
-                        ["ip", "netns", "exec", ns, "sh", "-c",
-                         f"mount --bind {d}/run /run && exec {CHARON}"],
-                        env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                        start_new_session=True))
-            for i, (ns, d) in enumerate(zip(names, dirs, strict=True)):
-                vici = os.path.join(d, "charon.vici")
-                deadline = time.monotonic() + 15
-                while not os.path.exists(vici):
-                    if charons[i].poll() is not None or time.monotonic() > deadline:
-                        raise BenchError(f"charon in {ns} did not open its vici socket: "
-                                         f"{_log_tail(os.path.join(d, 'stdout'))} "
-                                         f"{_log_tail(os.path.join(d, 'charon.log'))}")
-                    time.sleep(0.05)
+            for ns, d in zip(names, dirs, strict=True):
+                try:
+                    charons.append(start_charon(ns, d))
+                except LabError as e:
+                    raise BenchError(str(e)) from None
                 _swanctl(ns, d, "--load-all", "--file", os.path.join(d, "swanctl.conf"))
             for child in ("vx-out", "vx-in"):
                 _swanctl(names[0], dirs[0], "--initiate", "--child", child, "--timeout", "20")
@@ -320,13 +303,7 @@ def bench_strongswan_libipsec(seconds: int) -> dict[str, Any]:
             return {**result, "vm_mtu": _mtu(names[0], "vx0")}
     finally:
         for p in charons:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_charon(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -67,6 +67,54 @@ def strongswan_conf(d: str) -> str:
 """
 
 
+CHARON = "/usr/lib/ipsec/charon"
+
+
+def start_charon(ns: str, d: str) -> subprocess.Popen[bytes]:
+    """Start charon in namespace `ns` with strongswan.conf, its log and vici socket in `d`
+    and a private /run (charon's pid file is fixed at /var/run/charon.pid); return once
+    the vici socket is open. Raises LabError with the end of its log if it does not come up.
+    """
+    os.makedirs(os.path.join(d, "run"), exist_ok=True)
+    conf = os.path.join(d, "strongswan.conf")
+    with open(conf, "w") as f:
+        f.write(strongswan_conf(d))
+    vici = os.path.join(d, "charon.vici")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(vici)  # a stale socket would look like a started charon
+    with open(os.path.join(d, "stdout"), "ab") as out:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "sh", "-c", f"mount --bind {d}/run /run && exec {CHARON}"],
+            env=dict(os.environ, STRONGSWAN_CONF=conf), stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 15
+    while not os.path.exists(vici):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_charon(proc)
+            tails = []
+            for name in ("stdout", "charon.log"):
+                with contextlib.suppress(OSError), open(os.path.join(d, name)) as f:
+                    tails.append(f.read()[-1500:])
+            raise LabError(f"charon in {ns} did not start: {' '.join(tails).strip()}")
+        time.sleep(0.05)
+    time.sleep(0.1)
+    return proc
+
+
+def stop_charon(proc: subprocess.Popen[bytes] | None) -> None:
+    """Stop a charon started by `start_charon` (its whole process group)."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
 class LabError(Exception):
     """A lab step failed; the message names the step and what the tool said."""
 
