@@ -18,6 +18,9 @@ vlog = ovs.vlog.Vlog("espswitchd")
 vlog_dp = ovs.vlog.Vlog("datapath")
 
 STATS_INTERVAL = 5.0
+# Status and link state are checked this often and written at once when they change (an SA
+# that expired, a tunnel that lost its route), not only with the 5 s statistics.
+STATUS_CHECK = 1.0
 HOUSEKEEPING = 0.1
 ROUTE_REFRESH = 1.0
 CONTROL_MAX_SLEEP = 1.0
@@ -116,6 +119,8 @@ class Switchd:
         self.applied: Desired | None = None
         self.applied_cfg: list[int] | None = None
         self.next_stats = 0.0
+        self.next_status = 0.0
+        self._written: dict[str, tuple[dict[str, str], str]] = {}
         self.next_housekeeping = 0.0
         self.next_routes = 0.0
         self._cep = None
@@ -216,14 +221,17 @@ class Switchd:
             return
         txn = ovs.db.idl.Transaction(self.idl)
         dp = self.dp
+        written = {}
         for row in self.idl.tables["Interface"].rows.values():
             port = dp.ports.get(row.name)
             if port is not None:
+                status, link = port.status(), port.link_state()
+                written[row.name] = (status, link)
                 want = {
                     "ofport": [port.ofport],
                     "error": [],
-                    "status": port.status(),
-                    "link_state": [port.link_state()],
+                    "status": status,
+                    "link_state": [link],
                     "statistics": port.statistics(),
                 }
                 mac = port.mac_in_use()
@@ -242,6 +250,7 @@ class Switchd:
             for col, val in want.items():
                 if getattr(row, col) != val:
                     setattr(row, col, val)
+        self._written = written
         cfg = None
         if cfg_done:
             for ovsrow in self.idl.tables["Open_vSwitch"].rows.values():
@@ -287,6 +296,19 @@ class Switchd:
         if now >= self.next_stats:
             self.next_stats = now + STATS_INTERVAL
             self.write_back(cfg_done=False)
+        elif now >= self.next_status:
+            self.next_status = now + STATUS_CHECK
+            if self.status_changed():
+                self.write_back(cfg_done=False)
+
+    def status_changed(self) -> bool:
+        """Whether any port's status or link state differs from what was last written."""
+        ports = self.dp.ports
+        for name, seen in self._written.items():
+            port = ports.get(name)
+            if port is not None and seen != (port.status(), port.link_state()):
+                return True
+        return False
 
     def control_wait(self) -> float:
         """Register the control plane's fds in a fresh epoll; return its timeout (s)."""
