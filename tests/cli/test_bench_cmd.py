@@ -14,7 +14,8 @@ def test_bench_esp_quick_writes_ratios_for_every_aead(tmp_path) -> None:
     rows = json.loads(out.read_text())["results"]
     assert {(x["transform"], x["size"]) for x in rows} >= {
         ("aes128gcm16", 1400), ("aes256gcm16", 64), ("chacha20poly1305", 512)}
-    assert all(x["ours_pps"] > 0 and x["bare_aead_pps"] > 0 for x in rows)
+    assert all(x["ours_pps"] > 0 and x["bare_aead_pps"] > 0 and x["framing_pps"] > 0
+               for x in rows)
 
 
 def test_bench_with_an_unknown_name_is_one_line_exit_2() -> None:
