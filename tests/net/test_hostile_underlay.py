@@ -23,6 +23,7 @@ from .ipsec_helpers import (
     keyed_lab,
     mac_of,
     received,
+    sa_rows,
     send_frames,
     statistics,
     wait_for,
@@ -137,3 +138,50 @@ def test_hostile_underlay_frames_are_counted_and_dropped_tunnel_survives(netlab_
         assert lab.vsctl(hv2, "get", "interface", "tun0", "error").stdout.strip() == "[]"
         assert wait_for(lambda: received(lab.ping(1, 0.1)) == 1, 10)
         assert received(lab.ping(20, 0.01)) == 20
+
+
+def test_outer_fragments_of_esp_are_reassembled_before_decryption(netlab_ok, tmp_path):
+    """RFC 4303 §3.4.1: a peer's ESP packet fragmented on the way (here built by scapy's
+    ESP, fragmented by scapy and sent last fragment first) is reassembled, then decrypted
+    and delivered; a forged fragment in the same datagram drops it, counted."""
+    s = scapy()
+    from scapy.layers.ipsec import ESP, SecurityAssociation
+
+    keys = Keys.fresh("aes128gcm16")
+    with keyed_lab(keys) as lab:
+        hv1, hv2 = lab.hvs
+        assert lab.wait_for_ping()
+        # Ahead of hv1's own sequence numbers, but inside the window: hv1's genuine packets
+        # that follow are neither replays nor too old.
+        seq = sa_rows(lab, 0)["out"]["seq"] + 500
+        sa = SecurityAssociation(ESP, spi=keys.spi_1to2, crypt_algo="AES-GCM",
+                                 crypt_key=bytes.fromhex(keys.key_1to2), seq_num=seq)
+        inner = (s.Ether(src=mac_of(hv1.vm_ns, hv1.tap), dst=mac_of(hv2.vm_ns, hv2.tap))
+                 / s.IP(src=hv1.vm_ip, dst=hv2.vm_ip) / s.ICMP(type=8, id=0x4343, seq=1)
+                 / s.Raw(b"fragmented-esp!!" * 70))
+        plain = (s.IP(src=hv1.underlay_ip, dst=hv2.underlay_ip, id=0x7777, flags=0)
+                 / s.UDP(sport=49999, dport=4789) / s.VXLAN(vni=lab.vni, flags=0x08) / inner)
+        esp = sa.encrypt(plain)
+        frags = s.fragment(esp, fragsize=512)
+        assert len(frags) == 3
+        eth = s.Ether(src=mac_of(hv1.ns, "br-phy"), dst=mac_of(hv2.ns, "br-phy"))
+        pcap = str(tmp_path / "frags.pcap")
+        s.wrpcap(pcap, [eth / f for f in reversed(frags)])
+        vm_pcap = str(tmp_path / "vm2.pcap")
+        with tcpdump(hv2.vm_ns, hv2.tap, vm_pcap, ["icmp[icmptype] == 8"]):
+            assert send_frames(hv1.ns, hv1.underlay_dev, pcap) == 3
+            assert wait_for(lambda: os.path.getsize(vm_pcap) > 24, 5)
+        echoes = [p for p in s.rdpcap(vm_pcap) if s.ICMP in p and p[s.ICMP].id == 0x4343]
+        assert len(echoes) == 1
+        assert bytes(echoes[0][s.ICMP].payload) == b"fragmented-esp!!" * 70
+
+        # The same datagram with its middle fragment tampered: dropped whole, counted.
+        esp2 = sa.encrypt(plain)
+        frags2 = s.fragment(esp2, fragsize=512)
+        frags2[1][s.Raw].load = bytes([frags2[1][s.Raw].load[0] ^ 1]) + \
+            frags2[1][s.Raw].load[1:]
+        before = statistics(lab, 1).get("esp_auth_failures", 0)
+        s.wrpcap(pcap, [eth / f for f in frags2])
+        assert send_frames(hv1.ns, hv1.underlay_dev, pcap) == 3
+        assert wait_for_counter(lab, 1, "esp_auth_failures", before + 1) == before + 1
+        assert received(lab.ping(5, 0.05)) == 5

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from espswitch.datapath.devices import device_mtu, set_device_mtu
 from espswitch.datapath.errors import PortError
+from espswitch.datapath.ipfrag import Reassembler
 from espswitch.datapath.ports import Port, TapPort, register_port_type
 from espswitch.datapath.tunnel import FOUND, MISSING, ip4, ip4_str
 from espswitch.packet.errors import PacketError
@@ -63,6 +64,9 @@ class TunnelLayer:
         self.arp_tries: dict[tuple[str, bytes], list] = {}
         self.ready: list[tuple[str, bytes]] = []
         self.route_seq = -1
+        # Outer fragments of tunnel packets are reassembled here (RFC 4303 §3.4.1).
+        self.ipfrag = Reassembler(dp.count_drop)
+        self._bypass = False
 
     # --- registration -------------------------------------------------------------------
     def register_ip_handler(self, proto: int, handler: IpHandler) -> None:
@@ -119,7 +123,7 @@ class TunnelLayer:
     # --- inbound ------------------------------------------------------------------------
     def receive(self, bridge: Bridge, in_port: Port, frame: bytes) -> bool:
         """An IPv4 frame to a local tunnel endpoint: True if the tunnel layer took it."""
-        if len(frame) < 34:
+        if len(frame) < 34 or self._bypass:
             return False
         vihl = frame[14]
         if vihl >> 4 != 4:
@@ -127,12 +131,30 @@ class TunnelLayer:
         handler = self.ip_handlers.get(frame[23])
         if handler is None:
             return False
+        if frame[20] & 0x3F or frame[21]:
+            return self._fragment(bridge, in_port, frame, handler)
         return handler(bridge, in_port, frame, 14, (vihl & 15) * 4)
+
+    def _fragment(self, bridge: Bridge, in_port: Port, frame: bytes, handler: IpHandler) -> bool:
+        """A fragment of an ESP or UDP packet: held until its datagram is whole."""
+        done = self.ipfrag.add(frame, 14, self.dp.now)
+        if done is None:
+            return True  # held, or dropped and counted
+        whole, fragments = done
+        if not handler(bridge, in_port, whole, 14, (whole[14] & 15) * 4):
+            # Not for a tunnel (UDP to another port, IKE's for one): the fragments go on
+            # through the bridge as they came, for the kernel to reassemble.
+            self._bypass = True
+            try:
+                bridge.process(in_port, fragments, False)
+            finally:
+                self._bypass = False
+        return True
 
     def _udp_input(self, bridge: Bridge, in_port: Port, frame: bytes, l3: int, ihl: int) -> bool:
         l4 = l3 + ihl
-        if len(frame) < l4 + 8 or frame[l3 + 6] & 0x3F or frame[l3 + 7]:
-            return False  # short or a fragment: the kernel's business
+        if len(frame) < l4 + 8:
+            return False
         handler = self.udp_handlers.get((frame[l4 + 2] << 8) | frame[l4 + 3])
         if handler is None:
             return False
@@ -232,6 +254,8 @@ class TunnelLayer:
     # --- housekeeping -------------------------------------------------------------------
     def run(self, now: float) -> None:
         dp = self.dp
+        if self.ipfrag.pending:
+            self.ipfrag.expire(now)
         if dp.routes.seq != self.route_seq:
             self.route_seq = dp.routes.seq
             for p in self.ports:
