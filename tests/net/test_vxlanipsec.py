@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -409,3 +411,26 @@ def test_lifetime_packets_expires_tunnel_and_rekey_revives_it_in_place(netlab_ok
         assert received(lab.ping(20, 0.01)) == 20
         assert [espswitchd_pid(lab, i) for i in (0, 1)] == pids  # no restart
         assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+def test_manually_keyed_tunnel_resumes_at_once_after_the_daemon_is_killed(netlab_ok):
+    """The restarted SA starts past every sequence number it used before, so the peer's
+    replay window (far ahead) does not drop its packets as replays."""
+    keys = Keys.fresh("aes128gcm16")
+    with keyed_lab(keys) as lab:
+        hv1, _ = lab.hvs
+        assert lab.wait_for_ping()
+        assert received(lab.ping(200, 0.005)) == 200
+        time.sleep(2.5)  # espswitchd notes where the VM's TAP device went every 2 s
+        os.kill(espswitchd_pid(lab, 0), signal.SIGKILL)
+        time.sleep(0.5)
+        lab._start_switch(hv1)
+        assert wait_for(lambda: received(lab.ping(1, 0.1)) == 1, 5), "no traffic after restart"
+        assert received(lab.ping(20, 0.01)) == 20
+        assert sa_rows(lab, 1)["in"]["replayed"] == 0
+        assert sa_rows(lab, 0)["out"]["seq"] > 200
+        path = os.path.join(hv1.dir, "espswitchd.seq")
+        with open(path) as f:
+            marks = f.read()
+        assert "tun0" in marks and keys.key_1to2 not in marks and keys.key_2to1 not in marks
+        assert os.stat(path).st_mode & 0o077 == 0

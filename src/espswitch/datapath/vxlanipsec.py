@@ -80,6 +80,43 @@ _RX_COUNTER = {
 }
 
 
+SEQ_RESERVE = 1 << 20  # sequence numbers reserved ahead of use for a manually keyed SA
+
+
+class SeqMarks:
+    """Where manually keyed outbound SAs start when espswitchd starts again (sans-IO).
+
+    A manually keyed SA is installed again, with the same keys, each time the daemon starts.
+    Starting its sequence numbers at 1 again would make the peer, whose replay window is
+    far ahead, drop everything as replays until the count caught up (RFC 4303 §3.4.3). So
+    blocks of `SEQ_RESERVE` sequence numbers are reserved ahead of use, and the daemon
+    stores the end of the reservation (the mark) durably; an SA installed again starts at
+    its mark, past anything it sent before. A restart costs at most one reservation of the
+    2^32 sequence numbers. Nothing secret is kept: interface, SPI, transform, number.
+    """
+
+    def __init__(self, marks: dict[str, tuple[int, str, int]] | None = None) -> None:
+        self.marks = dict(marks or {})  # interface -> (SPI, transform, first seq to use)
+        self.dirty = False
+
+    def start_for(self, name: str, params: SaParams) -> int:
+        """The first sequence number of a new outbound SA of interface `name`."""
+        mark = self.marks.get(name)
+        if mark is None or mark[0] != params.spi or mark[1] != params.transform.proposal:
+            return 1
+        seq_max = (1 << 64) - 1 if params.transform.esn else (1 << 32) - 1
+        return max(1, min(mark[2], seq_max))
+
+    def track(self, name: str, sa: OutboundSA) -> None:
+        """Reserve further ahead once `sa` has used half of its reservation."""
+        mark = self.marks.get(name)
+        proposal = sa.transform.proposal
+        if (mark is None or mark[0] != sa.spi or mark[1] != proposal
+                or sa.seq + SEQ_RESERVE // 2 > mark[2]):
+            self.marks[name] = (sa.spi, proposal, sa.seq + 1 + SEQ_RESERVE)
+            self.dirty = True
+
+
 class IpsecLayer:
     """The inbound side shared by every `vxlanipsec` tunnel of a datapath: SPI -> SA -> port."""
 
@@ -89,6 +126,8 @@ class IpsecLayer:
         self.ports: dict[int, VxlanIpsecPort] = {}  # inbound SPI -> port
         # Interface name -> (when, outbound SA, inbound SA) of tunnels just closed.
         self.retired: dict[str, tuple[float, OutboundSA, InboundSA]] = {}
+        # The daemon replaces this with the marks it stored before a restart.
+        self.seq_marks = SeqMarks()
         dp.tunnels.register_ip_handler(ESP_PROTO, self._esp_input)
 
     @classmethod
@@ -197,7 +236,9 @@ class VxlanIpsecPort(VxlanPort):
         # Inbound SAs deleted by IKE that still open packets until (deadline, SA).
         self._lingering: list[tuple[float, InboundSA]] = []
         if isinstance(keying, ManualKeying):
-            self.sa_out: OutboundSA | None = OutboundSA(keying.outbound, now=dp.now)
+            start = IpsecLayer.of(dp).seq_marks.start_for(name, keying.outbound)
+            self.sa_out: OutboundSA | None = OutboundSA(keying.outbound, now=dp.now,
+                                                        seq_start=start)
             self.sa_in: InboundSA | None = InboundSA(keying.inbound, now=dp.now)
         else:
             self.sa_out = self.sa_in = None
@@ -221,6 +262,7 @@ class VxlanIpsecPort(VxlanPort):
                 self.sa_out = old_out
             if old_in.params == self.sa_in.params and not old_in.expired:
                 self.sa_in = old_in
+        self._layer.seq_marks.track(self.name, self.sa_out)
         self._layer.add(self, self.sa_in)
         try:
             super().open()
@@ -315,6 +357,8 @@ class VxlanIpsecPort(VxlanPort):
 
     def run(self, now: float) -> None:
         super().run(now)
+        if self.ike is None and self.sa_out is not None:
+            self._layer.seq_marks.track(self.name, self.sa_out)
         if self._lingering and self._lingering[0][0] <= now:
             for _, sa_in in [e for e in self._lingering if e[0] <= now]:
                 sa_in.expire("deleted")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import time
 
@@ -11,8 +12,11 @@ import ovs.vlog
 
 from espswitch.datapath import Datapath, PortError
 from espswitch.datapath.loop import EventLoop
-from espswitch.vswitchd import appctl, ike
+from espswitch.datapath.vxlanipsec import IpsecLayer
+from espswitch.vswitchd import appctl, dirs, ike
 from espswitch.vswitchd.config import Desired, IfaceConfig, desired_state, plan
+from espswitch.vswitchd.seqstore import FILENAME as SEQ_FILENAME
+from espswitch.vswitchd.seqstore import SeqStore
 
 vlog = ovs.vlog.Vlog("espswitchd")
 vlog_dp = ovs.vlog.Vlog("datapath")
@@ -91,6 +95,7 @@ class Switchd:
         dp: Datapath | None = None,
         routes=None,
         devices=None,
+        seq_path: str | None = None,
     ) -> None:
         helper = ovs.db.idl.SchemaHelper(location=schema_path)
         helper.register_columns("Open_vSwitch", ["bridges", "next_cfg", "cur_cfg",
@@ -128,6 +133,10 @@ class Switchd:
         self._bug_rl = RateLimit(vlog.err, interval=60.0, burst=3)
         appctl.register(self)
         self.ike = ike.attach(self)  # IKEv2 for vxlanipsec tunnels keyed with psk/certs
+        # Manually keyed SAs resume their sequence numbers after a restart.
+        self.seq_store = SeqStore(seq_path or os.path.join(dirs.dbdir(), SEQ_FILENAME),
+                                  vlog.warn)
+        IpsecLayer.of(self.dp).seq_marks = self.seq_store.marks
 
     # --- reconcile -----------------------------------------------------------------------
     def config_changed(self) -> Desired | None:
@@ -147,6 +156,7 @@ class Switchd:
         dp = self.dp
         t0 = time.monotonic()
         self.applied = desired
+        desired = self.ike.screen(desired)  # unusable certificates: Interface.error
         p = plan(desired, self.current, set(dp.bridges))
         for name in p.del_ports:
             vlog.info(f"deleting interface {name}")
@@ -195,6 +205,7 @@ class Switchd:
             vlog.info(f"added interface {cfg.name} on bridge {cfg.bridge}")
             self.current[cfg.name] = cfg
         dp.run(time.monotonic())
+        self.seq_store.save(time.monotonic())
         self.ike.run()
         self.write_back(cfg_done=True)
         vlog.dbg(
@@ -350,6 +361,7 @@ class Switchd:
                         self.next_routes = now + ROUTE_REFRESH
                         self.refresh_routes()
                     self.dp.run(now)
+                    self.seq_store.save(now)
                 except Exception:
                     self.bugs += 1
                     self.log_bug("housekeeping error")

@@ -1,0 +1,57 @@
+"""Durable sequence-number marks of manually keyed SAs (see datapath.vxlanipsec.SeqMarks).
+
+The marks live in `$OVS_DBDIR/espswitchd.seq`, next to the database, as JSON: interface name,
+SPI, transform and the first sequence number to use. No key material. The file is replaced
+atomically (write, fsync, rename) so a crash leaves the old marks or the new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from espswitch.datapath.vxlanipsec import SeqMarks
+
+FILENAME = "espswitchd.seq"
+RETRY = 5.0  # seconds before a failed write is tried again
+
+
+class SeqStore:
+    """Loads the marks once, and writes them whenever the datapath reserved more."""
+
+    def __init__(self, path: str, log_warn) -> None:
+        self.path = path
+        self.warn = log_warn
+        self.next_try = 0.0
+        self.marks = SeqMarks(self._load())
+
+    def _load(self) -> dict[str, tuple[int, str, int]]:
+        try:
+            with open(self.path) as f:
+                raw = json.load(f)["marks"]
+            return {str(name): (int(spi), str(esp), int(seq))
+                    for name, (spi, esp, seq) in raw.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            # The marks only avoid a replay-window stall after a restart: start without them.
+            self.warn(f"{self.path}: unreadable sequence marks ignored ({e.__class__.__name__})")
+            return {}
+
+    def save(self, now: float) -> None:
+        """Write the marks if they changed (and the last failure is RETRY seconds old)."""
+        if not self.marks.dirty or now < self.next_try:
+            return
+        tmp = f"{self.path}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"marks": {k: list(v) for k, v in self.marks.marks.items()}}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            self.next_try = now + RETRY
+            self.warn(f"cannot store sequence marks in {self.path}: {e.strerror}")
+            return
+        self.marks.dirty = False
