@@ -421,7 +421,7 @@ def test_manually_keyed_tunnel_resumes_at_once_after_the_daemon_is_killed(netlab
         hv1, _ = lab.hvs
         assert lab.wait_for_ping()
         assert received(lab.ping(200, 0.005)) == 200
-        time.sleep(2.5)  # espswitchd notes where the VM's TAP device went every 2 s
+        time.sleep(1.0)  # espswitchd notes where the VM's TAP device went every 0.5 s
         os.kill(espswitchd_pid(lab, 0), signal.SIGKILL)
         time.sleep(0.5)
         lab._start_switch(hv1)
