@@ -213,6 +213,38 @@ def test_dpd_declares_a_silent_peer_dead():
     assert [e for e in link.events[id(a)] if isinstance(e, ChildSaDeleted)]
 
 
+def test_dpd_timeout_declares_the_peer_dead_sooner_than_the_retransmissions():
+    """With dpd_timeout, an unanswered liveness check gives up after that time (retransmitted
+    meanwhile), not after the whole retransmission schedule (2 + 3.6 + ... = 44.7 s here)."""
+    a, _b, link = pair(dpd_delay=2.0, dpd_timeout=6.0)
+    a.initiate("b", 0.0)
+    link.run()
+    link.advance(5.0)  # answered liveness checks
+    assert _live(a)[0]
+    sent_by_a: list[float] = []
+
+    def lose(data: bytes, sender: object) -> bool:
+        if sender is a:
+            sent_by_a.append(link.now)
+        return True
+
+    link.drop = lose
+    down_at = None
+    for _ in range(80):
+        link.advance(0.25)
+        if [e for e in link.events[id(a)] if isinstance(e, IkeSaDown)]:
+            down_at = link.now
+            break
+    assert down_at is not None and sent_by_a
+    assert abs(down_at - (sent_by_a[0] + 6.0)) <= 0.25, (sent_by_a, down_at)
+    downs = [e for e in link.events[id(a)] if isinstance(e, IkeSaDown)]
+    assert "dead" in downs[0].reason
+    assert [e for e in link.events[id(a)] if isinstance(e, ChildSaDeleted)]
+    # The check went out, then again 2 and 5.6 s later (the normal schedule, in 0.25 s ticks).
+    gaps = [t - sent_by_a[0] for t in sent_by_a]
+    assert len(gaps) == 3 and 2.0 <= gaps[1] <= 2.25 and 5.6 <= gaps[2] <= 5.85, gaps
+
+
 def test_child_installed_events_never_show_keys():
     a, _b, link = pair()
     a.initiate("b", 0.0)

@@ -64,7 +64,12 @@ class ChildConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PeerConfig:
     """One remote peer (an OVS tunnel, a swanctl connection): addresses, identities,
-    credentials, IKE proposals, CHILD_SAs and timers (seconds)."""
+    credentials, IKE proposals, CHILD_SAs and timers (seconds).
+
+    A liveness check (DPD) goes out after `dpd_delay` seconds without a message from the
+    peer. It is retransmitted like any request; the peer is declared dead (its SAs closed)
+    when the retransmissions give up, or after `dpd_timeout` seconds when that is set.
+    """
 
     name: str
     local_addr: str
@@ -76,6 +81,7 @@ class PeerConfig:
     children: tuple[ChildConfig, ...] = (ChildConfig(),)
     ike_rekey_time: float = 14400.0
     dpd_delay: float = 30.0
+    dpd_timeout: float | None = None
     encap: bool = False
     remote_port: int = 500
     retransmit_timeout: float = 2.0
@@ -109,6 +115,8 @@ class PeerConfig:
                 raise IkeConfigError(f"{n} must be positive")
         if self.retransmit_tries < 1:
             raise IkeConfigError("retransmit_tries must be at least 1")
+        if self.dpd_timeout is not None and self.dpd_timeout <= 0:
+            raise IkeConfigError("dpd_timeout must be positive")
 
     def child(self, name: str) -> ChildConfig:
         """The CHILD_SA configuration called `name`."""

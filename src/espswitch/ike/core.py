@@ -141,14 +141,15 @@ class IkeSaInfo:
 class _Request:
     """Our outstanding request (window size 1) and its retransmission schedule."""
 
-    __slots__ = ("ctx", "data", "deadline", "handler", "kind", "mid", "tries")
+    __slots__ = ("ctx", "data", "deadline", "handler", "kind", "mid", "sent_at", "tries")
 
     def __init__(self, kind: str, mid: int, data: bytes, handler: Callable, ctx: Any,
-                 deadline: float) -> None:
+                 deadline: float, sent_at: float) -> None:
         self.kind, self.mid, self.data = kind, mid, data
         self.handler, self.ctx = handler, ctx
         self.tries = 0
         self.deadline = deadline
+        self.sent_at = sent_at
 
 
 class _Child:
@@ -518,7 +519,7 @@ class IkeCore:
         sa.init_request = data
         sa.next_mid = 1
         sa.outstanding = _Request("init", 0, data, self._on_init_response_msg, None,
-                                  now + cfg.retransmit_timeout)
+                                  now + cfg.retransmit_timeout, now)
         self._emit(sa, data, now)
 
     def _nat_notifies(self, sa: _IkeSa, spi_i: bytes, spi_r: bytes) -> list[NotifyPayload]:
@@ -1347,7 +1348,9 @@ class IkeCore:
         sa.next_mid += 1
         data = self._encode(sa, exchange, mid, payloads, response=False)
         sa.outstanding = _Request(kind, mid, data, handler, ctx,
-                                  now + sa.peer.retransmit_timeout)
+                                  now + sa.peer.retransmit_timeout, now)
+        if kind == "dpd" and sa.peer.dpd_timeout is not None:
+            sa.outstanding.deadline = min(sa.outstanding.deadline, now + sa.peer.dpd_timeout)
         self._emit(sa, data, now)
 
     def _send_delete_once(self, sa: _IkeSa, now: float,
@@ -1382,7 +1385,10 @@ class IkeCore:
     def _retransmit(self, sa: _IkeSa, req: _Request, now: float) -> None:
         cfg = sa.peer
         req.tries += 1
-        if req.tries >= cfg.retransmit_tries:
+        # A liveness check has its own give-up time when the peer config sets one.
+        dpd_end = req.sent_at + cfg.dpd_timeout if (
+            req.kind == "dpd" and cfg.dpd_timeout is not None) else None
+        if req.tries >= cfg.retransmit_tries or (dpd_end is not None and now >= dpd_end):
             sa.outstanding = None
             if req.kind == "delete_ike":
                 self._close(sa, "deleted (no answer)", now)
@@ -1393,6 +1399,8 @@ class IkeCore:
             return
         self.counters["retransmits"] += 1
         req.deadline = now + cfg.retransmit_timeout * cfg.retransmit_base ** req.tries
+        if dpd_end is not None:
+            req.deadline = min(req.deadline, dpd_end)
         self._emit(sa, req.data, now)
         for cand in sa.candidates:
             if cand.outstanding is not None:
