@@ -10,6 +10,13 @@ The sockets and the core's next deadline join the daemon's control-plane poll (`
 Each IKE-keyed port becomes one peer of the core, named after the interface. The core's
 events drive the port (`install_child`, `remove_child`, `remove_all_children`); the port
 never does I/O for IKE. Keys and PSKs are never logged, shown or put in an error.
+
+Certificates that cannot be used (an `other_config:certificate`, `private_key` or `ca_cert`,
+or an `options:remote_cert`, that is missing, unreadable or does not parse) are a
+configuration error: `screen` takes such tunnels out of the reconfiguration with one
+sentence for `Interface.error`, and the files are looked at again every second so that
+repairing (or breaking) one takes effect without a database change. What goes wrong while
+running (a socket, a negotiation, a dead peer) stays in `status:ike_error`.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -44,8 +53,11 @@ from espswitch.ike import (
     PeerConfig,
 )
 from espswitch.ike.consts import IdType
+from espswitch.ipsec.config import IkeKeying, parse_ipsec_options
+from espswitch.ipsec.errors import IpsecConfigError
 from espswitch.ipsec.sa import Lifetime
 from espswitch.vswitchd import unixctl
+from espswitch.vswitchd.config import Desired, IfaceConfig
 
 if TYPE_CHECKING:
     from espswitch.datapath import Datapath
@@ -60,6 +72,9 @@ _PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
 CHILD_LINGER = 2.0  # seconds a deleted CHILD_SA's inbound SA still opens packets
 RETRY = 10.0  # seconds between attempts while a tunnel has no IKE SA
 RECV_BATCH = 64
+CERT_CHECK = 1.0  # seconds between looks at the files of certificate-keyed tunnels
+CERT_MAX_BYTES = 1 << 20  # a certificate or key file larger than this is refused
+CERT_OPTIONS = ("certificate", "private_key", "ca_cert")
 
 
 def bind_wildcard(port: int) -> socket.socket:
@@ -93,12 +108,16 @@ class IkeManager:
 
     def __init__(self, dp: Datapath, *, on_change: Callable[[], None] | None = None,
                  bind: Callable[[int], socket.socket] = bind_wildcard,
-                 other_config: Callable[[], dict[str, str]] | None = None) -> None:
+                 other_config: Callable[[], dict[str, str]] | None = None,
+                 on_stale: Callable[[], None] | None = None) -> None:
         self.dp = dp
         self.core = IkeCore([])
         self.peers: dict[str, _Peer] = {}
         self.sockets: dict[int, socket.socket] = {}
         self.on_change = on_change or (lambda: None)
+        # Called when `screen` would now decide differently (a certificate file changed):
+        # the daemon reconfigures again.
+        self.on_stale = on_stale or (lambda: None)
         self._bind = bind
         self._other_config = other_config or dict
         self._bind_error: str | None = None
@@ -106,6 +125,15 @@ class IkeManager:
         self._changed = False
         self.bugs = 0
         self._oc_key: tuple = ()
+        # Loaded credentials (or the error) by their paths, with the files' stat results
+        # when loaded; each load bumps the epoch.
+        self._certs: dict[tuple, tuple[tuple, tuple[Credentials, Identity | None] | str]] = {}
+        self._cert_epoch = 0
+        # Certificate-keyed interfaces `screen` saw: name -> options:remote_cert, and the
+        # error it gave each (None: usable).
+        self._screened: dict[str, str | None] = {}
+        self._screen_errors: dict[str, str | None] = {}
+        self._next_cert_check = 0.0
 
     # -- the daemon's hooks -------------------------------------------------------------------
 
@@ -125,6 +153,8 @@ class IkeManager:
             times.append(d)
         if self.peers and not self.sockets:
             times.append(self._next_bind)
+        if self._screened:
+            times.append(self._next_cert_check)
         return min(times, default=None)
 
     def run(self, now: float | None = None) -> None:
@@ -139,6 +169,7 @@ class IkeManager:
                 vlog.exception(f"IKE layer error ({self.bugs} so far)")
 
     def _run(self, now: float) -> None:
+        self._check_certificates(now)
         self.sync(now)
         self._receive(now)
         d = self.core.next_deadline()
@@ -164,7 +195,8 @@ class IkeManager:
         want = {p.name: p for p in self.dp.ports.values()
                 if isinstance(p, VxlanIpsecPort) and p.ike is not None}
         oc = self._other_config()
-        oc_key = tuple(oc.get(k) for k in ("certificate", "private_key", "ca_cert"))
+        # Other paths, or files that changed since they were loaded (`_cert_epoch`).
+        oc_key = (*(oc.get(k) for k in CERT_OPTIONS), self._cert_epoch)
         certs_changed, self._oc_key = oc_key != self._oc_key, oc_key
         for name in [n for n in self.peers if n not in want]:
             self._drop(name, now)
@@ -237,46 +269,75 @@ class IkeManager:
             encap=port.encap)
 
     def _cert_credentials(self, port: VxlanIpsecPort) -> tuple[Credentials, Identity | None]:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
+        return self._credentials(self._other_config(), port.ike.remote_cert)
 
+    def _credentials(self, oc: dict[str, str],
+                     remote_cert: str | None) -> tuple[Credentials, Identity | None]:
+        """`load_certificates`, loaded again only when a path or a file's stat changed (the
+        same objects otherwise, so an unchanged peer config compares equal). PortError."""
+        paths = (*(oc.get(k) or None for k in CERT_OPTIONS), remote_cert)
+        stamps = tuple(_stamp(p) for p in paths if p)
+        entry = self._certs.get(paths)
+        if entry is not None and entry[0] == stamps:
+            got = entry[1]
+        else:
+            try:
+                got = load_certificates(oc, remote_cert)
+            except (PortError, IkeError, ValueError) as e:
+                got = str(e)
+            self._certs[paths] = (stamps, got)
+            self._cert_epoch += 1
+        if isinstance(got, str):
+            raise PortError(got)
+        return got
+
+    # -- certificate problems are configuration errors -----------------------------------------
+
+    def screen(self, desired: Desired) -> Desired:
+        """`desired` without the certificate-keyed tunnels whose certificates cannot be used:
+        each goes to `errors` (Interface.error) instead, as a bad option would, so the port
+        is not created (or is deleted). Called by the daemon on each reconfiguration."""
         oc = self._other_config()
-        need = [k for k in ("certificate", "private_key") if not oc.get(k)]
-        if need:
-            raise PortError(
-                f"certificates need Open_vSwitch other_config:{' and other_config:'.join(need)}"
-                " (ovs-vsctl set Open_vSwitch . other_config:certificate=PATH ...)")
-        ca_path = oc.get("ca_cert") or port.ike.remote_cert
-        if not ca_path:
-            raise PortError("options:remote_name needs Open_vSwitch other_config:ca_cert "
-                            "(or options:remote_cert)")
-
-        def load(path: str, what: str) -> bytes:
+        self._screened, errors = {}, {}
+        used = set()
+        for name, cfg in desired.ifaces.items():
+            cert_keyed, remote_cert = _certificate_keyed(cfg)
+            if not cert_keyed:
+                continue
+            self._screened[name] = remote_cert
+            used.add((*(oc.get(k) or None for k in CERT_OPTIONS), remote_cert))
             try:
-                with open(path, "rb") as f:
-                    return f.read()
-            except OSError as e:
-                raise PortError(f"{what} {path}: {e.strerror}") from None
+                self._credentials(oc, remote_cert)
+            except PortError as e:
+                errors[name] = f"interface {name}: {e}"
+                if self._screen_errors.get(name) != errors[name]:
+                    vlog.warn(errors[name])
+        self._certs = {k: v for k, v in self._certs.items() if k in used}
+        self._screen_errors = {n: errors.get(n) for n in self._screened}
+        self._next_cert_check = time.monotonic() + CERT_CHECK
+        if not errors:
+            return desired
+        return replace(desired, ifaces={n: c for n, c in desired.ifaces.items()
+                                        if n not in errors},
+                       errors={**desired.errors, **errors})
 
-        def cert(path: str, what: str):
+    def _check_certificates(self, now: float) -> None:
+        """Every CERT_CHECK seconds: would `screen` now decide otherwise for a tunnel (a file
+        or other_config changed)? Then ask the daemon to reconfigure."""
+        if not self._screened or now < self._next_cert_check:
+            return
+        self._next_cert_check = now + CERT_CHECK
+        oc = self._other_config()
+        for name, remote_cert in self._screened.items():
             try:
-                return x509.load_pem_x509_certificate(load(path, what))
-            except ValueError:
-                raise PortError(f"{what} {path} is not a PEM certificate") from None
-
-        mine = cert(oc["certificate"], "other_config:certificate")
-        try:
-            key = serialization.load_pem_private_key(
-                load(oc["private_key"], "other_config:private_key"), None)
-        except (ValueError, TypeError):
-            raise PortError(f"other_config:private_key {oc['private_key']} is not an "
-                            "unencrypted PEM private key") from None
-        what = "other_config:ca_cert" if oc.get("ca_cert") else "options:remote_cert"
-        cas = (cert(ca_path, what),)
-        remote_subject = None
-        if port.ike.remote_cert:
-            remote_subject = _subject_of(cert(port.ike.remote_cert, "options:remote_cert"))
-        return Credentials(cert=mine, key=key, cas=cas), remote_subject
+                self._credentials(oc, remote_cert)
+                error = None
+            except PortError as e:
+                error = f"interface {name}: {e}"
+            if error != self._screen_errors.get(name):
+                vlog.info(f"{name}: certificates changed, reconfiguring")
+                self.on_stale()
+                return
 
     def _drop(self, name: str, now: float) -> None:
         p = self.peers.pop(name)
@@ -499,6 +560,98 @@ def _subject_of(cert) -> Identity:
     return Identity(id_type=IdType.DER_ASN1_DN, data=cert.subject.public_bytes())
 
 
+def _certificate_keyed(cfg: IfaceConfig) -> tuple[bool, str | None]:
+    """(whether the interface is a vxlanipsec tunnel keyed by IKE with certificates, its
+    options:remote_cert). Options that do not parse are the port's own error to report."""
+    if cfg.type != "vxlanipsec":
+        return False, None
+    try:
+        keying = parse_ipsec_options(dict(cfg.options))
+    except IpsecConfigError:
+        return False, None
+    if not isinstance(keying, IkeKeying) or keying.psk is not None:
+        return False, None
+    return True, keying.remote_cert
+
+
+def _stamp(path: str) -> tuple:
+    """What changes when the file at `path` does (or its error when there is none)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return (e.errno,)
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _shown(path: str) -> str:
+    """A path as an error sentence shows it: as is, or quoted if it would break the line."""
+    return path if path.isprintable() else repr(path)
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    """The bytes of a PEM file named by `what` (an option); PortError naming both."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise PortError(f"cannot read {what} {_shown(path)}: not a regular file")
+        if st.st_size > CERT_MAX_BYTES:
+            raise PortError(f"{what} {_shown(path)} is too large for a PEM file")
+        with open(path, "rb") as f:
+            return f.read(CERT_MAX_BYTES + 1)
+    except OSError as e:
+        raise PortError(f"cannot read {what} {_shown(path)}: {e.strerror or e}") from None
+
+
+def _load_cert(path: str, what: str):
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(_read_pem(path, what))
+    except ValueError:
+        raise PortError(f"{what} {_shown(path)} is not a PEM certificate") from None
+
+
+def load_certificates(oc: dict[str, str],
+                      remote_cert: str | None) -> tuple[Credentials, Identity | None]:
+    """Our certificate and key and the trusted CA (Open_vSwitch other_config), and the
+    subject of options:remote_cert, if given. Raises PortError: one sentence naming the
+    option and the path, never the files' contents."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    need = [k for k in ("certificate", "private_key") if not oc.get(k)]
+    if need:
+        raise PortError(
+            f"certificates need Open_vSwitch other_config:{' and other_config:'.join(need)}"
+            f" (ovs-vsctl set Open_vSwitch . other_config:{need[0]}=PATH)")
+    ca_path = oc.get("ca_cert") or remote_cert
+    if not ca_path:
+        raise PortError("options:remote_name needs Open_vSwitch other_config:ca_cert "
+                        "(or options:remote_cert)")
+    cert_path, key_path = oc["certificate"], oc["private_key"]
+    mine = _load_cert(cert_path, "other_config:certificate")
+    try:
+        key = serialization.load_pem_private_key(
+            _read_pem(key_path, "other_config:private_key"), None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise PortError(f"other_config:private_key {_shown(key_path)} is not an unencrypted "
+                        "PEM private key") from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise PortError(f"other_config:private_key {_shown(key_path)} is neither an RSA nor "
+                        "an ECDSA key")
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != mine.public_key().public_bytes(*spki):
+        raise PortError(f"other_config:private_key {_shown(key_path)} is not the key of "
+                        f"other_config:certificate {_shown(cert_path)}")
+    what = "other_config:ca_cert" if oc.get("ca_cert") else "options:remote_cert"
+    cas = (_load_cert(ca_path, what),)
+    remote_subject = None
+    if remote_cert:
+        remote_subject = _subject_of(_load_cert(remote_cert, "options:remote_cert"))
+    return Credentials(cert=mine, key=key, cas=cas), remote_subject
+
+
 def _format(rows: list[dict[str, object]]) -> str:
     if not rows:
         return "no IKE-keyed tunnels\n"
@@ -530,7 +683,10 @@ def attach(sw: Switchd) -> IkeManager:
                 return dict(row.other_config)
         return {}
 
+    def reconfigure() -> None:
+        sw.force = True
+
     mgr = IkeManager(sw.dp, on_change=lambda: sw.write_back(cfg_done=False),
-                     other_config=other_config)
+                     other_config=other_config, on_stale=reconfigure)
     mgr.register_appctl()
     return mgr
