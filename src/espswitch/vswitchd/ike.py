@@ -72,6 +72,9 @@ _PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
 CHILD_LINGER = 2.0  # seconds a deleted CHILD_SA's inbound SA still opens packets
 RETRY = 10.0  # seconds between attempts while a tunnel has no IKE SA
 RECV_BATCH = 64
+# A liveness check unanswered for dpd_delay seconds, and at least this long, means the
+# peer is dead (it is retransmitted meanwhile).
+DPD_TIMEOUT_MIN = 10.0
 CERT_CHECK = 1.0  # seconds between looks at the files of certificate-keyed tunnels
 CERT_MAX_BYTES = 1 << 20  # a certificate or key file larger than this is refused
 CERT_OPTIONS = ("certificate", "private_key", "ca_cert")
@@ -266,7 +269,7 @@ class IkeManager:
             name=port.name, local_addr=local, remote_addr=remote, credentials=creds,
             local_id=local_id, remote_id=remote_id, ike_proposals=ike.ike,
             children=(child,), ike_rekey_time=ike.ike_rekey_time, dpd_delay=ike.dpd_delay,
-            encap=port.encap)
+            dpd_timeout=max(ike.dpd_delay, DPD_TIMEOUT_MIN), encap=port.encap)
 
     def _cert_credentials(self, port: VxlanIpsecPort) -> tuple[Credentials, Identity | None]:
         return self._credentials(self._other_config(), port.ike.remote_cert)
