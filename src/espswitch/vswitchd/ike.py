@@ -103,7 +103,9 @@ class _Peer:
     local_ip: bytes
     next_try: float = 0.0
     last_error: str | None = None
+    # rekey_packets/rekey_bytes, and the outbound SPI whose volume rekey was started
     soft: Lifetime = field(default_factory=Lifetime)
+    rekey_asked: int | None = None
 
 
 class IkeManager:
@@ -226,6 +228,7 @@ class IkeManager:
                 # The same tunnel in a new port object (another option changed): its SAs
                 # move over with their sequence numbers and replay windows.
                 old, p.port, p.local_ip = p.port, port, port.local_ip
+                p.soft = Lifetime(packets=port.ike.rekey_packets, bytes=port.ike.rekey_bytes)
                 if old is not port:
                     self._move_children(old, port)
                 continue
@@ -463,8 +466,8 @@ class IkeManager:
             if port is None:
                 return
             window = port.ike.replay_window
-            out = replace(ev.outbound_params(), soft=p.soft)
-            inb = replace(ev.inbound_params(replay_window=window), soft=p.soft)
+            out = ev.outbound_params()
+            inb = ev.inbound_params(replay_window=window)
             try:
                 port.install_child(out, inb, encap=ev.encap, rekey=ev.rekey_of is not None)
             except PortError as e:
@@ -480,15 +483,16 @@ class IkeManager:
                 self._changed = True
 
     def _check_volume(self, name: str, p: _Peer, now: float) -> None:
-        """rekey_bytes/rekey_packets: a soft lifetime crossed on the current SAs rekeys."""
-        due = False
-        for sa_out, sa_in in p.port.child_sas():
-            for sa in (sa_out, sa_in):
-                for e in sa.take_events():
-                    if not e.hard and sa_out is p.port.sa_out:
-                        due = True
-        if due:
-            self._command(self.core.rekey_child, name, now)
+        """rekey_bytes/rekey_packets: once the SA pair in use has carried that much (either
+        direction), rekey it, once. Counted here from the options as they are now, so a
+        changed option applies to the SAs already installed too."""
+        soft, sa_out, sa_in = p.soft, p.port.sa_out, p.port.sa_in
+        if sa_out is None or sa_in is None or p.rekey_asked == sa_out.spi:
+            return
+        due = (soft.packets is not None and max(sa_out.packets, sa_in.packets) >= soft.packets) \
+            or (soft.bytes is not None and max(sa_out.bytes, sa_in.bytes) >= soft.bytes)
+        if due and self._command(self.core.rekey_child, name, now) is None:
+            p.rekey_asked = sa_out.spi
 
     # -- ovs-appctl ---------------------------------------------------------------------------
 
