@@ -187,8 +187,8 @@ def _start_daemon(lab: Lab, hv_index: int) -> None:
 
 
 def _vm_tap_noted(lab: Lab, hv_index: int) -> bool:
-    """espswitchd has written down which namespace its VM's TAP device lives in (it does
-    every 2 s), so that a restarted daemon finds the device there."""
+    """espswitchd has written down which namespace its VM's TAP device lives in (it looks
+    every so often), so that a restarted daemon finds the device there."""
     hv = lab.hvs[hv_index]
     try:
         with open(os.path.join(hv.dir, "espswitchd.taps.json")) as f:
