@@ -16,7 +16,7 @@ import ovs.vlog
 from espswitch import __version__
 from espswitch.datapath.devices import LinuxDevices
 from espswitch.datapath.netlink import KernelRoutes
-from espswitch.vswitchd import dirs
+from espswitch.vswitchd import dirs, redact
 
 # Every Vlog module must exist before Vlog.init(): import them all first.
 from espswitch.vswitchd.daemon import Switchd, vlog
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ovs.vlog.add_args(parser)
     ovs.daemon.add_args(parser)
     args = parser.parse_args(argv)
+    redact.install()  # before anything is logged
     ovs.vlog.handle_args(args)
     ovs.daemon.handle_args(args)
     remote = args.database or f"unix:{ovs.dirs.RUNDIR}/db.sock"
