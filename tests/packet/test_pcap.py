@@ -6,6 +6,8 @@ import struct
 import subprocess
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from scapy.all import IP, UDP, Dot1Q, Ether, IPv6, raw, rdpcap
 from scapy.utils import PcapWriter as ScapyPcapWriter
 from scapy.utils import wrpcapng
@@ -18,10 +20,12 @@ from espswitch.packet.pcap import (
     LINKTYPE_LINUX_SLL2,
     LINKTYPE_RAW,
     PcapError,
+    PcapngReader,
     PcapReader,
     PcapRecord,
     PcapWriter,
     ip_packet_of,
+    open_capture,
 )
 
 FRAMES = [
@@ -109,14 +113,103 @@ def test_tshark_reads_our_file(tmp_path):
     assert rows == [[str(len(f)), "10.0.0.1"] for f in FRAMES]
 
 
-def test_pcapng_gets_a_conversion_hint(tmp_path):
+def test_pcapng_reader_refers_a_classic_reader_to_it(tmp_path):
     path = tmp_path / "x.pcapng"
     wrpcapng(str(path), [Ether(FRAMES[0])])
-    with path.open("rb") as f, pytest.raises(PcapError) as info:
+    with path.open("rb") as f, pytest.raises(PcapError, match="PcapngReader"):
         PcapReader(f)
-    assert str(info.value) == (
-        "not a pcap file (pcapng is not supported: convert with `editcap -F pcap`)"
-    )
+
+
+def test_scapy_pcapng_is_read_back(tmp_path):
+    path = tmp_path / "x.pcapng"
+    wrpcapng(str(path), [Ether(f) for f in FRAMES])
+    with path.open("rb") as f:
+        reader = open_capture(f)
+        assert isinstance(reader, PcapngReader) and reader.linktype == LINKTYPE_ETHERNET
+        assert [r.data for r in reader] == FRAMES
+
+
+@pytest.mark.skipif(shutil.which("editcap") is None, reason="needs editcap (tshark)")
+def test_editcap_pcapng_has_the_classic_files_packets_and_timestamps(tmp_path):
+    classic = tmp_path / "x.pcap"
+    with classic.open("wb") as f:
+        w = PcapWriter(f)
+        for i, frame in enumerate(FRAMES):
+            w.write(frame, ts_sec=1_700_000_000 + i, ts_frac=123_456 + i)
+    ng = tmp_path / "x.pcapng"
+    subprocess.run(["editcap", "-F", "pcapng", str(classic), str(ng)], check=True, timeout=30)
+    with classic.open("rb") as a, ng.open("rb") as b:
+        want = [(r.ts_sec, r.ts_frac, r.data) for r in open_capture(a)]
+        got_reader = open_capture(b)
+        assert isinstance(got_reader, PcapngReader)
+        assert [(r.ts_sec, r.ts_frac, r.data) for r in got_reader] == want
+
+
+def _block(order: str, btype: int, body: bytes) -> bytes:
+    body += bytes(-len(body) % 4)
+    n = 12 + len(body)
+    return struct.pack(order + "II", btype, n) + body + struct.pack(order + "I", n)
+
+
+def _shb(order: str) -> bytes:
+    return _block(order, 0x0A0D0D0A, struct.pack(order + "IHHq", 0x1A2B3C4D, 1, 0, -1))
+
+
+def _idb(order: str, linktype: int, tsresol: int | None = None) -> bytes:
+    opts = b""
+    if tsresol is not None:
+        opts = struct.pack(order + "HH", 9, 1) + bytes([tsresol, 0, 0, 0])
+        opts += struct.pack(order + "HH", 0, 0)
+    return _block(order, 1, struct.pack(order + "HHI", linktype, 0, 65535) + opts)
+
+
+def _epb(order: str, iface: int, ts: int, data: bytes) -> bytes:
+    return _block(order, 6, struct.pack(order + "IIIII", iface, ts >> 32, ts & 0xFFFFFFFF,
+                                        len(data), len(data)) + data)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_hand_built_pcapng_sections_resolutions_and_skipped_blocks(order):
+    raw_ip = FRAMES[0][14:]
+    data = (_shb(order) + _idb(order, LINKTYPE_ETHERNET, tsresol=9)
+            + _block(order, 4, b"\0\0\0\0")  # a name resolution block: skipped
+            + _epb(order, 0, 1_700_000_000 * 10**9 + 987_654_321, FRAMES[0])
+            + _block(order, 3, struct.pack(order + "I", len(FRAMES[1])) + FRAMES[1])
+            + _block(order, 5, bytes(12))  # interface statistics: skipped
+            # A second section in the other byte order: interface ids start again.
+            + _shb(">" if order == "<" else "<")
+            + _idb(">" if order == "<" else "<", LINKTYPE_ETHERNET)
+            + _epb(">" if order == "<" else "<", 0, 5_000_001, FRAMES[2]))
+    reader = open_capture(io.BufferedReader(io.BytesIO(data)))
+    assert reader.linktype == LINKTYPE_ETHERNET and reader.nanosecond
+    recs = list(reader)
+    assert [r.data for r in recs] == FRAMES[:3]
+    assert (recs[0].ts_sec, recs[0].ts_frac) == (1_700_000_000, 987_654_321)
+    assert (recs[2].ts_sec, recs[2].ts_frac) == (5, 1000)  # microseconds, shown in ns
+    mixed = _shb(order) + _idb(order, LINKTYPE_ETHERNET) + _idb(order, LINKTYPE_RAW) + \
+        _epb(order, 1, 0, raw_ip)
+    with pytest.raises(PcapError, match="mixes link types"):
+        list(open_capture(io.BufferedReader(io.BytesIO(mixed))))
+
+
+@pytest.mark.parametrize("cut", [4, 9, 30, 50])
+def test_damaged_pcapng_is_a_pcap_error(cut):
+    good = _shb("<") + _idb("<", LINKTYPE_ETHERNET) + _epb("<", 0, 0, FRAMES[0])
+    with pytest.raises(PcapError):
+        list(open_capture(io.BufferedReader(io.BytesIO(good[:-cut]))))
+    undeclared = _shb("<") + _idb("<", LINKTYPE_ETHERNET) + _epb("<", 3, 0, FRAMES[0])
+    with pytest.raises(PcapError, match="undeclared interface"):
+        list(open_capture(io.BufferedReader(io.BytesIO(undeclared))))
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_after_a_section_header_only_give_pcap_errors(tail):
+    data = _shb("<") + _idb("<", LINKTYPE_ETHERNET) + tail
+    try:
+        for _ in open_capture(io.BufferedReader(io.BytesIO(data))):
+            pass
+    except PcapError:
+        pass
 
 
 @pytest.mark.parametrize("content", [b"", b"\xd4\xc3", b"GIF89a" + bytes(30), bytes(24)])

@@ -38,10 +38,12 @@ from espswitch.packet.pcap import (
     LINKTYPE_LINUX_SLL2,
     LINKTYPE_RAW,
     PcapError,
+    PcapngReader,
     PcapReader,
     PcapRecord,
     PcapWriter,
     ip_packet_of,
+    open_capture,
 )
 
 __all__ = ["register"]
@@ -196,7 +198,7 @@ def _params(args: argparse.Namespace, **extra: Any) -> SaParams:
 
 @dataclass(slots=True, kw_only=True)
 class _Files:
-    reader: PcapReader
+    reader: PcapReader | PcapngReader
     writer: PcapWriter
     infile: BinaryIO
     outfile: BinaryIO
@@ -226,7 +228,7 @@ def _open_files(args: argparse.Namespace, out_linktype: Any = None) -> _Files:
         raise _ToolError(f"{args.input}: cannot read: {exc.strerror}") from None
     try:
         try:
-            reader = PcapReader(infile)
+            reader = open_capture(infile)
         except PcapError as exc:
             raise _ToolError(f"{args.input}: {exc.what}") from None
         except OSError as exc:
