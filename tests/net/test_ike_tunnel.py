@@ -9,6 +9,7 @@ then only ESP), a CHILD_SA rekey under traffic, UDP encapsulation, and a wrong P
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import time
@@ -283,3 +284,69 @@ def test_certificates_with_remote_name(netlab_ok):
                   'options:remote_name="C=CH, O=espswitch test, CN=someone else"')
         assert wait_for(lambda: status(lab, 0).get("ipsec_state") == "connecting", 10)
         assert received(lab.ping(3, 0.2)) == 0
+
+
+GARBAGE_SENDER = r"""
+import os, random, socket, struct, sys
+dst = sys.argv[1]
+rng = random.Random(7)
+def ike_header(exch, flags, length, np=33):
+    return os.urandom(8) + bytes(8) + bytes([np, 0x20, exch, flags]) + struct.pack("!II", 0, length)
+msgs = [b"", b"\x00", b"\xff" * 3, os.urandom(27)]
+for n in (28, 29, 100, 1000, 3000):
+    msgs.append(ike_header(34, 0x08, n) + os.urandom(max(0, n - 28)))  # IKE_SA_INIT, junk body
+msgs.append(ike_header(34, 0x08, 0xFFFFFFF0) + os.urandom(60))        # length past the datagram
+msgs.append(ike_header(35, 0x08, 28 + 40, np=46) + os.urandom(40))     # IKE_AUTH for no SA
+msgs.append(ike_header(37, 0x20, 28 + 40, np=46) + os.urandom(40))     # INFORMATIONAL, response
+msgs += [os.urandom(rng.randrange(1, 1500)) for _ in range(200)]
+sent = 0
+for port in (500, 4500):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 0))
+    for m in msgs:
+        data = (b"\0\0\0\0" + m) if port == 4500 and rng.random() < 0.5 else m
+        s.sendto(data, (dst, port))
+        sent += 1
+print(sent)
+"""
+
+
+def daemon_pids(lab: Lab) -> list[str]:
+    pids = []
+    for hv in lab.hvs:
+        with open(os.path.join(hv.dir, "espswitchd.pid")) as f:
+            pids.append(f.read().strip())
+    return pids
+
+
+def test_garbage_to_the_ike_ports_is_dropped_and_the_ike_sa_stays(lab):
+    configure(lab, psk=PSK)
+
+    def settled() -> dict | None:
+        # Both ends initiate: the SA pair of a crossing settles a moment after the first.
+        first = status(lab, 0)
+        time.sleep(1.0)
+        again = status(lab, 0)
+        return again if again.get("spi_out") == first.get("spi_out") else None
+
+    st1 = wait_for(settled, 15)
+    assert st1, "the SA pair kept changing"
+    pids = daemon_pids(lab)
+
+    def dropped() -> int:
+        shown = json.loads(lab.appctl(lab.hvs[1], "ike/show", "--json").stdout)
+        return shown["messages"]["dropped"]
+
+    before = dropped()
+    out = run(["python3", "-c", GARBAGE_SENDER, lab.hvs[1].underlay_ip], ns=lab.hvs[0].ns)
+    assert int(out.stdout) > 400
+    # Everything on port 500 reaches the IKE layer and is dropped (counted), as is what
+    # carries the non-ESP marker on 4500; the rest of 4500 is the datapath's (unknown SPI).
+    assert wait_for(lambda: dropped() >= before + 200, 5), (before, dropped())
+    assert daemon_pids(lab) == pids
+    for hv in lab.hvs:
+        assert lab.appctl(hv, "version").returncode == 0
+    st = (status(lab, 0), status(lab, 1))
+    assert all(s["ipsec_state"] == "established" for s in st), st
+    assert st[0]["spi_out"] == st1["spi_out"]  # the same SAs: nothing was torn down
+    assert received(lab.ping(20, 0.01)) == 20

@@ -534,10 +534,12 @@ class IkeManager:
                 conn.reply_error(f"no IKE-keyed vxlanipsec interface named {names[0]}")
                 return
             rows = self.show(names[0] if names else None)
+            counters = dict(self.core.counters)
             if as_json:
-                conn.reply(json.dumps({"peers": rows}, indent=1) + "\n")
+                conn.reply(json.dumps({"peers": rows, "messages": counters}, indent=1) + "\n")
             else:
-                conn.reply(_format(rows))
+                conn.reply(_format(rows) + "IKE messages: " + ", ".join(
+                    f"{k.replace('_', ' ')} {v}" for k, v in counters.items()) + "\n")
 
         def ike_rekey(conn, argv, aux) -> None:
             name = argv[0]
