@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from .lab import Lab, build_tunnel_lab
+from .lab import Topology, build_tunnel_lab
 
 
 def _skip_reason() -> str | None:
@@ -31,7 +31,7 @@ def netlab_ok():
 
 @pytest.fixture
 def lab(netlab_ok):
-    lab = Lab(tempfile.mkdtemp(prefix="espswitch-net-"))
+    lab = Topology(tempfile.mkdtemp(prefix="espswitch-net-"))
     yield lab
     lab.close()
 

@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import pytest
 
-from .lab import VM_MTU, run, wait_until
+from .lab import VM_MTU, no_tx_offload, run, wait_until
 
 pytestmark = pytest.mark.net
-
-NO_TX_OFFLOAD = """
-import sys
-from pyroute2 import Ethtool
-e = Ethtool()
-f = e.get_features(sys.argv[1])
-for name in ("tx-checksum-ip-generic", "tx-checksum-ipv4", "tx-generic-segmentation",
-             "tx-tcp-segmentation", "tx-udp-segmentation"):
-    if name in f.features:
-        f.features[name].enable = False
-e.set_features(sys.argv[1], f)
-"""
 
 
 def test_vxlan_interoperates_with_the_kernel(lab):
@@ -37,7 +24,7 @@ def test_vxlan_interoperates_with_the_kernel(lab):
     a.sh("ip", "link", "set", "br-phy", "up")
     # As with OVS's userspace datapath: a kernel sending into a veth that a packet socket
     # reads must compute its checksums itself (no tx checksum offload, hence no TSO/GSO).
-    run([sys.executable, "-c", NO_TX_OFFLOAD, "ul0"], b)
+    no_tx_offload(b, "ul0")
     vx = run(["ip", "link", "add", "vxlan0", "type", "vxlan", "id", "4242", "remote",
               "10.0.0.1", "local", "10.0.0.2", "dstport", "4789"], b, check=False)
     if vx.returncode != 0:

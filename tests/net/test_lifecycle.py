@@ -26,10 +26,10 @@ def test_vlan_tags_isolate_vms(lab):
     assert "10 received" in v1.ping(v2.ip, count=10).stdout
     assert v1.ping(v3.ip, count=3, wait=1).returncode != 0
     assert v3.ping(v2.ip, count=3, wait=1).returncode != 0
-    fdb = hv.appctl("fdb/show", "br0")
+    fdb = hv.appctl("fdb/show", "br0").stdout
     assert re.search(rf"^\s+\d+\s+10\s+{v1.mac}", fdb, re.M), fdb
     assert re.search(rf"^\s+\d+\s+20\s+{v3.mac}", fdb, re.M), fdb
-    assert "tag=20" in hv.appctl("dpif/show")
+    assert "tag=20" in hv.appctl("dpif/show").stdout
     # Moving v3 to VLAN 10 joins it to the others.
     hv.vsctl("set", "Port", v3.tap, "tag=10")
     assert wait_until(lambda: v3.can_reach(v2.ip), 5) is not None

@@ -79,7 +79,7 @@ def test_vxlan_interoperates_with_open_vswitch_userspace_datapath(lab, tmp_path)
             assert "error" not in res, res.get("error")
             assert res["end"]["sum_received"]["bytes"] > 1_000_000
         # Each learned the other's VM behind its tunnel port.
-        assert vmb.mac in a.appctl("fdb/show", "br-int")
+        assert vmb.mac in a.appctl("fdb/show", "br-int").stdout
         fdb_b = b.sh("ovs-appctl", "fdb/show", "br-int").stdout
         assert vma.mac in fdb_b, fdb_b
     finally:

@@ -77,7 +77,7 @@ def test_keys_never_show_in_logs_status_appctl_or_files(netlab_ok, esp):
         time.sleep(1.0)
         os.kill(espswitchd_pid(lab, 0), signal.SIGKILL)
         time.sleep(0.5)
-        lab._start_switch(hv1)
+        hv1.start()
         lab.appctl(hv1, "vlog/set", "dbg")
         assert wait_for(lambda: received(lab.ping(1, 0.1)) == 1, 10)
         shown = everything_espswitchd_shows(lab)

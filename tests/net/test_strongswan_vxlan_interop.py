@@ -18,14 +18,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from espswitch.cli.lab import CHARON, LabError, start_charon, stop_charon, tcpdump
 
-from .lab import run, wait_until
+from .lab import no_tx_offload, run, wait_until
 
 pytestmark = pytest.mark.net
 
@@ -35,18 +34,6 @@ VNI = 42
 PSK = "strongswan-vxlan-interop-psk-4f2a9c"
 INNER_MTU = 1350  # ipsec0 has MTU 1400; fragments of VXLAN match no selector
 N_PINGS = 20
-
-NO_TX_OFFLOAD = """
-import sys
-from pyroute2 import Ethtool
-e = Ethtool()
-f = e.get_features(sys.argv[1])
-for name in ("tx-checksum-ip-generic", "tx-checksum-ipv4", "tx-generic-segmentation",
-             "tx-tcp-segmentation", "tx-udp-segmentation"):
-    if name in f.features:
-        f.features[name].enable = False
-e.set_features(sys.argv[1], f)
-"""
 
 
 SWANCTL_CONF = f"""connections {{
@@ -117,7 +104,7 @@ class Charon:
 
     def swanctl(self, *args: str, check: bool = True, timeout: float = 30) -> str:
         env = {"STRONGSWAN_CONF": str(self.dir / "strongswan.conf")}
-        r = run(["swanctl", *args, "--uri", self.uri], self.ns, env, check=False,
+        r = run(["swanctl", *args, "--uri", self.uri], self.ns, env=env, check=False,
                 timeout=timeout)
         if check and r.returncode:
             raise AssertionError(f"swanctl {' '.join(args)} -> {r.returncode}\n{r.stdout}\n"
@@ -161,7 +148,7 @@ def topo(lab, tmp_path):
     a.sh("ip", "addr", "add", f"{A_IP}/24", "dev", "br-phy")
     a.sh("ip", "link", "set", "br-phy", "up")
     # A kernel sending into a veth that a packet socket reads must compute its checksums.
-    run([sys.executable, "-c", NO_TX_OFFLOAD, "ul0"], b)
+    no_tx_offload(b, "ul0")
     vx = run(["ip", "link", "add", "vx0", "type", "vxlan", "id", str(VNI), "local", B_IP,
               "remote", A_IP, "dstport", "4789"], b, check=False)
     if vx.returncode:
@@ -197,7 +184,8 @@ def add_tunnel(a) -> None:
 
 def diagnostics(t) -> str:
     a, charon = t["a"], t["charon"]
-    return (f"espswitch status: {status(a)}\nike/show:\n{a.appctl('ike/show', check=False)}\n"
+    ike = a.appctl("ike/show", check=False).stdout
+    return (f"espswitch status: {status(a)}\nike/show:\n{ike}\n"
             f"swanctl --list-sas:\n{charon.list_sas()}\ncharon.log:\n{charon.log()[-4000:]}")
 
 
@@ -230,7 +218,7 @@ def check_traffic_and_wire(t, sas: str) -> None:
     charon_in, charon_out = (int(x, 16) for x in m.groups())
     assert int(st["spi_in"], 16) == charon_out and int(st["spi_out"], 16) == charon_in, \
         (st, sas)
-    ike = a.appctl("ike/show")
+    ike = a.appctl("ike/show").stdout
     assert "established" in ike.lower(), ike
     # ARP over the tunnel first, then the measured pings.
     assert wait_until(lambda: vm.can_reach(B_VX), 15) is not None, diagnostics(t)

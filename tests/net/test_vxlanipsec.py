@@ -424,7 +424,7 @@ def test_manually_keyed_tunnel_resumes_at_once_after_the_daemon_is_killed(netlab
         time.sleep(1.0)  # espswitchd notes where the VM's TAP device went every 0.5 s
         os.kill(espswitchd_pid(lab, 0), signal.SIGKILL)
         time.sleep(0.5)
-        lab._start_switch(hv1)
+        hv1.start()
         assert wait_for(lambda: received(lab.ping(1, 0.1)) == 1, 5), "no traffic after restart"
         assert received(lab.ping(20, 0.01)) == 20
         assert sa_rows(lab, 1)["in"]["replayed"] == 0

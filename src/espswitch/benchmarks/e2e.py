@@ -31,7 +31,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from espswitch.cli.lab import CHARON, Lab, LabError, run, start_charon, stop_charon
+from espswitch.cli.labkit import add_netns, delete_netns
 
 PATHS = ("espswitch-vxlanipsec-aes128gcm16", "espswitch-vxlan", "kernel-vxlan",
          "strongswan-libipsec")
@@ -123,13 +123,6 @@ def measure(src_ns: str, dst_ns: str, dst_ip: str, seconds: int) -> dict[str, An
 
 # -- namespaces ----------------------------------------------------------------------------
 
-def _kill_ns_processes(ns: str) -> None:
-    pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
-
-
 @contextlib.contextmanager
 def veth_pair_namespaces(tag: str) -> Iterator[tuple[str, str]]:
     """Two fresh namespaces joined by a veth (eth0 in each) with 192.0.2.1/.2; deleted after."""
@@ -138,9 +131,8 @@ def veth_pair_namespaces(tag: str) -> Iterator[tuple[str, str]]:
     made: list[str] = []
     try:
         for ns in names:
-            run(["ip", "netns", "add", ns])
+            add_netns(ns, ipv6=True)
             made.append(ns)
-            run(["ip", "link", "set", "lo", "up"], ns=ns)
         run(["ip", "link", "add", "eth0", "netns", names[0], "type", "veth",
              "peer", "name", "eth0", "netns", names[1]])
         for ns, ip in zip(names, UNDERLAY, strict=True):
@@ -149,8 +141,7 @@ def veth_pair_namespaces(tag: str) -> Iterator[tuple[str, str]]:
         yield names
     finally:
         for ns in reversed(made):
-            _kill_ns_processes(ns)
-            run(["ip", "netns", "del", ns], check=False)
+            delete_netns(ns)
 
 
 def _mtu(ns: str, dev: str) -> int:

@@ -1,7 +1,8 @@
 """A two-hypervisor lab on one machine: network namespaces, a veth underlay, two VMs.
 
 Used by `espswitch demo`, the end-to-end tests and the benchmarks, so that all three build
-the same topology the way an operator would: `espswitch start`, `ovs-vsctl` and `ip`.
+the same topology the way an operator would: `espswitch start`, `ovs-vsctl` and `ip`. It is
+a `Topology` of espswitch.cli.labkit (the building blocks the other test topologies use too).
 
     vm1 ns            hv1 ns                                  hv2 ns            vm2 ns
     [tap vm1] -- br-int --[tunnel]          [tunnel]-- br-int -- [tap vm2]
@@ -16,10 +17,11 @@ import secrets
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+
+from espswitch.cli.labkit import Hypervisor, LabError, Topology, Vm, run
 
 UNDERLAY = ("192.0.2.1", "192.0.2.2")
 VM_IPS = ("198.51.100.1", "198.51.100.2")
@@ -115,54 +117,6 @@ def stop_charon(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait(5)
 
 
-class LabError(Exception):
-    """A lab step failed; the message names the step and what the tool said."""
-
-
-@dataclass
-class Hypervisor:
-    """One hypervisor namespace with its own OVS directories."""
-
-    index: int
-    ns: str
-    vm_ns: str
-    dir: str
-    underlay_dev: str
-    tap: str
-    tunnel: str = "tun0"
-
-    @property
-    def env(self) -> dict[str, str]:
-        """The environment for OVS tools and espswitch in this hypervisor."""
-        env = dict(os.environ)
-        env.update(OVS_RUNDIR=self.dir, OVS_DBDIR=self.dir, OVS_LOGDIR=self.dir)
-        return env
-
-    @property
-    def underlay_ip(self) -> str:
-        return UNDERLAY[self.index]
-
-    @property
-    def vm_ip(self) -> str:
-        return VM_IPS[self.index]
-
-
-def run(cmd: Sequence[str], *, ns: str | None = None, env: Mapping[str, str] | None = None,
-        check: bool = True, timeout: float = 60.0, input: str | None = None,
-        ) -> subprocess.CompletedProcess[str]:
-    """Run a command, in namespace `ns` if given; raise LabError with its stderr on failure."""
-    full = ["ip", "netns", "exec", ns, *cmd] if ns else list(cmd)
-    try:
-        r = subprocess.run(full, capture_output=True, text=True, env=env, timeout=timeout,
-                           input=input)
-    except subprocess.TimeoutExpired:
-        raise LabError(f"{' '.join(cmd)}: no answer after {timeout:.0f} s") from None
-    if check and r.returncode != 0:
-        detail = (r.stderr or r.stdout).strip().splitlines()
-        raise LabError(f"{' '.join(cmd)} failed: {detail[-1] if detail else r.returncode}")
-    return r
-
-
 @contextlib.contextmanager
 def tcpdump(ns: str, dev: str, path: str, bpf: Sequence[str] = ()) -> Iterator[str]:
     """tcpdump -w `path` on `dev` in namespace `ns` while the block runs."""
@@ -191,99 +145,88 @@ def tcpdump(ns: str, dev: str, path: str, bpf: Sequence[str] = ()) -> Iterator[s
 
 
 @dataclass
-class Lab:
+class LabHypervisor(Hypervisor):
+    """A hypervisor of the two-hypervisor `Lab`: its index (0, 1), its VM and tunnel port."""
+
+    index: int = 0
+    vm_ns: str = ""
+    tap: str = ""
+    vm_ip: str = ""
+    tunnel: str = "tun0"
+
+
+@dataclass
+class Lab(Topology):
     """The topology; use as a context manager so it is always taken down.
 
     `tunnel_options` are the `options:` of the tunnel interface on each side (index 0, 1);
-    `remote_ip` and `key` are filled in.
+    `remote_ip` and `key` are filled in. Namespaces are named `TAG-hv1`, `TAG-vm1`, ... with
+    TAG `es` and six random hex digits; they keep IPv6, as they always have (the VMs' IPv6
+    chatter crosses the tunnel as ESP too).
     """
 
+    tag: str = field(default_factory=lambda: "es" + secrets.token_hex(3))
+    ipv6: bool = True
     tunnel_type: str = "vxlanipsec"
     tunnel_options: tuple[dict[str, str], dict[str, str]] = field(
         default_factory=lambda: ({}, {}))
     vni: int = DEFAULT_VNI
-    prefix: str = field(default_factory=lambda: "es" + secrets.token_hex(3))
-    hvs: list[Hypervisor] = field(default_factory=list)
-    _tmp: str | None = None
-    _namespaces: list[str] = field(default_factory=list)
+    hvs: list[LabHypervisor] = field(default_factory=list)
 
     def __enter__(self) -> Lab:
         try:
             self.build()
         except BaseException:
-            self.destroy()
+            self.close()
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.destroy()
+    def ns_name(self, role: str) -> str:
+        return f"{self.tag}-{role}"
 
     # -- building -------------------------------------------------------------------------
 
     def build(self) -> None:
-        """Create namespaces, the underlay, both switches, bridges, VMs and the tunnel."""
+        """Create namespaces, both switches, the underlay, bridges, VMs and the tunnel."""
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces and TAP devices)")
         for tool in ("ip", "ovs-vsctl", "ovsdb-server", "ovs-appctl"):
             if shutil.which(tool) is None:
                 raise LabError(f"{tool} not found: run scripts/install.sh first")
-        self._tmp = tempfile.mkdtemp(prefix=f"{self.prefix}-")
-        p = self.prefix
-        for i in range(2):
-            hv = Hypervisor(index=i, ns=f"{p}-hv{i + 1}", vm_ns=f"{p}-vm{i + 1}",
-                            dir=os.path.join(self._tmp, f"hv{i + 1}"),
-                            underlay_dev=f"{p}u{i + 1}", tap=f"vm{i + 1}")
-            os.makedirs(hv.dir)
-            self.hvs.append(hv)
-            for ns in (hv.ns, hv.vm_ns):
-                run(["ip", "netns", "add", ns])
-                self._namespaces.append(ns)
-                run(["ip", "link", "set", "lo", "up"], ns=ns)
+        for i in (1, 2):
+            hv = self.hypervisor(f"hv{i}", LabHypervisor, index=i - 1, tap=f"vm{i}",
+                                 vm_ip=VM_IPS[i - 1])
+            hv.vm_ns = self.netns(f"vm{i}")
         a, b = self.hvs
-        run(["ip", "link", "add", a.underlay_dev, "netns", a.ns, "type", "veth",
-             "peer", "name", b.underlay_dev, "netns", b.ns])
         for hv in self.hvs:
-            run(["ip", "link", "set", hv.underlay_dev, "up"], ns=hv.ns)
-            self._start_switch(hv)
+            hv.start()
+        self.underlay(a, b, *UNDERLAY, devs=(f"{self.tag}u1", f"{self.tag}u2"),
+                      datapath_type="netdev")
         for hv, peer in ((a, b), (b, a)):
-            self._configure(hv, peer)
-
-    def _start_switch(self, hv: Hypervisor) -> None:
-        run(["espswitch", "start"], ns=hv.ns, env=hv.env, timeout=60)
+            hv.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int",
+                     "datapath_type=netdev",
+                     "--", "add-port", "br-int", hv.tap, "--", "set", "interface", hv.tap,
+                     "type=tap",
+                     "--", "add-port", "br-int", hv.tunnel, "--", "set", "interface",
+                     hv.tunnel, *self.tunnel_args(hv, peer))
+            hv.sh("ip", "link", "set", "br-int", "up")
+            hv.plug(Vm(hv.vm_ns, hv.tap, hv.vm_ip))
 
     def vsctl(self, hv: Hypervisor, *args: str, check: bool = True,
               timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        """ovs-vsctl in this hypervisor (waits for espswitchd to apply the change)."""
-        return run(["ovs-vsctl", f"--timeout={int(timeout)}", *args], ns=hv.ns, env=hv.env,
-                   check=check, timeout=timeout + 5)
+        """hv.vsctl(...): ovs-vsctl in this hypervisor (waits for espswitchd to apply it)."""
+        return hv.vsctl(*args, check=check, timeout=timeout)
 
     def appctl(self, hv: Hypervisor, *args: str, check: bool = True,
                ) -> subprocess.CompletedProcess[str]:
-        """ovs-appctl -t espswitchd in this hypervisor."""
-        return run(["ovs-appctl", "-t", "espswitchd", *args], ns=hv.ns, env=hv.env,
-                   check=check)
+        """hv.appctl(...): ovs-appctl -t espswitchd in this hypervisor."""
+        return hv.appctl(*args, check=check)
 
-    def tunnel_args(self, hv: Hypervisor, peer: Hypervisor) -> list[str]:
+    def tunnel_args(self, hv: LabHypervisor, peer: LabHypervisor) -> list[str]:
         """`set interface` arguments that (re)configure this side's tunnel."""
         opts = {"remote_ip": peer.underlay_ip, "key": str(self.vni)}
         opts.update(self.tunnel_options[hv.index])
         return [f"type={self.tunnel_type}", *(f"options:{k}={v}" for k, v in opts.items())]
-
-    def _configure(self, hv: Hypervisor, peer: Hypervisor) -> None:
-        self.vsctl(hv, "add-br", "br-phy", "--", "set", "bridge", "br-phy",
-                   "datapath_type=netdev", "--", "add-port", "br-phy", hv.underlay_dev)
-        run(["ip", "addr", "add", f"{hv.underlay_ip}/24", "dev", "br-phy"], ns=hv.ns)
-        run(["ip", "link", "set", "br-phy", "up"], ns=hv.ns)
-        self.vsctl(hv, "add-br", "br-int", "--", "set", "bridge", "br-int",
-                   "datapath_type=netdev",
-                   "--", "add-port", "br-int", hv.tap, "--", "set", "interface", hv.tap,
-                   "type=tap",
-                   "--", "add-port", "br-int", hv.tunnel, "--", "set", "interface", hv.tunnel,
-                   *self.tunnel_args(hv, peer))
-        run(["ip", "link", "set", "br-int", "up"], ns=hv.ns)
-        run(["ip", "link", "set", hv.tap, "netns", hv.vm_ns], ns=hv.ns)
-        run(["ip", "addr", "add", f"{hv.vm_ip}/24", "dev", hv.tap], ns=hv.vm_ns)
-        run(["ip", "link", "set", hv.tap, "up"], ns=hv.vm_ns)
 
     # -- using ----------------------------------------------------------------------------
 
@@ -295,7 +238,7 @@ class Lab:
         cmd = ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", "2"]
         if size is not None:
             cmd += ["-s", str(size)]
-        return run([*cmd, *extra, peer.vm_ip], ns=hv.vm_ns, check=False, timeout=timeout)
+        return run([*cmd, *extra, peer.vm_ip], hv.vm_ns, check=False, timeout=timeout)
 
     def wait_for_ping(self, timeout: float = 20.0) -> bool:
         """Ping until one reply comes back (ARP and neighbour learning take a moment)."""
@@ -309,24 +252,5 @@ class Lab:
                 bpf: str = "") -> contextlib.AbstractContextManager[str]:
         """tcpdump on hypervisor `hv_index`'s underlay device while the block runs."""
         hv = self.hvs[hv_index]
-        path = pcap or os.path.join(self._tmp or "/tmp", f"underlay{hv_index + 1}.pcap")
+        path = pcap or os.path.join(self.tmp or "/tmp", f"underlay{hv_index + 1}.pcap")
         return tcpdump(hv.ns, hv.underlay_dev, path, bpf.split() if bpf else ())
-
-    # -- taking down ----------------------------------------------------------------------
-
-    def destroy(self) -> None:
-        """Stop both switches, delete every namespace and the temporary directory."""
-        for hv in self.hvs:
-            if os.path.isdir(hv.dir):
-                run(["espswitch", "stop"], ns=hv.ns, env=hv.env, check=False, timeout=60)
-        for ns in reversed(self._namespaces):
-            # Kill anything left in the namespace (ping, iperf3, tcpdump) before deleting it.
-            pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            run(["ip", "netns", "del", ns], check=False)
-        self._namespaces.clear()
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
