@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -18,7 +19,7 @@ import pytest
 
 from espswitch.cli.lab import Lab, run
 
-from .ipsec_helpers import PATTERN, ipsec_show, received, status, wait_for
+from .ipsec_helpers import PATTERN, ipsec_show, received, statistics, status, wait_for
 
 pytestmark = pytest.mark.net
 
@@ -350,3 +351,68 @@ def test_garbage_to_the_ike_ports_is_dropped_and_the_ike_sa_stays(lab):
     assert all(s["ipsec_state"] == "established" for s in st), st
     assert st[0]["spi_out"] == st1["spi_out"]  # the same SAs: nothing was torn down
     assert received(lab.ping(20, 0.01)) == 20
+
+
+def test_second_vni_to_the_same_peer_shares_the_ike_sa_and_child_sa(lab):
+    """Two tenants' tunnels between the same two endpoints (VNI 5001 and 5002): one IKE SA
+    and one CHILD_SA key both, each VNI's traffic reaches its own bridge, a tunnel whose IKE
+    settings differ waits with the reason, and the second tunnel carries on alone when the
+    first is deleted."""
+    configure(lab, psk=PSK)
+    hvs = lab.hvs
+    addrs = ("198.51.101.1", "198.51.101.2")
+
+    def add_tun1(i: int, **extra: str) -> None:
+        hv, peer = hvs[i], hvs[1 - i]
+        opts = {"remote_ip": peer.underlay_ip, "key": "5002", "psk": PSK, **extra}
+        lab.vsctl(hv, "--may-exist", "add-br", "br-t2", "--", "--may-exist", "add-port",
+                  "br-t2", "tun1", "--", "set", "interface", "tun1", "type=vxlanipsec",
+                  *(f"options:{k}={v}" for k, v in opts.items()))
+
+    def t2_ping(count: int = 1) -> int:
+        r = run(["ping", "-n", "-q", "-c", str(count), "-i", "0.01", "-W", "1", addrs[1]],
+                ns=hvs[0].ns, check=False)
+        m = re.search(r"(\d+) received", r.stdout)
+        return int(m.group(1)) if m else 0
+
+    try:
+        for i in (0, 1):
+            add_tun1(i)
+            run(["ip", "addr", "replace", f"{addrs[i]}/24", "dev", "br-t2"], ns=hvs[i].ns)
+            run(["ip", "link", "set", "br-t2", "up"], ns=hvs[i].ns)
+        assert wait_for(lambda: all(status(lab, i, "tun1").get("ipsec_state") == "established"
+                                    for i in (0, 1)), 15), status(lab, 0, "tun1")
+        for i in (0, 1):
+            st0, st1 = status(lab, i), status(lab, i, "tun1")
+            assert st1["ike_shared_with"] == "tun0" and st1["spi_out"] == st0["spi_out"], st1
+        assert wait_for(lambda: t2_ping() == 1, 10)
+        assert t2_ping(20) == 20
+        assert received(lab.ping(20, 0.01)) == 20  # tenant 5001 unaffected
+        assert wait_for(lambda: statistics(lab, 1, "tun1").get("rx_packets", 0) >= 20, 12)
+        shown = json.loads(lab.appctl(hvs[0], "ike/show", "--json").stdout)["peers"]
+        assert [p["interface"] for p in shown] == ["tun0"] and shown[0]["followers"] == ["tun1"]
+        assert len([s for s in shown[0]["ike_sas"] if s["state"] == "established"]) == 1
+
+        # Settings that cannot share one IKE SA: tun1 waits, says why; tun0 goes on.
+        add_tun1(0, esp="aes256gcm16")
+        assert wait_for(lambda: "differ" in status(lab, 0, "tun1").get("ike_error", ""), 5), \
+            status(lab, 0, "tun1")
+        assert status(lab, 0, "tun1")["ipsec_state"] == "connecting"
+        assert received(lab.ping(5, 0.01)) == 5
+        lab.vsctl(hvs[0], "remove", "interface", "tun1", "options", "esp")
+        assert wait_for(lambda: t2_ping() == 1, 10)
+
+        # The leader goes: tun1 keys itself (a new IKE SA) and carries VNI 5002 on.
+        for hv in hvs:
+            lab.vsctl(hv, "del-port", "br-int", "tun0")
+        assert wait_for(lambda: all(status(lab, i, "tun1").get("ipsec_state") == "established"
+                                    and "ike_shared_with" not in status(lab, i, "tun1")
+                                    for i in (0, 1)), 20), status(lab, 0, "tun1")
+        assert wait_for(lambda: t2_ping() == 1, 10)
+        assert t2_ping(20) == 20
+    finally:
+        for i, hv in enumerate(hvs):
+            lab.vsctl(hv, "--if-exists", "del-br", "br-t2")
+            lab.vsctl(hv, "--may-exist", "add-port", "br-int", "tun0", "--", "set",
+                      "interface", "tun0", *lab.tunnel_args(hv, hvs[1 - i]))
+        configure(lab, psk=PSK)

@@ -235,6 +235,12 @@ class VxlanIpsecPort(VxlanPort):
         self._switch_on: InboundSA | None = None
         # Inbound SAs deleted by IKE that still open packets until (deadline, SA).
         self._lingering: list[tuple[float, InboundSA]] = []
+        # Several IKE-keyed tunnels to the same remote endpoint (other VNIs) share one IKE SA
+        # and one CHILD_SA, set up by the IKE layer: the leader holds the SAs, and hands
+        # what it decrypts for another VNI to that follower; a follower seals with the
+        # leader's outbound SA.
+        self.leader: VxlanIpsecPort | None = None
+        self.followers: dict[int, VxlanIpsecPort] = {}  # VNI -> follower (leader only)
         if isinstance(keying, ManualKeying):
             start = IpsecLayer.of(dp).seq_marks.start_for(name, keying.outbound)
             self.sa_out: OutboundSA | None = OutboundSA(keying.outbound, now=dp.now,
@@ -272,6 +278,9 @@ class VxlanIpsecPort(VxlanPort):
 
     def close(self) -> None:
         super().close()
+        if self.leader is not None and self.leader.followers.get(self.vni) is self:
+            del self.leader.followers[self.vni]
+        self.leader = None
         if self.ike is not None:
             # The SAs stay in `pairs`: if IKE goes on with the same peer (the interface was
             # reconfigured), they move to the new port object with `adopt_child`.
@@ -436,10 +445,16 @@ class VxlanIpsecPort(VxlanPort):
             return
         if max(map(len, frames)) > self.max_frame:
             frames = self.fit(frames)
-        if self.sa_out is None:  # IKE has not installed an SA (yet): nothing leaves
+        sa_out = self.sa_out
+        if self.leader is not None:
+            sa_out = self.leader.sa_out
+            if self.leader.encap != self.encap:  # IKE found a NAT: UDP/4500 for all
+                self.encap = self.leader.encap
+                self.rebuild_template()
+        if sa_out is None:  # IKE has not installed an SA (yet): nothing leaves
             st["tx_dropped"] += len(frames)
             return
-        seal = self.sa_out.encrypt
+        seal = sa_out.encrypt
         tunnel = self.mode is Mode.TUNNEL
         protect = self._protect
         pkts = []
@@ -531,16 +546,20 @@ class VxlanIpsecPort(VxlanPort):
                 st.drop("esp_selector_drops")
                 return
             off = 8
-        if (
-            len(payload) < off + 8 + 14
-            or not payload[off] & 0x08
-            or ((payload[off + 4] << 16) | (payload[off + 5] << 8) | payload[off + 6]) != self.vni
-        ):
+        if len(payload) < off + 8 + 14 or not payload[off] & 0x08:
             st.drop("esp_selector_drops")
             return
+        to = self
+        vni = (payload[off + 4] << 16) | (payload[off + 5] << 8) | payload[off + 6]
+        if vni != self.vni:
+            to = self.followers.get(vni)
+            if to is None:
+                st.drop("esp_selector_drops")
+                return
+            st = to.stats
         st["rx_packets"] += 1
         st["rx_bytes"] += len(payload) - off - 8
-        self.dp.defer_rx(self, payload[off + 8 :])
+        self.dp.defer_rx(to, payload[off + 8 :])
 
     def input_vxlan(self, frame: bytes, offset: int, protected: bool) -> None:
         # Reached only by plaintext VXLAN from our remote_ip: never delivered.
@@ -549,9 +568,14 @@ class VxlanIpsecPort(VxlanPort):
 
     # -- state for the database and ovs-appctl ----------------------------------------------------
 
+    @property
+    def keyer(self) -> VxlanIpsecPort:
+        """The port whose SAs protect this tunnel: its leader, or itself."""
+        return self.leader if self.leader is not None else self
+
     def ipsec_state(self) -> str:
         if self.ike is not None:
-            return "established" if self.sa_out is not None else "connecting"
+            return "established" if self.keyer.sa_out is not None else "connecting"
         return "expired" if self.sa_out.expired or self.sa_in.expired else "manual"
 
     def status(self) -> dict[str, str]:
@@ -562,11 +586,14 @@ class VxlanIpsecPort(VxlanPort):
             ipsec_mode=str(self.mode),
             ipsec_encapsulation="yes" if self.encap else "no",
         )
-        if self.sa_out is not None and self.sa_in is not None:
-            st.update(spi_out=f"0x{self.sa_out.spi:08x}", spi_in=f"0x{self.sa_in.spi:08x}")
+        k = self.keyer
+        if k.sa_out is not None and k.sa_in is not None:
+            st.update(spi_out=f"0x{k.sa_out.spi:08x}", spi_in=f"0x{k.sa_in.spi:08x}")
         if self.ike is not None:
             st["ipsec_keying"] = "ikev2"
-            if self.ike_error and self.sa_out is None:
+            if self.leader is not None:
+                st["ike_shared_with"] = self.leader.name
+            if self.ike_error and k.sa_out is None:
                 st["ike_error"] = self.ike_error
         return st
 
@@ -579,11 +606,12 @@ class VxlanIpsecPort(VxlanPort):
         if self.ike is None:
             sas: list[OutboundSA | InboundSA] = [self.sa_out, self.sa_in]
         else:
-            sas = [sa for pair in self.pairs for sa in pair]
+            sas = [sa for pair in self.keyer.pairs for sa in pair]
+        k = self.keyer
         for sa in sas:
             if sa.expired:
                 state = "expired"
-            elif self.ike is not None and sa is not self.sa_out and sa is not self.sa_in:
+            elif self.ike is not None and sa is not k.sa_out and sa is not k.sa_in:
                 state = "rekeyed"  # replaced, kept until IKE deletes it
             else:
                 state = "active"

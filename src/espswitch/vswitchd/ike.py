@@ -203,9 +203,20 @@ class IkeManager:
         # Other paths, or files that changed since they were loaded (`_cert_epoch`).
         oc_key = (*(oc.get(k) for k in CERT_OPTIONS), self._cert_epoch)
         certs_changed, self._oc_key = oc_key != self._oc_key, oc_key
-        for name in [n for n in self.peers if n not in want]:
+        # One IKE peer per remote endpoint: its leader, the tunnel that already leads or else
+        # the first by name; the other tunnels to that endpoint (other VNIs) follow it and
+        # share its IKE SA and CHILD_SA.
+        groups: dict[bytes, list[str]] = {}
+        for name in sorted(want):
+            groups.setdefault(want[name].remote_ip, []).append(name)
+        leads: dict[str, list[str]] = {}
+        for names in groups.values():
+            lead = next((n for n in names if n in self.peers), names[0])
+            leads[lead] = [n for n in names if n != lead]
+        for name in [n for n in self.peers if n not in leads]:
             self._drop(name, now)
-        for name, port in want.items():
+        for name in leads:
+            port = want[name]
             p = self.peers.get(name)
             if p is not None and p.port is port and p.local_ip == port.local_ip and not (
                     certs_changed and p.cfg.credentials.uses_certs):
@@ -234,13 +245,6 @@ class IkeManager:
                 continue
             if p is not None:
                 self._drop(name, now)
-            clash = next((n for n, o in self.peers.items()
-                          if o.cfg.remote_addr == cfg.remote_addr), None)
-            if clash is not None:
-                port.ike_error = (f"options:remote_ip {cfg.remote_addr} is already the peer of "
-                                  f"IKE-keyed interface {clash}")
-                vlog.warn(f"{name}: {port.ike_error}")
-                continue
             self.core.add_peer(cfg)
             ike = port.ike
             soft = Lifetime(packets=ike.rekey_packets, bytes=ike.rekey_bytes)
@@ -249,7 +253,54 @@ class IkeManager:
                       f"({'certificates' if cfg.credentials.uses_certs else 'PSK'}, "
                       f"ike={cfg.ike_proposals}, esp={ike.esp}, mode={port.mode})")
             self._changed = True
+        self._link_followers(want, leads)
         self._update_sockets(now)
+
+    def _link_followers(self, want: dict[str, VxlanIpsecPort],
+                        leads: dict[str, list[str]]) -> None:
+        """Point each follower at its leader when their IKE settings agree; a follower
+        whose settings differ stays `connecting`, with the reason in status:ike_error."""
+        for lead, names in leads.items():
+            leader = want[lead]
+            leader.leader = None
+            leader.followers = {}
+            p = self.peers.get(lead)
+            for name in names:
+                port = want[name]
+                port.followers = {}
+                error = self._follow_error(port, leader, p)
+                if error is None:
+                    port.leader = leader
+                    leader.followers[port.vni] = port
+                    if port.ike_error is not None:
+                        port.ike_error = None
+                        self._changed = True
+                    continue
+                port.leader = None
+                if port.ike_error != error:
+                    vlog.warn(f"{name}: {error}")
+                    port.ike_error = error
+                    self._changed = True
+
+    def _follow_error(self, port: VxlanIpsecPort, leader: VxlanIpsecPort,
+                      p: _Peer | None) -> str | None:
+        """Why `port` cannot share the IKE SA of `leader` (same remote_ip), or None."""
+        lead = leader.name
+        if p is None or p.port is not leader:
+            return f"shares remote_ip with IKE-keyed interface {lead}, which is not keyed"
+        if port.local_ip != leader.local_ip or port.dst_port != leader.dst_port:
+            return (f"shares remote_ip with IKE-keyed interface {lead} but not its local_ip "
+                    "and dst_port")
+        try:
+            cfg = self._peer_config(port)
+        except (IkeError, PortError, OSError, ValueError) as e:
+            return str(e)
+        if replace(cfg, name=p.cfg.name) != p.cfg:
+            return (f"shares remote_ip with IKE-keyed interface {lead}, whose IKE and ESP "
+                    "options (psk or certificates, ike, esp, ipsec_mode, rekey and dpd "
+                    "settings, ipsec_encapsulation) differ: one IKE SA keys both, so they "
+                    "must agree")
+        return None
 
     def _peer_config(self, port: VxlanIpsecPort) -> PeerConfig:
         ike = port.ike
@@ -515,6 +566,7 @@ class IkeManager:
                 })
             out.append({
                 "interface": pname, "local": p.cfg.local_addr, "remote": p.cfg.remote_addr,
+                "followers": sorted(f.name for f in p.port.followers.values()),
                 "local_id": str(p.cfg.local_id),
                 "remote_id": str(p.cfg.remote_id) if p.cfg.remote_id else "any",
                 "auth": "certificates" if p.cfg.credentials.uses_certs else "psk",
@@ -524,12 +576,18 @@ class IkeManager:
             })
         return out
 
+    def _leader_name(self, name: str) -> str:
+        """The IKE peer that keys interface `name` (itself, or the leader it follows)."""
+        port = self.dp.ports.get(name)
+        leader = getattr(port, "leader", None)
+        return leader.name if leader is not None else name
+
     def register_appctl(self) -> None:
         """ike/show [--json] [IFACE] and ike/rekey IFACE [child|ike]."""
 
         def ike_show(conn, argv, aux) -> None:
             as_json = "--json" in argv
-            names = [a for a in argv if a != "--json"]
+            names = [self._leader_name(a) for a in argv if a != "--json"]
             if names and names[0] not in self.peers:
                 conn.reply_error(f"no IKE-keyed vxlanipsec interface named {names[0]}")
                 return
@@ -542,7 +600,7 @@ class IkeManager:
                     f"{k.replace('_', ' ')} {v}" for k, v in counters.items()) + "\n")
 
         def ike_rekey(conn, argv, aux) -> None:
-            name = argv[0]
+            name = self._leader_name(argv[0])
             what = argv[1] if len(argv) > 1 else "child"
             if name not in self.peers:
                 conn.reply_error(f"no IKE-keyed vxlanipsec interface named {name}")
@@ -669,6 +727,8 @@ def _format(rows: list[dict[str, object]]) -> str:
         lines.append(f"{r['interface']}: {r['local']} <-> {r['remote']}, {r['auth']}, "
                      f"ids {r['local_id']} <-> {r['remote_id']}, ike={r['ike']} esp={r['esp']}, "
                      f"ipsec_state {r['ipsec_state']}")
+        if r["followers"]:
+            lines.append(f"  also keys: {', '.join(r['followers'])}")
         if not r["ike_sas"]:
             lines.append(f"  no IKE SA; last error: {r['last_error'] or 'none'}")
         for s in r["ike_sas"]:
