@@ -7,12 +7,14 @@ its lab from: names unique to this test process, and `close()` removes everythin
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
 from espswitch.cli.labkit import VM_MTU, Topology, run
 
-__all__ = ["VM_MTU", "Topology", "build_tunnel_lab", "no_tx_offload", "run", "wait_until"]
+__all__ = ["VM_MTU", "Topology", "build_tunnel_lab", "iperf3", "no_tx_offload", "run",
+           "wait_until"]
 
 _NO_TX_OFFLOAD = """
 import sys
@@ -32,6 +34,19 @@ def no_tx_offload(ns: str, dev: str) -> None:
     a veth that a packet socket reads must compute its checksums itself, as with OVS's
     userspace datapath."""
     run([sys.executable, "-c", _NO_TX_OFFLOAD, dev], ns)
+
+
+def iperf3(lab: Topology, client, server_ns: str, server_ip: str, seconds: int) -> dict:
+    """iperf3 TCP for `seconds` from VM `client` to `server_ip` (a one-shot server started
+    in `server_ns`); the receiver's summary (`end.sum_received`), checked for errors."""
+    server = lab.spawn(server_ns, "iperf3", "-s", "-1", "-B", server_ip)
+    time.sleep(0.5)
+    r = client.sh("iperf3", "-c", server_ip, "-t", str(seconds), "-J", check=False,
+                  timeout=60 + seconds)
+    server.wait(timeout=20)
+    res = json.loads(r.stdout)
+    assert "error" not in res, res.get("error")
+    return res["end"]["sum_received"]
 
 
 def wait_until(pred, timeout: float, interval: float = 0.05) -> float | None:
