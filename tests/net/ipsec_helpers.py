@@ -127,6 +127,36 @@ def received(ping: subprocess.CompletedProcess[str]) -> int:
     return int(m.group(1))
 
 
+class BackgroundPing:
+    """VM 0 pings VM 1 in the background while the test changes things; use as a context
+    manager (the ping is killed if the block fails) and take `result()` at the end."""
+
+    def __init__(self, lab: Lab, count: int, interval: float = 0.02,
+                 size: int | None = None) -> None:
+        self.cmd = ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", "2"]
+        if size is not None:
+            self.cmd += ["-s", str(size)]
+        self.cmd.append(lab.hvs[1].vm_ip)
+        self.proc = subprocess.Popen(["ip", "netns", "exec", lab.hvs[0].vm_ns, *self.cmd],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def result(self, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        stdout, _ = self.proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(self.cmd, self.proc.returncode, stdout, "")
+
+    def __enter__(self) -> BackgroundPing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def espswitchd_pid(lab: Lab, hv_index: int) -> int:
     with open(os.path.join(lab.hvs[hv_index].dir, "espswitchd.pid")) as f:
         return int(f.read())

@@ -13,14 +13,21 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
 from espswitch.cli.lab import Lab, run
 
-from .ipsec_helpers import PATTERN, espswitchd_pid, ipsec_show, received, status, wait_for
+from .ipsec_helpers import (
+    PATTERN,
+    BackgroundPing,
+    espswitchd_pid,
+    ipsec_show,
+    received,
+    status,
+    wait_for,
+)
 from .test_ike_tunnel import _write_certs, configure, established, scapy, set_options
 
 pytestmark = pytest.mark.net
@@ -258,24 +265,15 @@ def test_volume_rekeys_change_spis_without_losing_pings(lab, option, value, size
     n = 150
     try:
         configure(lab, psk=PSK, **{option: value})
-        cmd = ["ping", "-n", "-q", "-c", str(n), "-i", "0.02", "-W", "2", "-s", str(size),
-               lab.hvs[1].vm_ip]
-        proc = subprocess.Popen(["ip", "netns", "exec", lab.hvs[0].vm_ns, *cmd],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        seen = [active_spis(lab, 0)[0]]
-        try:
-            while proc.poll() is None:
+        with BackgroundPing(lab, n, size=size) as ping:
+            seen = [active_spis(lab, 0)[0]]
+            while ping.running():
                 spi = active_spis(lab, 0)[0]
                 if spi and spi != seen[-1]:
                     seen.append(spi)
                 time.sleep(0.05)
-            stdout, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
-        assert received(done) == n, stdout
+            done = ping.result()
+        assert received(done) == n, done.stdout
         # n packets each way, a rekey every 50 (or 30 packets of 1000 bytes) at the latest:
         # several new SA pairs, each used in turn.
         assert len(set(seen)) >= 3, seen

@@ -12,14 +12,21 @@ import glob
 import json
 import os
 import re
-import subprocess
 import time
 
 import pytest
 
 from espswitch.cli.lab import Lab, run
 
-from .ipsec_helpers import PATTERN, ipsec_show, received, statistics, status, wait_for
+from .ipsec_helpers import (
+    PATTERN,
+    BackgroundPing,
+    ipsec_show,
+    received,
+    statistics,
+    status,
+    wait_for,
+)
 
 pytestmark = pytest.mark.net
 
@@ -126,23 +133,15 @@ def test_underlay_shows_ike_then_only_esp(lab, tmp_path):
 
 def test_rekey_under_traffic_keeps_pings_and_changes_spis(lab):
     before, _ = configure(lab, psk=PSK, ipsec_encapsulation="no")
-    cmd = ["ping", "-n", "-q", "-c", str(N_PINGS), "-i", "0.02", "-W", "2", lab.hvs[1].vm_ip]
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.hvs[0].vm_ns, *cmd],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with BackgroundPing(lab, N_PINGS) as ping:
         time.sleep(0.5)  # the pings are under way
         out = lab.appctl(lab.hvs[0], "ike/rekey", "tun0").stdout
         assert "rekey started" in out, out
         after = wait_for(lambda: (st := status(lab, 0)).get("spi_out") != before["spi_out"]
                          and st, 10)
         assert after, status(lab, 0)
-        stdout, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
-    assert received(done) == N_PINGS, stdout
+        done = ping.result()
+    assert received(done) == N_PINGS, done.stdout
     assert after["ipsec_state"] == "established"
     assert after["spi_in"] != before["spi_in"]
     # The old inbound SA goes once IKE deletes it; the new pair stays in agreement.
