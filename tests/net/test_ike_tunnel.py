@@ -391,6 +391,8 @@ def test_second_vni_to_the_same_peer_shares_the_ike_sa_and_child_sa(lab):
         shown = json.loads(lab.appctl(hvs[0], "ike/show", "--json").stdout)["peers"]
         assert [p["interface"] for p in shown] == ["tun0"] and shown[0]["followers"] == ["tun1"]
         assert len([s for s in shown[0]["ike_sas"] if s["state"] == "established"]) == 1
+        assert "tun1: esp=aes128gcm16 mode=transport encapsulation=none (SAs shared with tun0)" \
+            in ipsec_show(lab, 0), ipsec_show(lab, 0)
 
         # Settings that cannot share one IKE SA: tun1 waits, says why; tun0 goes on.
         add_tun1(0, esp="aes256gcm16")

@@ -627,6 +627,8 @@ class VxlanIpsecPort(VxlanPort):
                 **sa.counters(),
                 "lifetime_left": sa.lifetime_left() or "unlimited",
             }
+            if self.leader is not None:
+                row["shared_with"] = self.leader.name  # the same SA, counted there too
             seq = sa.seq if isinstance(sa, OutboundSA) else sa.window.top
             row["seq"] = seq & 0xFFFFFFFF
             if self.transform.esn:

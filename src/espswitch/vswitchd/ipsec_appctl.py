@@ -28,8 +28,10 @@ def _format(rows: list[dict[str, object]]) -> str:
     for r in rows:
         if r["interface"] != current:
             current = r["interface"]
+            shared = f" (SAs shared with {r['shared_with']})" if "shared_with" in r else ""
             lines.append(
                 f"{current}: esp={r['esp']} mode={r['mode']} encapsulation={r['encapsulation']}"
+                + shared
             )
         seq = f"seq {r['seq']}"
         if "esn_high" in r:
