@@ -43,5 +43,7 @@ def test_a_corrupt_or_unwritable_store_is_a_warning_not_a_failure(tmp_path):
     blocked.save(10.0)
     assert blocked.marks.dirty and "cannot store" in warnings[-1]
     n = len(warnings)
-    blocked.save(11.0)  # not retried before RETRY seconds: no warning flood
-    assert len(warnings) == n
+    blocked.save(11.0)  # not retried before RETRY seconds
+    blocked.marks.track("tun1", OutboundSA(params()))
+    blocked.save(20.0)  # retried, failing the same way: not said again
+    assert len(warnings) == n and blocked.marks.dirty

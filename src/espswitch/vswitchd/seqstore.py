@@ -23,6 +23,7 @@ class SeqStore:
         self.path = path
         self.warn = log_warn
         self.next_try = 0.0
+        self.last_error: str | None = None
         self.marks = SeqMarks(self._load())
 
     def _load(self) -> dict[str, tuple[int, str, int]]:
@@ -52,6 +53,12 @@ class SeqStore:
             os.replace(tmp, self.path)
         except OSError as e:
             self.next_try = now + RETRY
-            self.warn(f"cannot store sequence marks in {self.path}: {e.strerror}")
+            error = f"cannot store sequence marks in {self.path}: {e.strerror}"
+            if error != self.last_error:  # once, not every RETRY seconds
+                self.warn(error + " (retrying)")
+                self.last_error = error
             return
+        if self.last_error is not None:
+            self.warn(f"sequence marks stored in {self.path} again")
+            self.last_error = None
         self.marks.dirty = False
