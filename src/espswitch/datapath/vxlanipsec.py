@@ -248,6 +248,9 @@ class VxlanIpsecPort(VxlanPort):
             self.sa_in: InboundSA | None = InboundSA(keying.inbound, now=dp.now)
         else:
             self.sa_out = self.sa_in = None
+        # UDP destination port of encapsulated ESP: 4500, or the port a NAT in front of the
+        # peer mapped its 4500 to, as IKE saw it (RFC 3948 §3).
+        self.encap_port = NAT_T_PORT
         self._outer_src = b"\0\0\0\0"
         self._outer_proto = ESP_PROTO
         self._outer_base = 0
@@ -296,7 +299,8 @@ class VxlanIpsecPort(VxlanPort):
     # -- IKE-keyed SAs (driven by espswitch.vswitchd.ike) ----------------------------------------
 
     def install_child(self, outbound: SaParams, inbound: SaParams, *,
-                      encap: bool | None = None, rekey: bool = False) -> None:
+                      encap: bool | None = None, encap_port: int | None = None,
+                      rekey: bool = False) -> None:
         """Install a CHILD_SA pair; its inbound SA is accepted next to the ones already
         there (after a rekey the old one stays until `remove_child`).
 
@@ -321,6 +325,8 @@ class VxlanIpsecPort(VxlanPort):
         if encap is not None and encap != self.encap:
             self.encap = encap
             self.rebuild_template()
+        if encap_port is not None:
+            self.encap_port = encap_port
         self.ike_error = None
 
     def adopt_child(self, sa_out: OutboundSA, sa_in: InboundSA) -> None:
@@ -451,6 +457,7 @@ class VxlanIpsecPort(VxlanPort):
             if self.leader.encap != self.encap:  # IKE found a NAT: UDP/4500 for all
                 self.encap = self.leader.encap
                 self.rebuild_template()
+            self.encap_port = self.leader.encap_port
         if sa_out is None:  # IKE has not installed an SA (yet): nothing leaves
             st["tx_dropped"] += len(frames)
             return
@@ -507,7 +514,7 @@ class VxlanIpsecPort(VxlanPort):
             self.remote_ip,
         )
         if self.encap:
-            return hdr + _UDP.pack(NAT_T_PORT, NAT_T_PORT, total - 20, 0) + esp
+            return hdr + _UDP.pack(NAT_T_PORT, self.encap_port, total - 20, 0) + esp
         return hdr + esp
 
     # -- inbound --------------------------------------------------------------------------------

@@ -796,10 +796,38 @@ class IkeCore:
                 TsPayload(selectors=tsr, initiator=False)]
         return out
 
-    def _our_ts(self, sa: _IkeSa, cfg: ChildConfig) -> tuple[tuple, tuple]:
-        local = tuple(resolve_dynamic(t, ip_to_bytes(sa.local[0])) for t in cfg.local_ts)
-        remote = tuple(resolve_dynamic(t, ip_to_bytes(sa.remote[0])) for t in cfg.remote_ts)
+    def _our_ts(self, sa: _IkeSa, cfg: ChildConfig, *, local_addr: bytes | None = None,
+                remote_addr: bytes | None = None) -> tuple[tuple, tuple]:
+        local_addr = local_addr or ip_to_bytes(sa.local[0])
+        remote_addr = remote_addr or ip_to_bytes(sa.remote[0])
+        local = tuple(resolve_dynamic(t, local_addr) for t in cfg.local_ts)
+        remote = tuple(resolve_dynamic(t, remote_addr) for t in cfg.remote_ts)
         return local, remote
+
+    @staticmethod
+    def _original_host(selectors: tuple[TrafficSelector, ...]) -> bytes | None:
+        """The one host address a side's selectors name, if they name exactly one."""
+        hosts = {t.start_addr for t in selectors if t.start_addr == t.end_addr}
+        if len(hosts) == 1 and all(t.start_addr == t.end_addr for t in selectors):
+            return hosts.pop()
+        return None
+
+    def _nat_ts(self, sa: _IkeSa, cfg: ChildConfig, theirs: tuple[TrafficSelector, ...],
+                ours: tuple[TrafficSelector, ...]) -> tuple[tuple, tuple]:
+        """Our (local, remote) selectors for a CHILD_SA, `dynamic` resolved.
+
+        Transport mode through a NAT (RFC 7296 §2.23.1): a side behind the NAT names its
+        own, private, address in its selectors, which the other side never sees on the
+        wire; for `dynamic` selectors that address is taken from the selectors offered
+        (`theirs` for the peer's side, `ours` for what the peer believes our address is).
+        """
+        local_addr = remote_addr = None
+        if cfg.mode == "transport":
+            if sa.nat_remote:
+                remote_addr = self._original_host(theirs)
+            if sa.nat_local:
+                local_addr = self._original_host(ours)
+        return self._our_ts(sa, cfg, local_addr=local_addr, remote_addr=remote_addr)
 
     def _on_auth_response(self, sa: _IkeSa, msg: Message, child: _Child, now: float) -> None:
         cfg = sa.peer
@@ -907,7 +935,7 @@ class IkeCore:
         candidates = [cfg] if cfg is not None else list(sa.peer.children)
         last: ProtocolError | None = None
         for c in candidates:
-            local, remote = self._our_ts(sa, c)
+            local, remote = self._nat_ts(sa, c, tsi.selectors, tsr.selectors)
             try:
                 n_tsi = narrow(tsi.selectors, remote)
                 n_tsr = narrow(tsr.selectors, local)
@@ -958,8 +986,12 @@ class IkeCore:
         chosen = choose(sa_p.proposals, child.cfg.esp, protocol=Protocol.ESP,
                         pfs_group=pfs.group if pfs is not None else None,
                         ignore_dh=shared is None and pfs is None)
-        local, remote = child.local_ts or self._our_ts(sa, child.cfg)[0], \
-            child.remote_ts or self._our_ts(sa, child.cfg)[1]
+        if child.local_ts or child.remote_ts:
+            local, remote = child.local_ts, child.remote_ts
+        else:
+            # What we offered, with the NAT's view of the responder's address replaced by
+            # the one it names itself (transport mode behind a NAT, RFC 7296 §2.23.1).
+            local, remote = self._nat_ts(sa, child.cfg, tsr.selectors, tsi.selectors)
         for t in tsi.selectors:
             if not any(ts_subset(t, x) for x in local):
                 raise ProtocolError("responder widened TSi", notify=Notify.TS_UNACCEPTABLE)

@@ -520,7 +520,9 @@ class IkeManager:
             out = ev.outbound_params()
             inb = ev.inbound_params(replay_window=window)
             try:
-                port.install_child(out, inb, encap=ev.encap, rekey=ev.rekey_of is not None)
+                port.install_child(
+                    out, inb, encap=ev.encap, rekey=ev.rekey_of is not None,
+                    encap_port=ev.remote_addr[1] if ev.encap else None)
             except PortError as e:
                 vlog.err(f"{ev.peer}: CHILD_SA not installed: {e}")
                 return
