@@ -9,7 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
-apt_pkgs=(tshark tcpdump iproute2 iputils-ping iperf3 procps kmod
+apt_pkgs=(tshark tcpdump iproute2 iputils-ping iperf3 procps kmod nftables
           openvswitch-switch openvswitch-common
           strongswan strongswan-swanctl charon-systemd libcharon-extra-plugins
           libstrongswan-extra-plugins libcharon-extauth-plugins)
