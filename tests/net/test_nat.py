@@ -3,7 +3,8 @@
 hv1 sits behind a Linux NAT router (nftables masquerade): its underlay address 10.1.0.2 is
 private, and hv2 sees it as the router's public address 198.18.0.1. IKEv2 must detect the
 NAT and move ESP into UDP/4500 although `ipsec_encapsulation` is `no`; VXLAN traffic then
-flows both ways through the NAT's mappings.
+flows both ways through the NAT's mappings, in transport mode and in tunnel mode (where the
+inner IPv4 header carries hv1's private address, taken from the CHILD_SA's selectors).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def status(hv, iface: str = "tun0") -> dict[str, str]:
     return {k: v.strip('"') for k, v in re.findall(r'(\w+)=("[^"]*"|[^,}\s]+)', out)}
 
 
-def test_ike_detects_the_nat_and_the_tunnel_works_through_it(lab):
+@pytest.mark.parametrize("mode", ["transport", "tunnel"])
+def test_ike_detects_the_nat_and_the_tunnel_works_through_it(lab, mode):
     if shutil.which("nft") is None:
         pytest.skip("needs nft (nftables) for the NAT router")
     hv1, hv2 = lab.hypervisor("nath1"), lab.hypervisor("nath2")
@@ -68,10 +70,11 @@ def test_ike_detects_the_nat_and_the_tunnel_works_through_it(lab):
     # and (PSK identities being the addresses) by the private address hv1 calls itself.
     hv1.vsctl("add-port", "br-int", "tun0", "--", "set", "interface", "tun0",
               "type=vxlanipsec", f"options:remote_ip={PUBLIC}", "options:key=77",
-              f"options:psk={PSK}")
+              f"options:psk={PSK}", f"options:ipsec_mode={mode}")
     hv2.vsctl("add-port", "br-int", "tun0", "--", "set", "interface", "tun0",
               "type=vxlanipsec", f"options:remote_ip={ROUTER_OUT}", "options:key=77",
-              f"options:psk={PSK}", f"options:remote_name={PRIVATE}")
+              f"options:psk={PSK}", f"options:remote_name={PRIVATE}",
+              f"options:ipsec_mode={mode}")
     established = wait_for(lambda: all(status(h).get("ipsec_state") == "established"
                                        for h in (hv1, hv2)), 30)
     assert established, (status(hv1), status(hv2),

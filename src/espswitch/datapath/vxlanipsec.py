@@ -251,6 +251,9 @@ class VxlanIpsecPort(VxlanPort):
         # UDP destination port of encapsulated ESP: 4500, or the port a NAT in front of the
         # peer mapped its 4500 to, as IKE saw it (RFC 3948 §3).
         self.encap_port = NAT_T_PORT
+        # Tunnel mode: the peer's address in the inner IPv4 header, as it names itself in
+        # the CHILD_SA's selectors (behind a NAT, not remote_ip); None: remote_ip.
+        self.inner_remote: bytes | None = None
         self._outer_src = b"\0\0\0\0"
         self._outer_proto = ESP_PROTO
         self._outer_base = 0
@@ -300,7 +303,7 @@ class VxlanIpsecPort(VxlanPort):
 
     def install_child(self, outbound: SaParams, inbound: SaParams, *,
                       encap: bool | None = None, encap_port: int | None = None,
-                      rekey: bool = False) -> None:
+                      inner_remote: bytes | None = None, rekey: bool = False) -> None:
         """Install a CHILD_SA pair; its inbound SA is accepted next to the ones already
         there (after a rekey the old one stays until `remove_child`).
 
@@ -327,6 +330,9 @@ class VxlanIpsecPort(VxlanPort):
             self.rebuild_template()
         if encap_port is not None:
             self.encap_port = encap_port
+        if inner_remote != self.inner_remote:
+            self.inner_remote = inner_remote
+            self.rebuild_template()
         self.ike_error = None
 
     def adopt_child(self, sa_out: OutboundSA, sa_in: InboundSA) -> None:
@@ -430,7 +436,13 @@ class VxlanIpsecPort(VxlanPort):
                 ),
             )
         )
-        self.selector = UdpSelector(src=self.remote_ip, dst=src, dport=self.dst_port)
+        peer = self.remote_ip
+        if self.mode is Mode.TUNNEL and self.inner_remote is not None:
+            peer = self.inner_remote
+            if peer != self.remote_ip:  # the inner header names the peer as it names itself
+                self._tmpl[16:20] = peer
+                self._csum_base = sum(struct.unpack("!10H", bytes(self._tmpl[:20])))
+        self.selector = UdpSelector(src=peer, dst=src, dport=self.dst_port)
 
     # -- MTU ------------------------------------------------------------------------------------
 
@@ -458,6 +470,9 @@ class VxlanIpsecPort(VxlanPort):
                 self.encap = self.leader.encap
                 self.rebuild_template()
             self.encap_port = self.leader.encap_port
+            if self.leader.inner_remote != self.inner_remote:
+                self.inner_remote = self.leader.inner_remote
+                self.rebuild_template()
         if sa_out is None:  # IKE has not installed an SA (yet): nothing leaves
             st["tx_dropped"] += len(frames)
             return

@@ -816,17 +816,17 @@ class IkeCore:
                 ours: tuple[TrafficSelector, ...]) -> tuple[tuple, tuple]:
         """Our (local, remote) selectors for a CHILD_SA, `dynamic` resolved.
 
-        Transport mode through a NAT (RFC 7296 §2.23.1): a side behind the NAT names its
-        own, private, address in its selectors, which the other side never sees on the
-        wire; for `dynamic` selectors that address is taken from the selectors offered
-        (`theirs` for the peer's side, `ours` for what the peer believes our address is).
+        Through a NAT (RFC 7296 §2.23.1 for transport mode; host-to-host tunnel mode is the
+        same case): a side behind the NAT names its own, private, address in its selectors,
+        which the other side never sees on the wire; for `dynamic` selectors that address
+        is taken from the selectors offered (`theirs` for the peer's side, `ours` for what
+        the peer believes our address is). Selectors with explicit addresses are kept.
         """
         local_addr = remote_addr = None
-        if cfg.mode == "transport":
-            if sa.nat_remote:
-                remote_addr = self._original_host(theirs)
-            if sa.nat_local:
-                local_addr = self._original_host(ours)
+        if sa.nat_remote:
+            remote_addr = self._original_host(theirs)
+        if sa.nat_local:
+            local_addr = self._original_host(ours)
         return self._our_ts(sa, cfg, local_addr=local_addr, remote_addr=remote_addr)
 
     def _on_auth_response(self, sa: _IkeSa, msg: Message, child: _Child, now: float) -> None:

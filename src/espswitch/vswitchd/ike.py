@@ -522,7 +522,8 @@ class IkeManager:
             try:
                 port.install_child(
                     out, inb, encap=ev.encap, rekey=ev.rekey_of is not None,
-                    encap_port=ev.remote_addr[1] if ev.encap else None)
+                    encap_port=ev.remote_addr[1] if ev.encap else None,
+                    inner_remote=_single_host(ev.remote_ts))
             except PortError as e:
                 vlog.err(f"{ev.peer}: CHILD_SA not installed: {e}")
                 return
@@ -622,6 +623,15 @@ class IkeManager:
 
         unixctl.register("ike/show", "[--json] [IFACE]", 0, 2, ike_show)
         unixctl.register("ike/rekey", "IFACE [child|ike]", 1, 2, ike_rekey)
+
+
+def _single_host(selectors) -> bytes | None:
+    """The one IPv4 host the peer's selectors name (its address as it sees itself)."""
+    hosts = {t.start_addr for t in selectors}
+    if len(hosts) == 1 and all(t.start_addr == t.end_addr for t in selectors):
+        addr = hosts.pop()
+        return addr if len(addr) == 4 else None
+    return None
 
 
 def _subject_of(cert) -> Identity:
