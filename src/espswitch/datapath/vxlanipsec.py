@@ -334,6 +334,19 @@ class VxlanIpsecPort(VxlanPort):
             self.inner_remote = inner_remote
             self.rebuild_template()
         self.ike_error = None
+        for follower in self.followers.values():
+            follower.follow(self)
+
+    def follow(self, leader: VxlanIpsecPort | None) -> None:
+        """Share `leader`'s SAs, sending as it does (UDP encapsulation and port, the peer's
+        inner address, which a NAT may have set); None: key this tunnel by itself."""
+        self.leader = leader
+        if leader is None:
+            return
+        self.encap_port = leader.encap_port
+        if (self.encap, self.inner_remote) != (leader.encap, leader.inner_remote):
+            self.encap, self.inner_remote = leader.encap, leader.inner_remote
+            self.rebuild_template()
 
     def adopt_child(self, sa_out: OutboundSA, sa_in: InboundSA) -> None:
         """Take over a live SA pair of this tunnel's previous port object (sequence numbers
@@ -463,16 +476,7 @@ class VxlanIpsecPort(VxlanPort):
             return
         if max(map(len, frames)) > self.max_frame:
             frames = self.fit(frames)
-        sa_out = self.sa_out
-        if self.leader is not None:
-            sa_out = self.leader.sa_out
-            if self.leader.encap != self.encap:  # IKE found a NAT: UDP/4500 for all
-                self.encap = self.leader.encap
-                self.rebuild_template()
-            self.encap_port = self.leader.encap_port
-            if self.leader.inner_remote != self.inner_remote:
-                self.inner_remote = self.leader.inner_remote
-                self.rebuild_template()
+        sa_out = self.sa_out if self.leader is None else self.leader.sa_out
         if sa_out is None:  # IKE has not installed an SA (yet): nothing leaves
             st["tx_dropped"] += len(frames)
             return

@@ -262,7 +262,7 @@ class IkeManager:
         whose settings differ stays `connecting`, with the reason in status:ike_error."""
         for lead, names in leads.items():
             leader = want[lead]
-            leader.leader = None
+            leader.follow(None)
             leader.followers = {}
             p = self.peers.get(lead)
             for name in names:
@@ -270,13 +270,13 @@ class IkeManager:
                 port.followers = {}
                 error = self._follow_error(port, leader, p)
                 if error is None:
-                    port.leader = leader
+                    port.follow(leader)
                     leader.followers[port.vni] = port
                     if port.ike_error is not None:
                         port.ike_error = None
                         self._changed = True
                     continue
-                port.leader = None
+                port.follow(None)
                 if port.ike_error != error:
                     vlog.warn(f"{name}: {error}")
                     port.ike_error = error
