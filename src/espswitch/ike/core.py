@@ -92,7 +92,7 @@ from espswitch.ike.state import (
     Trigger,
     transition,
 )
-from espswitch.ike.ts import narrow, resolve_dynamic, ts_subset
+from espswitch.ike.ts import narrow, resolve_dynamic, single_host, ts_subset
 from espswitch.ipsec import parse_transform
 from espswitch.packet.esp import NAT_KEEPALIVE, NON_ESP_MARKER
 from espswitch.packet.ipv4 import ip_to_bytes
@@ -804,14 +804,6 @@ class IkeCore:
         remote = tuple(resolve_dynamic(t, remote_addr) for t in cfg.remote_ts)
         return local, remote
 
-    @staticmethod
-    def _original_host(selectors: tuple[TrafficSelector, ...]) -> bytes | None:
-        """The one host address a side's selectors name, if they name exactly one."""
-        hosts = {t.start_addr for t in selectors if t.start_addr == t.end_addr}
-        if len(hosts) == 1 and all(t.start_addr == t.end_addr for t in selectors):
-            return hosts.pop()
-        return None
-
     def _nat_ts(self, sa: _IkeSa, cfg: ChildConfig, theirs: tuple[TrafficSelector, ...],
                 ours: tuple[TrafficSelector, ...]) -> tuple[tuple, tuple]:
         """Our (local, remote) selectors for a CHILD_SA, `dynamic` resolved.
@@ -824,9 +816,9 @@ class IkeCore:
         """
         local_addr = remote_addr = None
         if sa.nat_remote:
-            remote_addr = self._original_host(theirs)
+            remote_addr = single_host(theirs)
         if sa.nat_local:
-            local_addr = self._original_host(ours)
+            local_addr = single_host(ours)
         return self._our_ts(sa, cfg, local_addr=local_addr, remote_addr=remote_addr)
 
     def _on_auth_response(self, sa: _IkeSa, msg: Message, child: _Child, now: float) -> None:

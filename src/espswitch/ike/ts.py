@@ -9,7 +9,8 @@ from espswitch.ike.consts import Notify, TsType
 from espswitch.ike.errors import IkeConfigError, ProtocolError
 from espswitch.ike.message import TrafficSelector
 
-__all__ = ["format_ts", "intersect", "narrow", "parse_ts", "resolve_dynamic", "ts_subset"]
+__all__ = ["format_ts", "intersect", "narrow", "parse_ts", "resolve_dynamic", "single_host",
+           "ts_subset"]
 
 _PROTOS = {"any": 0, "icmp": 1, "tcp": 6, "udp": 17, "esp": 50, "gre": 47}
 #: A placeholder address range meaning "this tunnel endpoint", replaced at negotiation.
@@ -61,6 +62,14 @@ def resolve_dynamic(ts: TrafficSelector, addr: bytes) -> TrafficSelector:
                                start_port=ts.start_port, end_port=ts.end_port,
                                start_addr=addr, end_addr=addr)
     return ts
+
+
+def single_host(selectors: tuple[TrafficSelector, ...]) -> bytes | None:
+    """The one host address the selectors name, if every one of them names that host."""
+    hosts = {t.start_addr for t in selectors}
+    if len(hosts) == 1 and all(t.start_addr == t.end_addr for t in selectors):
+        return hosts.pop()
+    return None
 
 
 def intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None:

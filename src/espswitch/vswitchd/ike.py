@@ -53,6 +53,7 @@ from espswitch.ike import (
     PeerConfig,
 )
 from espswitch.ike.consts import IdType
+from espswitch.ike.ts import single_host
 from espswitch.ipsec.config import IkeKeying, parse_ipsec_options
 from espswitch.ipsec.errors import IpsecConfigError
 from espswitch.ipsec.sa import Lifetime
@@ -523,7 +524,7 @@ class IkeManager:
                 port.install_child(
                     out, inb, encap=ev.encap, rekey=ev.rekey_of is not None,
                     encap_port=ev.remote_addr[1] if ev.encap else None,
-                    inner_remote=_single_host(ev.remote_ts))
+                    inner_remote=_ipv4_host(ev.remote_ts))
             except PortError as e:
                 vlog.err(f"{ev.peer}: CHILD_SA not installed: {e}")
                 return
@@ -625,13 +626,10 @@ class IkeManager:
         unixctl.register("ike/rekey", "IFACE [child|ike]", 1, 2, ike_rekey)
 
 
-def _single_host(selectors) -> bytes | None:
-    """The one IPv4 host the peer's selectors name (its address as it sees itself)."""
-    hosts = {t.start_addr for t in selectors}
-    if len(hosts) == 1 and all(t.start_addr == t.end_addr for t in selectors):
-        addr = hosts.pop()
-        return addr if len(addr) == 4 else None
-    return None
+def _ipv4_host(selectors) -> bytes | None:
+    """The one IPv4 host the peer's selectors name: its address as it sees itself."""
+    addr = single_host(selectors)
+    return addr if addr is not None and len(addr) == 4 else None
 
 
 def _subject_of(cert) -> Identity:
