@@ -535,15 +535,23 @@ class VxlanPort(TunnelPort):
         hdr += frame
         return bytes(hdr)
 
-    def send(self, frames: list[bytes]) -> None:
+    def routable(self, frames: list[bytes]) -> list[bytes] | None:
+        """The batch to send, cut to the tunnel MTU (`fit`); None, counted, when the
+        tunnel has no route."""
         if self._route_seq != self.dp.routes.seq:
             self.resolve()
-        st = self.stats
         if self.egress_bridge is None:
-            st.drop("tx_no_route", len(frames))
-            return
+            self.stats.drop("tx_no_route", len(frames))
+            return None
         if max(map(len, frames)) > self.max_frame:
             frames = self.fit(frames)
+        return frames
+
+    def send(self, frames: list[bytes]) -> None:
+        frames = self.routable(frames)
+        if frames is None:
+            return
+        st = self.stats
         st["tx_packets"] += len(frames)
         st["tx_bytes"] += sum(map(len, frames))
         enc = self.encapsulate

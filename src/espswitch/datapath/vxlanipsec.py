@@ -468,14 +468,10 @@ class VxlanIpsecPort(VxlanPort):
     # -- outbound -------------------------------------------------------------------------------
 
     def send(self, frames: list[bytes]) -> None:
-        if self._route_seq != self.dp.routes.seq:
-            self.resolve()
-        st = self.stats
-        if self.egress_bridge is None:
-            st.drop("tx_no_route", len(frames))
+        frames = self.routable(frames)
+        if frames is None:
             return
-        if max(map(len, frames)) > self.max_frame:
-            frames = self.fit(frames)
+        st = self.stats
         sa_out = self.sa_out if self.leader is None else self.leader.sa_out
         if sa_out is None:  # IKE has not installed an SA (yet): nothing leaves
             st["tx_dropped"] += len(frames)
