@@ -16,10 +16,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import pytest
+
 from espswitch.cli.lab import Lab, run
 from espswitch.ipsec import parse_transform
 
 SPI_1TO2, SPI_2TO1 = 0x1001, 0x2001  # hv1 -> hv2 and hv2 -> hv1
+UNDERLAY_IPS = {"192.0.2.1", "192.0.2.2"}  # the lab's two tunnel endpoints
 STATS_TIMEOUT = 12.0  # Interface.statistics is written every 5 s
 # 16 bytes that ping repeats in its payload (`ping -p`): must never show on the underlay.
 PATTERN = bytes.fromhex("e5b0c0ffee5ec7e7da7a0badcafe4242")
@@ -251,6 +254,18 @@ def tcp_transfer(lab: Lab, nbytes: int, src: int = 0, port: int = 5300,
         if sink.poll() is None:
             sink.kill()
             sink.wait()
+
+
+def scapy():
+    """scapy, or a skipped test where it is missing."""
+    return pytest.importorskip("scapy.all")
+
+
+def underlay_ipv4(pcap: str) -> list:
+    """The IPv4 packets between the two underlay addresses (no ARP, no IPv6 noise)."""
+    s = scapy()
+    return [p for p in s.rdpcap(pcap)
+            if p.haslayer(s.IP) and {p[s.IP].src, p[s.IP].dst} == UNDERLAY_IPS]
 
 
 def send_frames(ns: str, dev: str, pcap: str) -> int:

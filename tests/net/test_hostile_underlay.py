@@ -24,6 +24,7 @@ from .ipsec_helpers import (
     mac_of,
     received,
     sa_rows,
+    scapy,
     send_frames,
     statistics,
     wait_for,
@@ -34,9 +35,6 @@ pytestmark = pytest.mark.net
 
 UNKNOWN_SPI = 0xDEADBEEF
 
-
-def scapy():
-    return pytest.importorskip("scapy.all")
 
 
 def forged_esp_bodies(esp: str, rng: random.Random) -> tuple[list[bytes], list[bytes]]:

@@ -25,10 +25,11 @@ from .ipsec_helpers import (
     espswitchd_pid,
     ipsec_show,
     received,
+    scapy,
     status,
     wait_for,
 )
-from .test_ike_tunnel import _write_certs, configure, established, scapy, set_options
+from .test_ike_tunnel import _write_certs, configure, established, set_options
 
 pytestmark = pytest.mark.net
 

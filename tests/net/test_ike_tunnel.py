@@ -23,15 +23,16 @@ from .ipsec_helpers import (
     BackgroundPing,
     ipsec_show,
     received,
+    scapy,
     statistics,
     status,
+    underlay_ipv4,
     wait_for,
 )
 
 pytestmark = pytest.mark.net
 
 PSK = "ike-lab-psk-7d1c0e"
-UNDERLAY_IPS = {"192.0.2.1", "192.0.2.2"}
 N_PINGS = 100
 
 
@@ -67,14 +68,6 @@ def configure(lab: Lab, **opts: str) -> tuple[dict, dict]:
     return st
 
 
-def scapy():
-    return pytest.importorskip("scapy.all")
-
-
-def underlay_ipv4(pcap: str) -> list:
-    s = scapy()
-    return [p for p in s.rdpcap(pcap)
-            if p.haslayer(s.IP) and {p[s.IP].src, p[s.IP].dst} == UNDERLAY_IPS]
 
 
 def daemon_logs(lab: Lab) -> str:

@@ -32,12 +32,14 @@ from .ipsec_helpers import (
     received,
     rekey,
     sa_rows,
+    scapy,
     send_frames,
     statistics,
     status,
     tcp_transfer,
     tshark_available,
     tshark_rows,
+    underlay_ipv4,
     wait_for,
     wait_for_counter,
 )
@@ -47,7 +49,6 @@ pytestmark = pytest.mark.net
 TRANSFORMS = ("aes128gcm16", "aes256gcm16-esn", "chacha20poly1305", "aes128-sha256")
 TSHARK_TRANSFORMS = ("aes128gcm16", "aes128-sha256")  # tshark 4.0: no ESN, no ChaCha20
 ESPSWITCH_DECRYPT_TRANSFORMS = ("chacha20poly1305", "aes256gcm16-esn")
-UNDERLAY_IPS = {"192.0.2.1", "192.0.2.2"}
 N_PINGS = 100
 
 
@@ -100,15 +101,6 @@ def pool(netlab_ok, tmp_path_factory):
     p.close()
 
 
-def scapy():
-    return pytest.importorskip("scapy.all")
-
-
-def underlay_ipv4(pcap: str) -> list:
-    """The IPv4 packets between the two underlay addresses (no ARP, no IPv6 noise)."""
-    s = scapy()
-    return [p for p in s.rdpcap(pcap)
-            if p.haslayer(s.IP) and {p[s.IP].src, p[s.IP].dst} == UNDERLAY_IPS]
 
 
 def icmp_echo_requests(pcap: str, src: str) -> int:
