@@ -85,7 +85,7 @@ def test_hostile_underlay_frames_are_counted_and_dropped_tunnel_survives(netlab_
             f[s.IP].proto = 50
         unknown = [eth / s.IP(src=hv1.underlay_ip, dst=hv2.underlay_ip, proto=50)
                    / s.Raw(UNKNOWN_SPI.to_bytes(4, "big") + rng.randbytes(60)) for _ in range(5)]
-        # Broken IPv4 carrying ESP: fragments (outer fragments are never reassembled),
+        # Broken IPv4 carrying ESP: lone fragments (held for reassembly, then expired),
         # a total length past the frame's end, a header length under 20 bytes.
         ipv4_junk = [
             eth / s.IP(src=hv1.underlay_ip, dst=hv2.underlay_ip, proto=50, flags="MF")

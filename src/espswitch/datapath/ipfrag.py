@@ -51,7 +51,6 @@ class Reassembler:
         self.max_bytes = max_bytes
         self.pending: dict[bytes, _Datagram] = {}
         self.bytes_held = 0
-        self.reassembled = 0
         self._on_drop = on_drop if on_drop is not None else (lambda cause, n: None)
 
     def _drop(self, cause: str, n: int = 1) -> None:
@@ -137,7 +136,6 @@ class Reassembler:
         if d.total is None or d.header is None or d.held != d.total:
             return None
         self._forget(key)
-        self.reassembled += 1
         hdr = bytearray(d.header)
         hdr[2:4] = (len(hdr) + d.total).to_bytes(2, "big")
         hdr[6] &= 0x40  # keep DF, clear MF and the offset
