@@ -55,7 +55,8 @@ def arp(op: int, sha: bytes, spa: str, tha: bytes, tpa: str) -> bytes:
 class Hypervisor:
     """An in-memory hypervisor: br-phy (eth0 + internal, address `ip`), br-int (vm, vxlan)."""
 
-    def __init__(self, ip: str, remote: str, vni: int = 100, vm_tag: int | None = None) -> None:
+    def __init__(self, ip: str, remote: str, vni: int = 100, vm_tag: int | None = None,
+                 tun_type: str = "vxlan", tun_options: dict[str, str] | None = None) -> None:
         self.devs = MemoryDevices(system_names=("eth0",), mac_prefix=ip4(ip)[3])
         self.dp = Datapath(self.devs)
         dp = self.dp
@@ -76,7 +77,8 @@ class Hypervisor:
         dp.add_bridge("br-int")
         dp.add_port("br-int", "br-int", "internal")
         dp.add_port("br-int", "vm", "tap", tag=vm_tag)
-        self.tun = dp.add_port("br-int", "vx0", "vxlan", {"remote_ip": remote, "key": str(vni)})
+        self.tun = dp.add_port("br-int", "vx0", tun_type,
+                               {"remote_ip": remote, "key": str(vni), **(tun_options or {})})
         self.ip = ip
 
     def dev(self, name: str):

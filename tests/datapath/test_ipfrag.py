@@ -8,7 +8,12 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from espswitch.datapath.ipfrag import Reassembler
+from espswitch.datapath.ipfrag import (
+    FRAGMENT_OVERHEAD,
+    MAX_FRAGMENTS,
+    MIN_FRAGMENT,
+    Reassembler,
+)
 from espswitch.packet.ipv4 import fragment_ipv4
 
 from .helpers import Hypervisor, csum, eth, ipv4, mac, udp, vxlan
@@ -30,7 +35,8 @@ def feed(r: Reassembler, frags: list[bytes], now: float = 0.0) -> list:
     return [r.add(ETH + f, 14, now) for f in frags]
 
 
-@given(size=st.integers(100, 9000), mtu=st.integers(68, 1500), seed=st.integers(0, 2**32))
+@given(size=st.integers(100, 9000), mtu=st.integers(20 + MIN_FRAGMENT, 1500),
+       seed=st.integers(0, 2**32))
 def test_fragments_in_any_order_give_back_the_packet_once(size, mtu, seed):
     pkt = packet(size)
     frags = fragment_ipv4(pkt, mtu)
@@ -95,6 +101,53 @@ def test_malformed_fragments_are_counted():
     other_last[6:8] = struct.pack("!H", beyond)
     assert r.add(ETH + bytes(other_last), 14, 0.0) is None
     assert drops["ipfrag_malformed"] == 4
+
+
+def test_tiny_fragments_are_dropped_before_any_state_is_kept():
+    """A flood of 8-byte fragments (no real path makes them) creates no datagram."""
+    drops = Drops()
+    r = Reassembler(drops)
+    tiny = fragment_ipv4(packet(600, ident=3), 28)
+    assert len(tiny) > 60
+    assert feed(r, tiny[:-1]) == [None] * (len(tiny) - 1)
+    assert r.pending == {} and r.bytes_held == 0
+    assert drops == {"ipfrag_too_small": len(tiny) - 1}
+    # The last fragment may be small: it is held, waiting for the rest.
+    assert r.add(ETH + tiny[-1], 14, 0.0) is None and len(r.pending) == 1
+
+
+def test_a_datagram_of_too_many_fragments_is_dropped_whole():
+    drops = Drops()
+    r = Reassembler(drops)
+    frags = fragment_ipv4(packet(300 * (MAX_FRAGMENTS + 5), ident=4), 20 + 296)
+    assert len(frags) > MAX_FRAGMENTS + 1
+    results = feed(r, frags)
+    assert all(x is None for x in results)
+    assert drops["ipfrag_too_many"] == 1
+    # What came after the drop started a new datagram, which expires.
+    r.expire(31.0)
+    assert r.pending == {} and r.bytes_held == 0
+
+
+def test_the_byte_limit_counts_what_a_fragment_really_costs():
+    drops = Drops()
+    frag = fragment_ipv4(packet(3000, ident=9), 20 + MIN_FRAGMENT)[0]
+    per_fragment = len(ETH + frag) + FRAGMENT_OVERHEAD
+    r = Reassembler(drops, max_bytes=10 * per_fragment)
+    firsts = [fragment_ipv4(packet(3000, ident=i), 20 + MIN_FRAGMENT)[0] for i in range(12)]
+    feed(r, firsts)
+    assert len(r.pending) == 10 and r.bytes_held == 10 * per_fragment
+    assert drops == {"ipfrag_no_room": 2}
+
+
+def test_a_full_table_under_flood_expires_only_what_is_old():
+    drops = Drops()
+    r = Reassembler(drops, max_datagrams=4)
+    firsts = [fragment_ipv4(packet(3000, ident=i), 1000)[0] for i in range(8)]
+    feed(r, firsts[:2], now=0.0)
+    feed(r, firsts[2:4], now=20.0)
+    assert r.add(ETH + firsts[4], 14, 31.0) is None  # the two from t=0 expire, not the others
+    assert len(r.pending) == 3 and drops == {"ipfrag_timeouts": 2}
 
 
 @given(st.binary(min_size=0, max_size=200), st.integers(0, 0x3FFF))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from espswitch.datapath.vxlanipsec import SEQ_RESERVE, SeqMarks
+from espswitch.datapath.vxlanipsec import MAX_MARKS, SEQ_RESERVE, SeqMarks
 from espswitch.ipsec import OutboundSA, SaParams, parse_transform
 
 
@@ -18,12 +18,12 @@ def send(sa: OutboundSA, n: int) -> None:
 
 def test_an_sa_installed_again_starts_past_everything_it_sent():
     marks = SeqMarks()
-    assert marks.start_for("tun0", params()) == 1
+    assert marks.start_for("192.0.2.2", params()) == 1
     sa = OutboundSA(params(), seq_start=1)
-    marks.track("tun0", sa)
+    marks.track("192.0.2.2", sa)
     assert marks.dirty
     send(sa, 1000)
-    again = OutboundSA(params(), seq_start=marks.start_for("tun0", params()))
+    again = OutboundSA(params(), seq_start=marks.start_for("192.0.2.2", params()))
     assert again.seq + 1 > 1000
     assert again.seq + 1 == 1 + SEQ_RESERVE
 
@@ -31,24 +31,51 @@ def test_an_sa_installed_again_starts_past_everything_it_sent():
 def test_the_reservation_moves_ahead_before_it_runs_out():
     marks = SeqMarks()
     sa = OutboundSA(params(), seq_start=1)
-    marks.track("tun0", sa)
-    first = marks.marks["tun0"][2]
+    marks.track("192.0.2.2", sa)
+    first = marks.marks[("192.0.2.2", 0x1001, "aes128gcm16")]
     marks.dirty = False
     sa.seq = first - SEQ_RESERVE // 2 + 10  # past half of the reservation
-    marks.track("tun0", sa)
-    assert marks.dirty and marks.marks["tun0"][2] == sa.seq + 1 + SEQ_RESERVE
+    marks.track("192.0.2.2", sa)
+    assert marks.dirty
+    assert marks.marks[("192.0.2.2", 0x1001, "aes128gcm16")] == sa.seq + 1 + SEQ_RESERVE
 
 
-def test_another_spi_or_transform_starts_at_one():
-    marks = SeqMarks({"tun0": (0x1001, "aes128gcm16", 5000)})
-    assert marks.start_for("tun0", params()) == 5000
-    assert marks.start_for("tun0", params(spi=0x1002)) == 1
-    assert marks.start_for("tun0", params(esp="aes256gcm16")) == 1
-    assert marks.start_for("tun1", params()) == 1
+def test_another_spi_transform_or_peer_starts_at_one():
+    marks = SeqMarks({("192.0.2.2", 0x1001, "aes128gcm16"): 5000})
+    assert marks.start_for("192.0.2.2", params()) == 5000
+    assert marks.start_for("192.0.2.2", params(spi=0x1002)) == 1
+    assert marks.start_for("192.0.2.2", params(esp="aes256gcm16")) == 1
+    assert marks.start_for("192.0.2.3", params()) == 1
 
 
 def test_a_mark_past_the_sequence_space_still_gives_a_valid_start():
-    marks = SeqMarks({"tun0": (0x1001, "aes128gcm16", 2**32 + 5)})
-    start = marks.start_for("tun0", params())
+    marks = SeqMarks({("192.0.2.2", 0x1001, "aes128gcm16"): 2**32 + 5})
+    start = marks.start_for("192.0.2.2", params())
     assert start == 2**32 - 1
     OutboundSA(params(), seq_start=start)  # accepted; it can send one packet
+
+
+def test_changing_the_spi_and_back_continues_past_what_the_first_sa_sent():
+    """Issue 9 D2: spi_out 0x1001 -> 0x1003 -> 0x1001 must not restart 0x1001 at 1."""
+    marks = SeqMarks()
+    first = OutboundSA(params(), seq_start=marks.start_for("192.0.2.2", params()))
+    marks.track("192.0.2.2", first)
+    send(first, 5000)
+    other = OutboundSA(params(spi=0x1003), seq_start=marks.start_for("192.0.2.2",
+                                                                     params(spi=0x1003)))
+    marks.track("192.0.2.2", other)
+    assert other.seq == 0
+    back = OutboundSA(params(), seq_start=marks.start_for("192.0.2.2", params()))
+    assert back.seq >= 5000
+    # ... and a mark never moves backwards, whatever SA object reports to it.
+    marks.track("192.0.2.2", OutboundSA(params(), seq_start=1))
+    assert marks.start_for("192.0.2.2", params()) > 5000
+
+
+def test_marks_are_bounded_and_forget_the_least_recently_used():
+    marks = SeqMarks()
+    for spi in range(256, 256 + MAX_MARKS + 10):
+        marks.track("192.0.2.2", OutboundSA(params(spi=spi)))
+    assert len(marks.marks) == MAX_MARKS
+    assert marks.start_for("192.0.2.2", params(spi=256)) == 1
+    assert marks.start_for("192.0.2.2", params(spi=256 + MAX_MARKS + 9)) > 1

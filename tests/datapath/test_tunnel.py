@@ -132,6 +132,20 @@ def test_status_names_egress_iface():
         ("gre", {}, "unknown interface type 'gre'"),
         ("system", {}, "does not exist"),
         ("patch", {}, "needs options:peer"),
+        # Issue 9 D3/D4: values that used to be accepted silently.
+        ("vxlan", {"remote_ip": "10.0.0.9", "dst_port": "500"}, "dst_port 500 is IKE's port"),
+        ("vxlan", {"remote_ip": "10.0.0.9", "dst_port": "4500"}, "dst_port 4500 is IKE and"),
+        ("vxlanipsec", {"remote_ip": "10.0.0.9", "dst_port": "500", "psk": "x"},
+         "dst_port 500 is IKE's port"),
+        ("vxlan", {"remote_ip": "0.0.0.0"}, "the unspecified address"),
+        ("vxlan", {"remote_ip": "255.255.255.255"}, "the broadcast address"),
+        ("vxlan", {"remote_ip": "224.0.0.1"}, "a multicast address"),
+        ("vxlan", {"remote_ip": "127.0.0.1"}, "a loopback address"),
+        ("vxlan", {"remote_ip": "240.0.0.1"}, "a reserved address"),
+        ("vxlan", {"remote_ip": "10.0.0.9", "local_ip": "224.0.0.5"}, "options:local_ip"),
+        ("vxlan", {"remote_ip": "10.0.0.9", "key": "\u0661\u0660"}, "options:key .* not a number"),
+        ("vxlan", {"remote_ip": "10.0.0.9", "ttl": "6_4"}, "options:ttl .* not a number"),
+        ("vxlan", {"remote_ip": "10.0.0.9", "dst_port": " 4789\n"}, "not a number"),
     ],
 )
 def test_bad_config_is_a_port_error(type_, options, words):
@@ -140,6 +154,28 @@ def test_bad_config_is_a_port_error(type_, options, words):
     with pytest.raises(PortError, match=words):
         dp.add_port("br0", "x0", type_, options)
     assert "x0" not in dp.ports
+
+
+def test_remote_ip_of_this_hypervisor_is_refused():
+    a = Hypervisor("10.0.0.1", "10.0.0.2")
+    with pytest.raises(PortError, match=r"remote_ip 10\.0\.0\.1 is an address of this hypervisor"):
+        a.dp.add_port("br-int", "vx1", "vxlan", {"remote_ip": "10.0.0.1", "key": "7"})
+    assert "vx1" not in a.dp.ports and "vx0" in a.dp.ports
+
+
+def test_a_local_ip_that_is_not_local_is_a_status_problem_until_it_is():
+    a = Hypervisor("10.0.0.1", "10.0.0.2")
+    tun = a.dp.add_port("br-int", "vx1", "vxlan",
+                        {"remote_ip": "10.0.0.3", "local_ip": "10.0.0.77", "key": "7"})
+    assert "local_ip 10.0.0.77 is not an address" in tun.status()["tunnel_problem"]
+    assert tun.link_state() == "down"
+    a.inject("vm", eth(BCAST, mac(1)))
+    assert tun.stats["tx_no_route"] == 1
+    assert all(f[26:30] != ip4("10.0.0.77") for f in a.dev("eth0").take())
+    # The address appears: the tunnel works without being configured again.
+    a.dp.routes.set_system(a.dp.routes.system, {"br-phy": [ip4("10.0.0.1"), ip4("10.0.0.77")]})
+    a.dp.run(1.0)
+    assert "tunnel_problem" not in tun.status() and tun.link_state() == "up"
 
 
 def test_duplicate_tunnel_rejected():

@@ -53,6 +53,20 @@ def test_all_options_are_honoured() -> None:
     (_manual(ipsec_encapsulation="maybe"), "options:ipsec_encapsulation"),
     (_manual(psk="secret"), "cannot be combined"),
     ({"spi_out": "300"}, "missing spi_in, esp_key_out, esp_key_in"),
+    # Issue 9 D4: digits of other scripts, underscores and signs are not numbers here.
+    (_manual(spi_out="\u0661\u0660\u0660\u0660\u0660"), "options:spi_out"),
+    (_manual(spi_out="1_0000"), "options:spi_out"),
+    (_manual(replay_window="+64"), "options:replay_window"),
+    (_manual(replay_window="\uff16\uff14"), "options:replay_window"),
+    # ... and options of the other way of keying are refused, not ignored.
+    (_manual(rekey_time="-5"), "options:rekey_time applies to IKEv2-keyed tunnels only"),
+    (_manual(ike="garbage"), "options:ike applies to IKEv2-keyed tunnels only"),
+    (_manual(dpd_delay="10"), "options:dpd_delay applies to IKEv2-keyed tunnels only"),
+    (_manual(rekey_packets="10"), "options:rekey_packets applies to IKEv2"),
+    ({"psk": "swordfish", "lifetime_packets": "100"},
+     "options:lifetime_packets applies to manually keyed tunnels only"),
+    ({"psk": "swordfish", "rekey_time": "\u0663\u0666\u0660\u0660"}, "options:rekey_time"),
+    ({"psk": "swordfish", "rekey_time": "inf"}, "options:rekey_time"),
 ])
 def test_bad_options_give_one_sentence_naming_the_option(opts: dict, needle: str) -> None:
     with pytest.raises(IpsecConfigError) as err:

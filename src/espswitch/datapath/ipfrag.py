@@ -9,7 +9,12 @@ Hostile fragments are the reason for the limits: a datagram whose fragments over
 dropped whole (overlaps only ever come from attacks on filters, as RFC 5722 says for IPv6),
 one that would exceed 65,535 bytes is dropped, unfinished datagrams expire after `timeout`
 seconds, and at most `max_datagrams` datagrams and `max_bytes` bytes are held: past that new
-fragments are dropped and counted (Linux's ipfrag_high_thresh does the same).
+fragments are dropped and counted (Linux's ipfrag_high_thresh does the same). The byte limit
+counts what a held fragment really costs (the frame as received plus the bookkeeping of one
+piece), not only its payload. Fragments no legitimate sender makes are dropped before any
+state is kept: a fragment other than the last must carry at least `MIN_FRAGMENT` bytes (a
+flood of 8-byte fragments would otherwise cost a datagram entry each), and a datagram may
+have at most `MAX_FRAGMENTS` pieces.
 Time comes in as `now`; nothing here reads a clock or touches a socket.
 """
 
@@ -23,17 +28,29 @@ TIMEOUT = 30.0  # seconds, as Linux's net.ipv4.ipfrag_time
 MAX_DATAGRAMS = 256
 MAX_BYTES = 4 * 1024 * 1024
 MAX_PAYLOAD = 65535 - 20
+# A non-last fragment smaller than this comes from no real path: IPv4 links carry at least
+# 576-byte datagrams in practice (RFC 791/1122), so a sender's fragments hold 552 or more.
+MIN_FRAGMENT = 256
+# 65,535 bytes in fragments of at least MIN_FRAGMENT need at most 256; real tunnel packets
+# (up to a 9,000-byte jumbo frame over a 576-byte path) need at most 17.
+MAX_FRAGMENTS = 64
+# What one held fragment costs beyond its frame's bytes: the bytes object's header, its
+# place in the list and the piece's entry (measured with tracemalloc: about 150 bytes).
+FRAGMENT_OVERHEAD = 192
 
 
 class _Datagram:
     """The fragments of one datagram seen so far."""
 
-    __slots__ = ("eth", "first_seen", "frames", "header", "held", "pieces", "total")
+    __slots__ = ("cost", "eth", "first_seen", "frames", "header", "held", "pieces", "total")
 
     def __init__(self, now: float) -> None:
         self.first_seen = now
-        self.pieces: dict[int, bytes] = {}  # offset -> payload
+        # offset -> (index in `frames`, payload start, payload end): the payload stays in
+        # the frame as received, so nothing is held twice.
+        self.pieces: dict[int, tuple[int, int, int]] = {}
         self.held = 0  # payload bytes in `pieces`
+        self.cost = 0  # memory charged to the limit for this datagram
         self.total: int | None = None  # payload length, known from the last fragment
         self.header: bytes | None = None  # IPv4 header of the first fragment
         self.eth = b""  # link header of the first fragment
@@ -58,12 +75,18 @@ class Reassembler:
 
     def _forget(self, key: bytes) -> _Datagram:
         d = self.pending.pop(key)
-        self.bytes_held -= d.held
+        self.bytes_held -= d.cost
         return d
 
     def expire(self, now: float) -> None:
         """Drop the datagrams whose first fragment came more than `timeout` seconds ago."""
-        old = [k for k, d in self.pending.items() if now - d.first_seen >= self.timeout]
+        # `pending` is in arrival order and time only moves forward: the expired datagrams
+        # are a prefix, so a flood costs one look per call, not one per datagram held.
+        old = []
+        for k, d in self.pending.items():
+            if now - d.first_seen < self.timeout:
+                break
+            old.append(k)
         for key in old:
             self._forget(key)
         if old:
@@ -87,37 +110,46 @@ class Reassembler:
         flags = frame[l3 + 6]
         offset = (((flags & 0x1F) << 8) | frame[l3 + 7]) * 8
         more = flags & 0x20
-        payload = frame[l3 + ihl : l3 + total_len]
-        end = offset + len(payload)
-        if (more and (not payload or len(payload) % 8)) or end > MAX_PAYLOAD:
-            self._drop("malformed")
+        start, stop = l3 + ihl, l3 + total_len
+        size = stop - start
+        end = offset + size
+        if (more and (size < MIN_FRAGMENT or size % 8)) or not size or end > MAX_PAYLOAD:
+            self._drop("too_small" if more and size < MIN_FRAGMENT else "malformed")
             return None
+        cost = len(frame) + FRAGMENT_OVERHEAD
         # Source, destination, protocol and identification name the datagram (RFC 791).
         key = frame[l3 + 12 : l3 + 20] + frame[l3 + 9 : l3 + 10] + frame[l3 + 4 : l3 + 6]
         d = self.pending.get(key)
         if d is None:
             if len(self.pending) >= self.max_datagrams or \
-                    self.bytes_held + len(payload) > self.max_bytes:
+                    self.bytes_held + cost > self.max_bytes:
                 self.expire(now)
             if len(self.pending) >= self.max_datagrams or \
-                    self.bytes_held + len(payload) > self.max_bytes:
+                    self.bytes_held + cost > self.max_bytes:
                 self._drop("no_room")
                 return None
             d = self.pending[key] = _Datagram(now)
-        elif self.bytes_held + len(payload) > self.max_bytes:
+        elif self.bytes_held + cost > self.max_bytes:
             self._forget(key)
             self._drop("no_room")
             return None
+        elif len(d.pieces) >= MAX_FRAGMENTS:
+            self._forget(key)
+            self._drop("too_many")
+            return None
         # Overlaps drop the datagram; an exact duplicate (a retransmitted fragment) is ignored.
-        for o, p in d.pieces.items():
-            if o < end and offset < o + len(p):
-                if o == offset and p == payload:
+        frames = d.frames
+        for o, (i, s0, s1) in d.pieces.items():
+            if o < end and offset < o + s1 - s0:
+                if o == offset and s1 - s0 == size and \
+                        frames[i][s0:s1] == frame[start:stop]:
                     return None
                 self._forget(key)
                 self._drop("overlaps")
                 return None
         if not more:
-            if d.total is not None or any(o + len(p) > end for o, p in d.pieces.items()):
+            if d.total is not None or any(o + s1 - s0 > end
+                                          for o, (_, s0, s1) in d.pieces.items()):
                 self._forget(key)
                 self._drop("malformed")
                 return None
@@ -129,10 +161,11 @@ class Reassembler:
         if offset == 0:
             d.header = frame[l3 : l3 + ihl]
             d.eth = frame[:l3]
-        d.pieces[offset] = payload
-        d.held += len(payload)
-        self.bytes_held += len(payload)
-        d.frames.append(frame)
+        d.pieces[offset] = (len(frames), start, stop)
+        frames.append(frame)
+        d.held += size
+        d.cost += cost
+        self.bytes_held += cost
         if d.total is None or d.header is None or d.held != d.total:
             return None
         self._forget(key)
@@ -141,5 +174,6 @@ class Reassembler:
         hdr[6] &= 0x40  # keep DF, clear MF and the offset
         hdr[7] = 0
         hdr[10:12] = ipv4_header_checksum(hdr).to_bytes(2, "big")
-        body = b"".join(d.pieces[o] for o in sorted(d.pieces))
-        return d.eth + bytes(hdr) + body, d.frames
+        pieces = d.pieces
+        body = b"".join(frames[i][s0:s1] for i, s0, s1 in (pieces[o] for o in sorted(pieces)))
+        return d.eth + bytes(hdr) + body, frames

@@ -67,6 +67,7 @@ class RouteTable:
         self.user: list[Route] = []
         # device name -> its IPv4 addresses (4 bytes each), from the kernel
         self.addresses: dict[str, list[bytes]] = {}
+        self._local: frozenset[bytes] = frozenset()
         self.seq = 0
         self._sorted: list[Route] = []
 
@@ -82,8 +83,13 @@ class RouteTable:
             return False
         self.system = list(routes)
         self.addresses = {k: list(v) for k, v in addresses.items()}
+        self._local = frozenset(a for addrs in self.addresses.values() for a in addrs)
         self._changed()
         return True
+
+    def local_addresses(self) -> frozenset[bytes]:
+        """Every IPv4 address of this hypervisor (empty until the kernel's view is read)."""
+        return self._local
 
     def add(self, prefix: str, dev: str, gw: str | None = None) -> Route:
         p, plen = parse_prefix(prefix)

@@ -13,6 +13,7 @@ Two seams for tunnel types built on top (issue 4's `vxlanipsec`):
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 import zlib
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from espswitch.datapath.tunnel import FOUND, MISSING, ip4, ip4_str
 from espswitch.packet.errors import PacketError
 from espswitch.packet.icmp import build_frag_needed
 from espswitch.packet.ipv4 import fragment_ipv4
+from espswitch.values import parse_uint
 
 if TYPE_CHECKING:
     from espswitch.datapath.bridge import Bridge
@@ -36,6 +38,9 @@ QUEUE_MAX = 64  # frames waiting for one next hop's MAC
 ARP_RETRY = 1.0
 ARP_TRIES = 3
 VXLAN_PORT = 4789
+# UDP ports a tunnel may not use: the daemon's own protocols listen there.
+RESERVED_UDP_PORTS = {500: "IKE", 4500: "IKE and UDP-encapsulated ESP (NAT-T)"}
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 DEFAULT_UNDERLAY_MTU = 1500
 ETH_IPV4 = b"\x08\x00"
 ARP_REQ_HDR = b"\x08\x06\x00\x01\x08\x00\x06\x04\x00\x01"
@@ -56,6 +61,7 @@ class TunnelLayer:
         self.ports: list[TunnelPort] = []
         self.ip_handlers: dict[int, IpHandler] = {17: self._udp_input}
         self.udp_handlers: dict[int, UdpHandler] = {}
+        self.udp_owners: dict[int, str] = {}  # UDP port -> what listens there
         # dst_port -> (remote_ip, vni) -> port
         self.vxlan: dict[int, dict[tuple[bytes, int], VxlanPort]] = {}
         # (bridge name, next hop) -> [(port, ipv4 packet)]
@@ -72,13 +78,24 @@ class TunnelLayer:
     def register_ip_handler(self, proto: int, handler: IpHandler) -> None:
         self.ip_handlers[proto] = handler
 
-    def register_udp_handler(self, dport: int, handler: UdpHandler) -> None:
+    def register_udp_handler(self, dport: int, handler: UdpHandler, owner: str = "") -> None:
+        """Take UDP `dport` for `owner` (an encapsulation's name); one owner per port."""
         self.udp_handlers[dport] = handler
+        self.udp_owners[dport] = owner
 
     def unregister_udp_handler(self, dport: int) -> None:
         self.udp_handlers.pop(dport, None)
+        self.udp_owners.pop(dport, None)
+
+    def check_udp_port(self, name: str, dport: int, owner: str) -> None:
+        """Raise PortError if `dport` is taken by something other than `owner`."""
+        other = self.udp_owners.get(dport, owner)
+        if other != owner:
+            raise PortError(f"interface {name}: options:dst_port {dport} is already used by "
+                            f"{other}")
 
     def add_vxlan(self, port: VxlanPort) -> None:
+        self.check_udp_port(port.name, port.dst_port, "vxlan tunnels")
         table = self.vxlan.setdefault(port.dst_port, {})
         key = (port.remote_ip, port.vni)
         other = table.get(key)
@@ -90,7 +107,8 @@ class TunnelLayer:
             )
         table[key] = port
         if port.dst_port not in self.udp_handlers:
-            self.register_udp_handler(port.dst_port, partial(self._vxlan_input, port.dst_port))
+            self.register_udp_handler(port.dst_port, partial(self._vxlan_input, port.dst_port),
+                                      "vxlan tunnels")
 
     def remove_vxlan(self, port: VxlanPort) -> None:
         table = self.vxlan.get(port.dst_port)
@@ -164,10 +182,15 @@ class TunnelLayer:
         self, dport: int, bridge: Bridge, in_port: Port, frame: bytes, l3: int, l4: int
     ) -> bool:
         off = l4 + 8
-        if len(frame) < off + 8 + 14 or not frame[off] & 0x08:
+        # The UDP length must hold VXLAN and an Ethernet header and end in the frame; what
+        # follows it (Ethernet padding) is not part of the inner frame.
+        end = l4 + ((frame[l4 + 4] << 8) | frame[l4 + 5])
+        if end < off + 8 + 14 or end > len(frame) or not frame[off] & 0x08:
             in_port.stats.drop("rx_malformed")
             self.dp.count_drop("vxlan_malformed")
             return True
+        if end != len(frame):
+            frame = frame[:end]
         vni = (frame[off + 4] << 16) | (frame[off + 5] << 8) | frame[off + 6]
         port = self.vxlan[dport].get((frame[l3 + 12 : l3 + 16], vni))
         if port is None:
@@ -282,13 +305,29 @@ class TunnelLayer:
 
 
 def _parse_int(name: str, opt: str, text: str, lo: int, hi: int) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise PortError(f"interface {name}: options:{opt} '{text}' is not a number") from None
+    v = parse_uint(text)
+    if v is None:
+        raise PortError(f"interface {name}: options:{opt} '{text}' is not a number "
+                        "(decimal or 0x hexadecimal digits)")
     if not lo <= v <= hi:
         raise PortError(f"interface {name}: options:{opt}={text} is out of range ({lo} to {hi})")
     return v
+
+
+def _not_unicast(addr: bytes) -> str | None:
+    """Why `addr` cannot be a tunnel endpoint, or None if it can."""
+    a = ipaddress.IPv4Address(addr)
+    if a.is_unspecified:
+        return "the unspecified address"
+    if a == _BROADCAST:
+        return "the broadcast address"
+    if a.is_multicast:
+        return "a multicast address"
+    if a.is_loopback:
+        return "a loopback address"
+    if a.is_reserved:
+        return "a reserved address (240.0.0.0/4)"
+    return None
 
 
 def _parse_ip(name: str, opt: str, text: str) -> bytes:
@@ -315,10 +354,23 @@ class TunnelPort(Port):
             raise PortError(f"{self.TYPE} interface {name} needs options:remote_ip")
         self.remote_ip = _parse_ip(name, "remote_ip", o["remote_ip"])
         self.local_ip_opt = _parse_ip(name, "local_ip", o["local_ip"]) if "local_ip" in o else None
+        for opt, addr in (("remote_ip", self.remote_ip), ("local_ip", self.local_ip_opt)):
+            problem = _not_unicast(addr) if addr is not None else None
+            if problem:
+                raise PortError(f"interface {name}: options:{opt} {ip4_str(addr)} is {problem}, "
+                                "not a tunnel endpoint")
+        if self.remote_ip in dp.routes.local_addresses():
+            raise PortError(f"interface {name}: options:remote_ip {ip4_str(self.remote_ip)} is "
+                            "an address of this hypervisor; it must be the peer's")
         self.vni = _parse_int(name, "key", o.get("key", "0"), 0, (1 << 24) - 1)
         self.dst_port = _parse_int(
             name, "dst_port", o.get("dst_port", str(self.DEFAULT_DST_PORT)), 1, 65535
         )
+        if self.dst_port in RESERVED_UDP_PORTS:
+            raise PortError(
+                f"interface {name}: options:dst_port {self.dst_port} is "
+                f"{RESERVED_UDP_PORTS[self.dst_port]}'s port; choose another "
+                f"(the default is {self.DEFAULT_DST_PORT})")
         self.ttl = _parse_int(name, "ttl", o.get("ttl", "64"), 1, 255)
         self.tos = _parse_int(name, "tos", o.get("tos", "0"), 0, 255)
         df = o.get("df_default", "true").lower()
@@ -341,7 +393,15 @@ class TunnelPort(Port):
         self.egress_bridge = self.egress_port = self.route = None
         self.local_ip = self.local_ip_opt
         route = dp.routes.lookup(self.remote_ip)
-        if route is None:
+        local = dp.routes.local_addresses()
+        if self.remote_ip in local:
+            self.route_problem = (f"remote_ip {ip4_str(self.remote_ip)} is an address of this "
+                                  "hypervisor")
+        elif local and self.local_ip_opt is not None and self.local_ip_opt not in local:
+            # Not an error: the address may be added later; until then nothing is sent.
+            self.route_problem = (f"local_ip {ip4_str(self.local_ip_opt)} is not an address "
+                                  "of this hypervisor")
+        elif route is None:
             self.route_problem = f"no route to {ip4_str(self.remote_ip)}"
         else:
             self.route = route

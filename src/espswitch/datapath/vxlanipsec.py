@@ -29,7 +29,7 @@ from espswitch.datapath.ports import Port, register_port_type
 from espswitch.datapath.tunnel import ip4_str
 from espswitch.datapath.vxlan import TunnelPort, VxlanPort
 from espswitch.ipsec.config import IPSEC_OPTIONS, IkeKeying, ManualKeying, parse_ipsec_options
-from espswitch.ipsec.errors import DropReason, EspDrop, IpsecConfigError, SaRefused
+from espswitch.ipsec.errors import DropReason, IpsecConfigError, SaRefused
 from espswitch.ipsec.policy import UdpSelector
 from espswitch.ipsec.sa import InboundSA, Mode, OutboundSA, SaParams
 from espswitch.ipsec.sad import Sad
@@ -83,37 +83,50 @@ _RX_COUNTER = {
 SEQ_RESERVE = 1 << 20  # sequence numbers reserved ahead of use for a manually keyed SA
 
 
-class SeqMarks:
-    """Where manually keyed outbound SAs start when espswitchd starts again (sans-IO).
+MAX_MARKS = 4096  # SAs remembered; the least recently used is forgotten past that
+ANY_PEER = "*"  # a mark stored before marks named the peer (it applies to every peer)
 
-    A manually keyed SA is installed again, with the same keys, each time the daemon starts.
+SaKey = tuple[str, int, str]  # (peer address, SPI, transform): the SA as the peer knows it
+
+
+class SeqMarks:
+    """Where manually keyed outbound SAs start, so that their sequence numbers never go
+    back (sans-IO).
+
+    A manually keyed SA is installed again, with the same keys, each time the daemon starts,
+    and each time an option changes and changes back (spi_out 0x1001 -> 0x1003 -> 0x1001).
     Starting its sequence numbers at 1 again would make the peer, whose replay window is
     far ahead, drop everything as replays until the count caught up (RFC 4303 §3.4.3). So
-    blocks of `SEQ_RESERVE` sequence numbers are reserved ahead of use, and the daemon
-    stores the end of the reservation (the mark) durably; an SA installed again starts at
-    its mark, past anything it sent before. A restart costs at most one reservation of the
-    2^32 sequence numbers. Nothing secret is kept: interface, SPI, transform, number.
+    every SA the daemon has used is remembered by what names it at the peer (the peer's
+    address, the SPI, the transform), with blocks of `SEQ_RESERVE` sequence numbers
+    reserved ahead of use; the daemon stores the end of each reservation (the mark)
+    durably, and an SA installed again starts at its mark, past anything it sent. A restart
+    costs at most one reservation of the 2^32 sequence numbers. A new key under the same
+    SPI starts at the mark too: harmless, and nothing about keys needs to be kept. Nothing
+    secret is kept: peer, SPI, transform, number.
     """
 
-    def __init__(self, marks: dict[str, tuple[int, str, int]] | None = None) -> None:
-        self.marks = dict(marks or {})  # interface -> (SPI, transform, first seq to use)
+    def __init__(self, marks: dict[SaKey, int] | None = None) -> None:
+        self.marks: dict[SaKey, int] = dict(marks or {})  # SA -> first seq to use
         self.dirty = False
 
-    def start_for(self, name: str, params: SaParams) -> int:
-        """The first sequence number of a new outbound SA of interface `name`."""
-        mark = self.marks.get(name)
-        if mark is None or mark[0] != params.spi or mark[1] != params.transform.proposal:
-            return 1
+    def start_for(self, peer: str, params: SaParams) -> int:
+        """The first sequence number of a new outbound SA to `peer`."""
+        proposal = params.transform.proposal
+        mark = max(self.marks.get((peer, params.spi, proposal), 1),
+                   self.marks.get((ANY_PEER, params.spi, proposal), 1))
         seq_max = (1 << 64) - 1 if params.transform.esn else (1 << 32) - 1
-        return max(1, min(mark[2], seq_max))
+        return max(1, min(mark, seq_max))
 
-    def track(self, name: str, sa: OutboundSA) -> None:
+    def track(self, peer: str, sa: OutboundSA) -> None:
         """Reserve further ahead once `sa` has used half of its reservation."""
-        mark = self.marks.get(name)
-        proposal = sa.transform.proposal
-        if (mark is None or mark[0] != sa.spi or mark[1] != proposal
-                or sa.seq + SEQ_RESERVE // 2 > mark[2]):
-            self.marks[name] = (sa.spi, proposal, sa.seq + 1 + SEQ_RESERVE)
+        key = (peer, sa.spi, sa.transform.proposal)
+        mark = self.marks.get(key)
+        if mark is None or sa.seq + SEQ_RESERVE // 2 > mark:
+            self.marks.pop(key, None)  # re-inserted last: the dict is in order of use
+            self.marks[key] = max(mark or 0, sa.seq + 1 + SEQ_RESERVE)
+            while len(self.marks) > MAX_MARKS:
+                del self.marks[next(iter(self.marks))]
             self.dirty = True
 
 
@@ -149,7 +162,8 @@ class IpsecLayer:
             ) from None
         self.ports[sa.spi] = port
         if len(self.ports) == 1:
-            self.dp.tunnels.register_udp_handler(NAT_T_PORT, self._nat_t_input)
+            self.dp.tunnels.register_udp_handler(NAT_T_PORT, self._nat_t_input,
+                                                 "UDP-encapsulated ESP")
 
     def retire(self, name: str, sa_out: OutboundSA, sa_in: InboundSA) -> None:
         """Keep a closed tunnel's SAs a little while: a reconfiguration closes and reopens
@@ -242,7 +256,8 @@ class VxlanIpsecPort(VxlanPort):
         self.leader: VxlanIpsecPort | None = None
         self.followers: dict[int, VxlanIpsecPort] = {}  # VNI -> follower (leader only)
         if isinstance(keying, ManualKeying):
-            start = IpsecLayer.of(dp).seq_marks.start_for(name, keying.outbound)
+            start = IpsecLayer.of(dp).seq_marks.start_for(ip4_str(self.remote_ip),
+                                                           keying.outbound)
             self.sa_out: OutboundSA | None = OutboundSA(keying.outbound, now=dp.now,
                                                         seq_start=start)
             self.sa_in: InboundSA | None = InboundSA(keying.inbound, now=dp.now)
@@ -274,7 +289,7 @@ class VxlanIpsecPort(VxlanPort):
                 self.sa_out = old_out
             if old_in.params == self.sa_in.params and not old_in.expired:
                 self.sa_in = old_in
-        self._layer.seq_marks.track(self.name, self.sa_out)
+        self._layer.seq_marks.track(ip4_str(self.remote_ip), self.sa_out)
         self._layer.add(self, self.sa_in)
         try:
             super().open()
@@ -392,7 +407,7 @@ class VxlanIpsecPort(VxlanPort):
     def run(self, now: float) -> None:
         super().run(now)
         if self.ike is None and self.sa_out is not None:
-            self._layer.seq_marks.track(self.name, self.sa_out)
+            self._layer.seq_marks.track(ip4_str(self.remote_ip), self.sa_out)
         if self._lingering and self._lingering[0][0] <= now:
             for _, sa_in in [e for e in self._lingering if e[0] <= now]:
                 sa_in.expire("deleted")
@@ -543,32 +558,41 @@ class VxlanIpsecPort(VxlanPort):
             if sa is None:  # removed a moment ago
                 st.drop("esp_expired_drops")
                 return
-        try:
-            nh, payload = sa.decrypt(esp)
-            if sa is self._switch_on:
-                self._use_pair_of(sa)
-        except EspDrop as e:
-            counter = _RX_COUNTER.get(e.reason)
+        result = sa.open(esp)
+        if type(result) is not tuple:
+            counter = _RX_COUNTER.get(result)
             if counter is not None:  # a dummy packet (RFC 4303 §2.6) is not an error
                 st.drop(counter)
                 self.dp.log_rl(
-                    f"{self.name}: ESP from {ip4_str(src)} dropped: {e.reason.description}"
+                    f"{self.name}: ESP from {ip4_str(src)} dropped: {result.description}"
                 )
             return
+        if sa is self._switch_on:
+            self._use_pair_of(sa)
+        nh, payload = result
         sel = self.selector
         if self.mode is Mode.TUNNEL:
             if nh != 4 or not sel.match_tunnel(payload):
                 st.drop("esp_selector_drops")
                 return
-            off = (payload[0] & 0x0F) * 4 + 8
-            inner_end = (payload[2] << 8) | payload[3]
-            payload = payload[:inner_end]
+            off = (payload[0] & 0x0F) * 4
+            # match_tunnel checked the inner IPv4 header: the datagram ends at its length.
+            payload = payload[: (payload[2] << 8) | payload[3]]
         else:
             if not sel.match_transport(src, dst, nh, payload):
                 st.drop("esp_selector_drops")
                 return
-            off = 8
-        if len(payload) < off + 8 + 14 or not payload[off] & 0x08:
+            off = 0
+        # The inner UDP length must cover the UDP and VXLAN headers and an Ethernet header,
+        # and end within what was decrypted (RFC 768; TFC padding may follow it).
+        udp_len = (payload[off + 4] << 8) | payload[off + 5]
+        if udp_len < 8 + 8 + 14 or off + udp_len > len(payload):
+            st.drop("esp_selector_drops")
+            return
+        if off + udp_len != len(payload):
+            payload = payload[: off + udp_len]
+        off += 8
+        if not payload[off] & 0x08:
             st.drop("esp_selector_drops")
             return
         to = self
@@ -578,9 +602,7 @@ class VxlanIpsecPort(VxlanPort):
             if to is None:
                 st.drop("esp_selector_drops")
                 return
-            st = to.stats
-        st["rx_packets"] += 1
-        st["rx_bytes"] += len(payload) - off - 8
+        # rx_packets/rx_bytes are counted once, by the bridge, when `to` forwards the frame.
         self.dp.defer_rx(to, payload[off + 8 :])
 
     def input_vxlan(self, frame: bytes, offset: int, protected: bool) -> None:

@@ -12,9 +12,15 @@ from espswitch.ipsec.errors import IpsecConfigError
 from espswitch.ipsec.replay import MAX_WINDOW
 from espswitch.ipsec.sa import Lifetime, Mode, SaParams
 from espswitch.ipsec.transforms import TRANSFORM_NAMES, Transform, parse_transform
+from espswitch.values import parse_udecimal, parse_uint
 
 MANUAL_OPTIONS = ("spi_out", "spi_in", "esp_key_out", "esp_key_in")
 IKE_OPTIONS = ("psk", "remote_cert", "remote_name")
+# Options that mean something for one way of keying only: set on the other, they would be
+# silently ignored, so they are refused.
+MANUAL_ONLY_OPTIONS = ("lifetime_packets", "lifetime_bytes")
+IKE_ONLY_OPTIONS = ("ike", "rekey_time", "ike_rekey_time", "rekey_bytes", "rekey_packets",
+                    "dpd_delay")
 IPSEC_OPTIONS = frozenset({
     "esp", "ipsec_mode", "replay_window", "lifetime_packets", "lifetime_bytes",
     "ipsec_encapsulation", "ike", "rekey_time", "ike_rekey_time", "rekey_bytes",
@@ -61,11 +67,8 @@ def _int(options: Mapping[str, str], name: str, lo: int, hi: int, default: int |
     text = options.get(name)
     if text is None or text == "":
         return default
-    try:
-        value = int(text.strip(), 0)
-    except ValueError:
-        raise IpsecConfigError(f"options:{name} must be {what}, got {text!r}") from None
-    if not lo <= value <= hi:
+    value = parse_uint(text)
+    if value is None or not lo <= value <= hi:
         raise IpsecConfigError(f"options:{name} must be {what}, got {text!r}")
     return value
 
@@ -74,11 +77,8 @@ def _seconds(options: Mapping[str, str], name: str, default: float) -> float:
     text = options.get(name)
     if text is None or text == "":
         return default
-    try:
-        value = float(text.strip())
-    except ValueError:
-        value = -1.0
-    if not 1.0 <= value <= 10 * 365 * 86400.0:
+    value = parse_udecimal(text)
+    if value is None or not 1.0 <= value <= 10 * 365 * 86400.0:
         raise IpsecConfigError(f"options:{name} must be a number of seconds from 1, got {text!r}")
     return value
 
@@ -195,7 +195,17 @@ def parse_ipsec_options(options: Mapping[str, str], *, local_ip: bytes | None = 
             f"options {', '.join(manual)} (manual keying) and {', '.join(ike)} (IKEv2) "
             "cannot be combined: choose one keying method")
     if ike:
+        stray = [o for o in MANUAL_ONLY_OPTIONS if options.get(o)]
+        if stray:
+            raise IpsecConfigError(
+                f"options:{stray[0]} applies to manually keyed tunnels only; an IKEv2-keyed "
+                f"tunnel rekeys by rekey_time, rekey_bytes and rekey_packets")
         return _ike_keying(options, transform, mode, encap, window)
+    stray = [o for o in IKE_ONLY_OPTIONS if options.get(o)]
+    if stray:
+        raise IpsecConfigError(
+            f"options:{stray[0]} applies to IKEv2-keyed tunnels only (options:psk, remote_cert "
+            f"or remote_name); this tunnel is keyed manually")
     if len(manual) != len(MANUAL_OPTIONS):
         missing = [o for o in MANUAL_OPTIONS if o not in manual]
         raise IpsecConfigError(

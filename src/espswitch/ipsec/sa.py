@@ -1,7 +1,10 @@
 """Security associations: the per-packet ESP work (RFC 4303), sans-IO.
 
 An `OutboundSA` turns a payload into an ESP packet; an `InboundSA` turns an ESP packet back
-into its payload or raises `EspDrop` with the counter it went to. Both are built once, when
+into its payload, or returns the `DropReason` (the counter it went to) when it drops it.
+Drops are returned values, never exceptions on the per-packet path: nothing of a dropped
+packet outlives the call (a raised exception would keep its frames, and the packet bytes in
+them, alive through its traceback). Both are built once, when
 the SA is installed: the AEAD object, HMAC state, header templates and limits are made then,
 and the per-packet methods only patch bytes.
 
@@ -48,8 +51,6 @@ _SEQ64_MAX = (1 << 64) - 1
 # needs, times every next header, are made once so that sealing is one slice assignment.
 _PADS = tuple(bytes(range(1, n + 1)) for n in range(256))
 _TRAILERS = tuple(tuple(_PADS[p] + bytes((p, nh)) for nh in range(256)) for p in range(16))
-
-_DROP = {r: EspDrop(r) for r in DropReason}
 
 
 class Mode(enum.StrEnum):
@@ -423,13 +424,14 @@ class OutboundSA(_SaBase):
 class InboundSA(_SaBase):
     """Checks and removes ESP from incoming packets of one SA.
 
-    `decrypt(esp)` takes the ESP packet (from the SPI to the end of the ICV) and returns
-    `(next_header, payload)` with the payload as bytes. On any failure
-    it raises EspDrop after counting the reason, and nothing of the packet is returned.
+    `open(esp)` takes the ESP packet (from the SPI to the end of the ICV) and returns
+    `(next_header, payload)` with the payload as bytes, or, on any failure, the
+    `DropReason` it counted (nothing of the packet is kept). `decrypt(esp)` is the same for
+    callers that prefer an exception: it raises a fresh `EspDrop`.
     `esn_high` seeds the ESN high half for a receiver that joins an SA late (offline tools).
     """
 
-    __slots__ = ("_check_packets", "_fixed", "_min_len", "decrypt", "window")
+    __slots__ = ("_check_packets", "_fixed", "_min_len", "open", "window")
 
     direction = "in"
 
@@ -441,19 +443,27 @@ class InboundSA(_SaBase):
         # The smallest plaintext is one block (CBC) or one 4-byte word: pad length + next header.
         self._min_len = self._fixed + max(t.block_size, 4)
         self._check_packets = self._next_packet_limit()
-        self.decrypt = self._open_aead if t.aead else self._open_hmac
+        self.open = self._open_aead if t.aead else self._open_hmac
 
-    def _drop(self, reason: DropReason) -> None:
+    def decrypt(self, esp: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        """`open`, raising a fresh `EspDrop` instead of returning the drop reason."""
+        result = self.open(esp)
+        if type(result) is tuple:
+            return result
+        raise EspDrop(result)
+
+    def _drop(self, reason: DropReason) -> DropReason:
         self.drops[reason] += 1
-        raise _DROP[reason]
+        return reason
 
-    def _admit(self, esp: bytes) -> int:
-        """Length, lifetime and replay checks that come before any crypto; returns the seq."""
+    def _admit(self, esp: bytes) -> int | DropReason:
+        """Length, lifetime and replay checks that come before any crypto: the sequence
+        number, or the drop reason (a `DropReason`, never a plain int)."""
         n = len(esp)
         if n < self._min_len or (n - self._fixed) % self.transform.block_size:
-            self._drop(DropReason.MALFORMED)
+            return self._drop(DropReason.MALFORMED)
         if self.expired:
-            self._drop(DropReason.EXPIRED)
+            return self._drop(DropReason.EXPIRED)
         window = self.window
         seq = _U32.unpack_from(esp, 4)[0]
         if self.esn:
@@ -461,15 +471,15 @@ class InboundSA(_SaBase):
         if seq <= window.top:
             reason = window.check(seq)
             if reason is not None:
-                self._drop(reason)
+                return self._drop(reason)
         return seq
 
-    def _finish(self, pt: bytes, seq: int) -> tuple[int, bytes]:
+    def _finish(self, pt: bytes, seq: int) -> tuple[int, bytes] | DropReason:
         """Trailer checks after the ICV verified; then the window moves (RFC 4303 §3.4.3)."""
         pad = pt[-2]
         end = len(pt) - 2 - pad
         if end < 0 or not pt.endswith(_PADS[pad], 0, end + pad):
-            self._drop(DropReason.BAD_PADDING)
+            return self._drop(DropReason.BAD_PADDING)
         self.window.update(seq)
         self.packets += 1
         self.bytes += end
@@ -477,7 +487,7 @@ class InboundSA(_SaBase):
             self._account_slow()
         nh = pt[-1]
         if nh == NH_DUMMY:
-            self._drop(DropReason.DUMMY)
+            return self._drop(DropReason.DUMMY)
         return nh, pt[:end]
 
     def _account_slow(self) -> None:
@@ -492,36 +502,38 @@ class InboundSA(_SaBase):
                   if x is not None and x > self.packets]
         return min(limits, default=math.inf)
 
-    def _open_aead(self, esp: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+    def _open_aead(self, esp: bytes | bytearray | memoryview) -> tuple[int, bytes] | DropReason:
         """`_admit`, the AEAD and `_finish` written out in one function: this is the
-        datapath's hot path, where each call and attribute lookup shows in the profile."""
-        if type(esp) is not bytes:
-            esp = bytes(esp)
+        datapath's hot path, where each call and attribute lookup shows in the profile.
+        The checks that cost nothing (length, lifetime, replay window) come before the
+        AEAD, so a flood of forged or replayed packets costs little."""
         n = len(esp)
         if n < self._min_len or (n - self._fixed) & 3:
-            self._drop(DropReason.MALFORMED)
+            return self._drop(DropReason.MALFORMED)
         if self.expired:
-            self._drop(DropReason.EXPIRED)
+            return self._drop(DropReason.EXPIRED)
         window = self.window
         seq = _U32.unpack_from(esp, 4)[0]
         if self.esn:
             seq = window.infer(seq)
-            aad = _SPI_HI_LO.pack(self.spi, seq >> 32, seq & _SEQ32_MAX)
-        else:
-            aad = esp[:8]
         if seq <= window.top:
             reason = window.check(seq)
             if reason is not None:
-                self._drop(reason)
+                return self._drop(reason)
+        if type(esp) is not bytes:
+            esp = bytes(esp)
+        aad = _SPI_HI_LO.pack(self.spi, seq >> 32, seq & _SEQ32_MAX) if self.esn else esp[:8]
         try:
             pt = self._aead.decrypt(self._salt + esp[8:16], esp[16:], aad)
         except InvalidTag:
-            self._drop(DropReason.AUTH_FAILED)
+            # A fresh exception from cryptography, caught here: its traceback dies with
+            # this frame, and nothing of it is kept.
+            return self._drop(DropReason.AUTH_FAILED)
         pad = pt[-2]
         end = len(pt) - 2 - pad
         # endswith() compares the padding in place: no slice is made.
         if end < 0 or not pt.endswith(_PADS[pad], 0, end + pad):
-            self._drop(DropReason.BAD_PADDING)
+            return self._drop(DropReason.BAD_PADDING)
         top = window.top
         if seq > top and not (seq ^ top) >> 6:
             # In-order packet within the top 64-bit block: the common case, done inline.
@@ -535,10 +547,11 @@ class InboundSA(_SaBase):
             self._account_slow()
         nh = pt[-1]
         if nh == NH_DUMMY:
-            self._drop(DropReason.DUMMY)
+            return self._drop(DropReason.DUMMY)
         return nh, pt[:end]
 
-    def _verify(self, esp: bytes, seq: int) -> int:
+    def _verify(self, esp: bytes, seq: int) -> int | DropReason:
+        """The ICV check: the end of the authenticated part, or AUTH_FAILED."""
         icv_len = self.transform.icv_len
         end = len(esp) - icv_len
         h = self._hmac.copy()
@@ -546,15 +559,19 @@ class InboundSA(_SaBase):
         if self.esn:
             h.update(_U32.pack(seq >> 32))
         if not bytes_eq(h.finalize()[:icv_len], esp[end:]):
-            self._drop(DropReason.AUTH_FAILED)
+            return self._drop(DropReason.AUTH_FAILED)
         return end
 
-    def _open_hmac(self, esp: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+    def _open_hmac(self, esp: bytes | bytearray | memoryview) -> tuple[int, bytes] | DropReason:
         """Verify the HMAC first (nothing is decrypted from a forged packet), then AES-CBC
         or, for null encryption, nothing."""
-        esp = bytes(esp)
         seq = self._admit(esp)
+        if type(seq) is not int:
+            return seq
+        esp = bytes(esp)
         end = self._verify(esp, seq)
+        if type(end) is not int:
+            return end
         if self._cipher_key is None:
             return self._finish(esp[8:end], seq)
         dec = Cipher(self._cipher_key, modes.CBC(esp[8:24])).decryptor()
@@ -572,9 +589,9 @@ class InboundSA(_SaBase):
         try:
             ihl, total = _ipv4_bounds(mv)
         except ValueError:
-            self._drop(DropReason.MALFORMED)
-        if mv[9] != ESP_PROTO or mv[6] & 0x3F or mv[7]:
-            self._drop(DropReason.MALFORMED)
+            ihl = total = 0
+        if not ihl or mv[9] != ESP_PROTO or mv[6] & 0x3F or mv[7]:
+            raise EspDrop(self._drop(DropReason.MALFORMED))
         nh, payload = self.decrypt(mv[ihl:total])
         if self.mode is Mode.TUNNEL:
             return self._inner_packet(nh, payload)
@@ -595,8 +612,7 @@ class InboundSA(_SaBase):
         else:
             length = 0
         if not 20 <= length <= n:
-            self.drops[DropReason.MALFORMED] += 1
-            raise _DROP[DropReason.MALFORMED]
+            raise EspDrop(self._drop(DropReason.MALFORMED))
         return bytearray(payload[:length])
 
 

@@ -1,7 +1,9 @@
 """Durable sequence-number marks of manually keyed SAs (see datapath.vxlanipsec.SeqMarks).
 
-The marks live in `$OVS_DBDIR/espswitchd.seq`, next to the database, as JSON: interface name,
-SPI, transform and the first sequence number to use. No key material. The file is replaced
+The marks live in `$OVS_DBDIR/espswitchd.seq`, next to the database, as JSON: for each SA the
+peer's address, the SPI, the transform and the first sequence number to use. No key
+material. A file written before marks named the peer (interface name -> SPI, transform,
+number) is read as marks for any peer. The file is replaced
 atomically (write, fsync, rename) so a crash leaves the old marks or the new ones.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from espswitch.datapath.vxlanipsec import SeqMarks
+from espswitch.datapath.vxlanipsec import ANY_PEER, SaKey, SeqMarks
 
 FILENAME = "espswitchd.seq"
 RETRY = 5.0  # seconds before a failed write is tried again
@@ -26,12 +28,19 @@ class SeqStore:
         self.last_error: str | None = None
         self.marks = SeqMarks(self._load())
 
-    def _load(self) -> dict[str, tuple[int, str, int]]:
+    def _load(self) -> dict[SaKey, int]:
         try:
             with open(self.path) as f:
-                raw = json.load(f)["marks"]
-            return {str(name): (int(spi), str(esp), int(seq))
-                    for name, (spi, esp, seq) in raw.items()}
+                doc = json.load(f)
+            marks: dict[SaKey, int] = {}
+            if "sas" in doc:
+                for peer, spi, esp, seq in doc["sas"]:
+                    marks[(str(peer), int(spi), str(esp))] = int(seq)
+            else:  # the first format: interface name -> (SPI, transform, number)
+                for spi, esp, seq in doc["marks"].values():
+                    key = (ANY_PEER, int(spi), str(esp))
+                    marks[key] = max(marks.get(key, 0), int(seq))
+            return marks
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
@@ -47,7 +56,7 @@ class SeqStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump({"marks": {k: list(v) for k, v in self.marks.marks.items()}}, f)
+                json.dump({"sas": [[*k, v] for k, v in self.marks.marks.items()]}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
