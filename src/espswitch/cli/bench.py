@@ -9,12 +9,14 @@ from typing import Any
 def register(subparsers: Any) -> None:
     """Add `bench` to the `espswitch` subcommand parsers."""
     p = subparsers.add_parser(
-        "bench", help="run a benchmark: esp (the ESP engine) or e2e (VM to VM, root)",
+        "bench", help="run a benchmark: esp (the ESP engine), e2e (VM to VM, root) or flood "
+        "(pings under a forged-ESP flood, root)",
         description="Run a benchmark. `esp`: ESP round trips per second against the bare "
         "cryptography AEAD and scapy. `e2e` (root): iperf3 and ping VM to VM over espswitch "
-        "vxlanipsec and vxlan, kernel VXLAN and strongSwan kernel-libipsec. Options after "
-        "the name go to the benchmark (--help shows them).")
-    p.add_argument("which", choices=("esp", "e2e"), help="the benchmark")
+        "vxlanipsec and vxlan, kernel VXLAN and strongSwan kernel-libipsec. `flood` (root): "
+        "ping loss across a vxlanipsec tunnel while its underlay is flooded with forged ESP. "
+        "Options after the name go to the benchmark (--help shows them).")
+    p.add_argument("which", choices=("esp", "e2e", "flood"), help="the benchmark")
     p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=run_bench)
 
@@ -23,6 +25,8 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run the chosen benchmark with its own options; return its exit code."""
     if args.which == "esp":
         from espswitch.benchmarks.esp import main
+    elif args.which == "flood":
+        from espswitch.benchmarks.flood import main
     else:
         from espswitch.benchmarks.e2e import main
     return main(args.options)

@@ -43,6 +43,15 @@ class Datapath:
         self._rx_deferred: list[tuple[Port, bytes]] = []
         self._log = log or (lambda msg: None)
         self.log_rl = log_rl or self._log
+        self._drop_log_at = -1.0
+
+    def drop_log_due(self) -> bool:
+        """Whether a per-packet drop may be logged now: at most one per 0.1 s of `now`, so
+        that a flood costs one float comparison per packet, not a formatted message."""
+        if self.now - self._drop_log_at < 0.1:
+            return False
+        self._drop_log_at = self.now
+        return True
 
     # --- configuration ---------------------------------------------------------------------
     def add_bridge(self, name: str) -> Bridge:

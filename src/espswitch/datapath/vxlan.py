@@ -196,10 +196,11 @@ class TunnelLayer:
         if port is None:
             in_port.stats.drop("rx_unknown_tunnel")
             self.dp.count_drop("vxlan_unknown_tunnel")
-            self.dp.log_rl(
-                f"{bridge.name}: VXLAN from {ip4_str(frame[l3 + 12 : l3 + 16])} with VNI "
-                f"{vni} matches no tunnel, dropped"
-            )
+            if self.dp.drop_log_due():
+                self.dp.log_rl(
+                    f"{bridge.name}: VXLAN from {ip4_str(frame[l3 + 12 : l3 + 16])} with VNI "
+                    f"{vni} matches no tunnel, dropped"
+                )
             return True
         port.input_vxlan(frame, off + 8, False)
         return True

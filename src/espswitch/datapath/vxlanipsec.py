@@ -213,10 +213,11 @@ class IpsecLayer:
             self.sad.unknown_spi += 1
             in_port.stats.drop("rx_unknown_tunnel")
             self.dp.count_drop("esp_unknown_spi")
-            self.dp.log_rl(
-                f"ESP with unknown SPI 0x{spi:08x} from "
-                f"{ip4_str(frame[l3 + 12 : l3 + 16])}, dropped"
-            )
+            if self.dp.drop_log_due():
+                self.dp.log_rl(
+                    f"ESP with unknown SPI 0x{spi:08x} from "
+                    f"{ip4_str(frame[l3 + 12 : l3 + 16])}, dropped"
+                )
             return
         port.input_esp(frame[l3 + 12 : l3 + 16], frame[l3 + 16 : l3 + 20], esp, encap)
 
@@ -563,9 +564,10 @@ class VxlanIpsecPort(VxlanPort):
             counter = _RX_COUNTER.get(result)
             if counter is not None:  # a dummy packet (RFC 4303 §2.6) is not an error
                 st.drop(counter)
-                self.dp.log_rl(
-                    f"{self.name}: ESP from {ip4_str(src)} dropped: {result.description}"
-                )
+                if self.dp.drop_log_due():
+                    self.dp.log_rl(
+                        f"{self.name}: ESP from {ip4_str(src)} dropped: {result.description}"
+                    )
             return
         if sa is self._switch_on:
             self._use_pair_of(sa)
@@ -608,7 +610,8 @@ class VxlanIpsecPort(VxlanPort):
     def input_vxlan(self, frame: bytes, offset: int, protected: bool) -> None:
         # Reached only by plaintext VXLAN from our remote_ip: never delivered.
         self.stats.drop("esp_plaintext_drops")
-        self.dp.log_rl(f"{self.name}: plaintext VXLAN from {ip4_str(self.remote_ip)} dropped")
+        if self.dp.drop_log_due():
+            self.dp.log_rl(f"{self.name}: plaintext VXLAN from {ip4_str(self.remote_ip)} dropped")
 
     # -- state for the database and ovs-appctl ----------------------------------------------------
 
