@@ -124,7 +124,10 @@ def test_vm_traffic_survives_kill_and_restart(fresh_tunnel):
     a.start()
     assert wait_until(lambda: vma.can_reach(vmb.ip), 5) is not None, \
         "no VM traffic 5 s after restarting espswitchd"
-    assert "10 received" in vma.ping(vmb.ip, count=10).stdout
+    # A loaded machine may lose a ping or two while the restarted daemon settles; what
+    # must hold is that a whole burst gets through again, soon.
+    assert wait_until(lambda: "10 received" in vma.ping(vmb.ip, count=10).stdout, 5) \
+        is not None, vma.ping(vmb.ip, count=10).stdout
     assert {n: a.iface(n, "ofport") for n in ofports} == ofports
     # A clean stop removes the VM's device too.
     a.stop()
