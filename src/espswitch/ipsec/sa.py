@@ -308,16 +308,14 @@ class OutboundSA(_SaBase):
         self._seq_limit = 0
 
     def _refuse(self) -> None:
-        # Past a hard lifetime the SA is expired; otherwise the sequence space ran out.
-        reason = DropReason.EXPIRED if self.expired else DropReason.SEQ_EXHAUSTED
-        self.drops[reason] += 1
-        raise SaRefused(reason)
+        raise SaRefused(self.reserve())
 
     # -- the per-packet paths, one per transform family -----------------------------------
     # These are the datapath's hot path: measured, bytes concatenation beats building the
     # packet in a bytearray with encrypt_into/memoryview slices in cryptography 4x.
 
     def _seal_aead(self, payload: bytes | bytearray | memoryview, next_header: int) -> bytes:
+        # reserve(), seal() and commit() written out in one function: the hot path.
         seq = self.seq + 1
         if seq > self._seq_limit:
             self._refuse()
@@ -341,12 +339,43 @@ class OutboundSA(_SaBase):
 
     def _seal_hmac(self, payload: bytes | bytearray | memoryview, next_header: int) -> bytes:
         """AES-CBC then HMAC, or HMAC alone for null encryption (encrypt, then MAC)."""
+        seq = self.reserve()
+        if type(seq) is not int:
+            raise SaRefused(seq)
+        out = self.seal(seq, payload, next_header)
+        self.commit(seq, len(payload))
+        return out
+
+    # -- the same work in three stages, for batches and other crypto backends ---------------
+    # encrypt() = reserve() + seal() + commit(); only reserve and commit read or change the
+    # SA's state, so a batch can reserve its sequence numbers, seal elsewhere (another
+    # thread, another backend) and commit what was sent.
+
+    def reserve(self) -> int | DropReason:
+        """Stage 1: take the next sequence number; or the reason (counted) why this SA may
+        not send: past its hard lifetime, or out of sequence numbers."""
         seq = self.seq + 1
         if seq > self._seq_limit:
-            self._refuse()
+            reason = DropReason.EXPIRED if self.expired else DropReason.SEQ_EXHAUSTED
+            self.drops[reason] += 1
+            return reason
         self.seq = seq
+        return seq
+
+    def seal(self, seq: int, payload: bytes | bytearray | memoryview, next_header: int) -> bytes:
+        """Stage 2: the ESP packet (SPI to ICV) of `payload` at sequence number `seq`; reads
+        only the keys, changes nothing."""
         t = self.transform
         n = len(payload)
+        if t.aead:
+            if self._iv_source is None:
+                hdr = _SPI_SEQ_IV64.pack(self.spi, seq & _SEQ32_MAX, seq ^ self._iv_mask)
+            else:
+                hdr = _SPI_SEQ.pack(self.spi, seq & _SEQ32_MAX) + self._iv_source(seq)
+            aad = _SPI_HI_LO.pack(self.spi, seq >> 32, seq & _SEQ32_MAX) if self.esn \
+                else hdr[:8]
+            return hdr + self._aead.encrypt(
+                self._salt + hdr[8:], payload + _TRAILERS[-(n + 2) & 3][next_header], aad)
         plaintext = payload + _TRAILERS[-(n + 2) % t.block_size][next_header]
         hdr = _SPI_SEQ.pack(self.spi, seq & _SEQ32_MAX)
         if self._cipher_key is None:
@@ -356,12 +385,14 @@ class OutboundSA(_SaBase):
             iv = self._iv_source(seq) if self._iv_source is not None else os.urandom(t.iv_len)
             enc = Cipher(self._cipher_key, modes.CBC(iv)).encryptor()
             body = hdr + iv + enc.update(plaintext) + enc.finalize()
-        out = body + self._icv(body, seq)
+        return body + self._icv(body, seq)
+
+    def commit(self, seq: int, nbytes: int) -> None:
+        """Stage 3: count a packet of `nbytes` payload bytes sent at `seq`; lifetimes."""
         self.packets += 1
-        self.bytes += n
+        self.bytes += nbytes
         if seq == self._check_seq or self.bytes >= self._bytes_check:
             self._account_slow(seq)
-        return out
 
     def _icv(self, body: bytes, seq: int) -> bytes:
         h = self._hmac.copy()
@@ -456,9 +487,13 @@ class InboundSA(_SaBase):
         self.drops[reason] += 1
         return reason
 
-    def _admit(self, esp: bytes) -> int | DropReason:
-        """Length, lifetime and replay checks that come before any crypto: the sequence
-        number, or the drop reason (a `DropReason`, never a plain int)."""
+    # -- open() in three stages, for batches and other crypto backends -------------------------
+    # open() = admit() + unseal() + commit(); only admit and commit read or change the SA's
+    # state (admit only reads it), so a batch can admit, unseal elsewhere, then commit.
+
+    def admit(self, esp: bytes | bytearray | memoryview) -> int | DropReason:
+        """Stage 1: the length, lifetime and replay checks that come before any crypto;
+        the sequence number, or the drop reason (a `DropReason`, never a plain int)."""
         n = len(esp)
         if n < self._min_len or (n - self._fixed) % self.transform.block_size:
             return self._drop(DropReason.MALFORMED)
@@ -474,8 +509,28 @@ class InboundSA(_SaBase):
                 return self._drop(reason)
         return seq
 
-    def _finish(self, pt: bytes, seq: int) -> tuple[int, bytes] | DropReason:
-        """Trailer checks after the ICV verified; then the window moves (RFC 4303 §3.4.3)."""
+    def unseal(self, esp: bytes | bytearray | memoryview, seq: int) -> bytes | DropReason:
+        """Stage 2: check the ICV and decrypt an admitted packet; its plaintext (payload,
+        padding, pad length, next header), or AUTH_FAILED (counted). Changes nothing else."""
+        esp = bytes(esp)
+        if self._aead is not None:
+            aad = _SPI_HI_LO.pack(self.spi, seq >> 32, seq & _SEQ32_MAX) if self.esn \
+                else esp[:8]
+            try:
+                return self._aead.decrypt(self._salt + esp[8:16], esp[16:], aad)
+            except InvalidTag:
+                return self._drop(DropReason.AUTH_FAILED)
+        end = self._verify(esp, seq)
+        if type(end) is not int:
+            return end
+        if self._cipher_key is None:
+            return esp[8:end]
+        dec = Cipher(self._cipher_key, modes.CBC(esp[8:24])).decryptor()
+        return dec.update(esp[24:end]) + dec.finalize()
+
+    def commit(self, seq: int, pt: bytes) -> tuple[int, bytes] | DropReason:
+        """Stage 3: the trailer checks after the ICV verified, then the window moves
+        (RFC 4303 §3.4.3) and the packet is counted: (next header, payload) or the reason."""
         pad = pt[-2]
         end = len(pt) - 2 - pad
         if end < 0 or not pt.endswith(_PADS[pad], 0, end + pad):
@@ -503,7 +558,7 @@ class InboundSA(_SaBase):
         return min(limits, default=math.inf)
 
     def _open_aead(self, esp: bytes | bytearray | memoryview) -> tuple[int, bytes] | DropReason:
-        """`_admit`, the AEAD and `_finish` written out in one function: this is the
+        """`admit`, `unseal` and `commit` written out in one function: this is the
         datapath's hot path, where each call and attribute lookup shows in the profile.
         The checks that cost nothing (length, lifetime, replay window) come before the
         AEAD, so a flood of forged or replayed packets costs little."""
@@ -565,17 +620,13 @@ class InboundSA(_SaBase):
     def _open_hmac(self, esp: bytes | bytearray | memoryview) -> tuple[int, bytes] | DropReason:
         """Verify the HMAC first (nothing is decrypted from a forged packet), then AES-CBC
         or, for null encryption, nothing."""
-        seq = self._admit(esp)
+        seq = self.admit(esp)
         if type(seq) is not int:
             return seq
-        esp = bytes(esp)
-        end = self._verify(esp, seq)
-        if type(end) is not int:
-            return end
-        if self._cipher_key is None:
-            return self._finish(esp[8:end], seq)
-        dec = Cipher(self._cipher_key, modes.CBC(esp[8:24])).decryptor()
-        return self._finish(dec.update(esp[24:end]) + dec.finalize(), seq)
+        pt = self.unseal(esp, seq)
+        if type(pt) is not bytes:
+            return pt
+        return self.commit(seq, pt)
 
     # -- whole IP packets --------------------------------------------------------------------
 
