@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from espswitch.datapath.vxlanipsec import MAX_MARKS, SEQ_RESERVE, SeqMarks
+from espswitch.datapath.protection import MAX_MARKS, SEQ_RESERVE, SeqMarks
 from espswitch.ipsec import OutboundSA, SaParams, parse_transform
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from espswitch.datapath.vxlanipsec import SEQ_RESERVE
+from espswitch.datapath.protection import SEQ_RESERVE
 from espswitch.ipsec import OutboundSA, SaParams, parse_transform
 from espswitch.vswitchd.seqstore import SeqStore
 

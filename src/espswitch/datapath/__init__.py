@@ -9,8 +9,8 @@ from espswitch.datapath.counters import Counters
 from espswitch.datapath.datapath import Datapath
 from espswitch.datapath.errors import PortError
 from espswitch.datapath.ports import PORT_TYPES, Port, register_port_type
-from espswitch.datapath.vxlan import TunnelLayer, TunnelPort, VxlanPort
-from espswitch.datapath.vxlanipsec import VxlanIpsecPort
+from espswitch.datapath.tunnel_layer import TunnelLayer
+from espswitch.datapath.tunnel_port import TunnelPort, VxlanIpsecPort, VxlanPort
 
 __all__ = [
     "PORT_TYPES",

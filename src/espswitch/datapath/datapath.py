@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
+from espswitch.datapath import tunnel_port  # noqa: F401  (registers the tunnel types)
 from espswitch.datapath.bridge import Bridge
+from espswitch.datapath.context import PortContext
 from espswitch.datapath.devices import LinuxDevices
 from espswitch.datapath.errors import PortError
 from espswitch.datapath.ports import InternalPort, Port, port_class
 from espswitch.datapath.tunnel import NeighborCache, RouteTable
-from espswitch.datapath.vxlan import TunnelLayer
+from espswitch.datapath.tunnel_layer import TunnelLayer
 
 OFPP_LOCAL = 65534
 OFPP_MAX = 65279
@@ -44,6 +46,7 @@ class Datapath:
         self._log = log or (lambda msg: None)
         self.log_rl = log_rl or self._log
         self._drop_log_at = -1.0
+        self.ctx = PortContext(self)  # what ports may use of this datapath
 
     def drop_log_due(self) -> bool:
         """Whether a per-packet drop may be logged now: at most one per 0.1 s of `now`, so
@@ -89,7 +92,7 @@ class Datapath:
             other = self.ports[name].bridge.name
             raise PortError(f"interface {name} already exists on bridge {other}")
         cls = port_class(type_)
-        port = cls(self, b, name, options or {})
+        port = cls(self.ctx, b, name, options or {})
         port.set_vlan(tag, trunks)
         port.ofport = self._pick_ofport(b, port, ofport)
         port.open()

@@ -1,6 +1,7 @@
 """Port types: classes registered under their `Interface.type` string.
 
-A port class gets `(datapath, bridge, name, options)` and opens whatever it needs in
+A port class gets `(context, bridge, name, options)` (a `PortContext`: what a port may use of
+the datapath) and opens whatever it needs in
 `open()`, raising `PortError` with one sentence when the configuration cannot work.
 Operations a type lacks answer "not supported" (`NotSupported`), as netdev classes do.
 """
@@ -15,7 +16,7 @@ from espswitch.datapath.errors import PortError
 
 if TYPE_CHECKING:
     from espswitch.datapath.bridge import Bridge
-    from espswitch.datapath.datapath import Datapath
+    from espswitch.datapath.context import PortContext
 
 PORT_TYPES: dict[str, type[Port]] = {}
 
@@ -56,8 +57,9 @@ class Port:
     #: options this type understands; anything else is a configuration error
     OPTIONS: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, dp: Datapath, bridge: Bridge, name: str, options: Mapping[str, str]) -> None:
-        self.dp = dp
+    def __init__(self, ctx: PortContext, bridge: Bridge, name: str,
+                 options: Mapping[str, str]) -> None:
+        self.ctx = ctx
         self.bridge = bridge
         self.name = name
         self.options = dict(options)
@@ -175,15 +177,15 @@ class TapPort(DevicePort):
     PERSIST = True
 
     def open(self) -> None:
-        self.dev = self.dp.devices.open_tap(self.name, persist=self.PERSIST)
+        self.dev = self.ctx.devices.open_tap(self.name, persist=self.PERSIST)
 
     def run(self, now: float) -> None:
         if self.dev is not None:
-            self.dp.devices.track_tap(self.dev, now)
+            self.ctx.devices.track_tap(self.dev, now)
 
     def close(self) -> None:
         super().close()
-        self.dp.devices.forget_tap(self.name)
+        self.ctx.devices.forget_tap(self.name)
 
 
 @register_port_type("internal")
@@ -205,30 +207,30 @@ class SystemPort(DevicePort):
     CHECK_INTERVAL = 1.0
 
     def open(self) -> None:
-        self.dev = self.dp.devices.open_system(self.name)
+        self.dev = self.ctx.devices.open_system(self.name)
         self._next_check = 0.0
 
     def run(self, now: float) -> None:
         if now < self._next_check:
             return
         self._next_check = now + self.CHECK_INTERVAL
-        devices = self.dp.devices
+        devices = self.ctx.devices
         idx = devices.ifindex(self.name)
         if self.dev is not None and self.dev.ifindex == idx:
             return
         if self.dev is not None:
             self.dev.close()
             self.dev = None
-            self.dp.fd_seq += 1
-            self.dp.log_rl(f"{self.name}: device disappeared, waiting for it to return")
+            self.ctx.pollables_changed()
+            self.ctx.log_rl(f"{self.name}: device disappeared, waiting for it to return")
         if idx is not None:
             try:
                 self.dev = devices.open_system(self.name)
             except PortError:
                 return
-            self.dp.fd_seq += 1
+            self.ctx.pollables_changed()
             self.bridge.flush_port(self)
-            self.dp.log_rl(f"{self.name}: device is back, attached again")
+            self.ctx.log_rl(f"{self.name}: device is back, attached again")
 
     def send(self, frames: list[bytes]) -> None:
         if self.dev is None:
@@ -243,8 +245,8 @@ class PatchPort(Port):
 
     OPTIONS = frozenset({"peer"})
 
-    def __init__(self, dp, bridge, name, options) -> None:
-        super().__init__(dp, bridge, name, options)
+    def __init__(self, ctx, bridge, name, options) -> None:
+        super().__init__(ctx, bridge, name, options)
         peer = self.options.get("peer")
         if not peer:
             raise PortError(f"patch interface {name} needs options:peer")
@@ -253,7 +255,7 @@ class PatchPort(Port):
         self.peer_name = peer
 
     def peer(self) -> PatchPort | None:
-        p = self.dp.ports.get(self.peer_name)
+        p = self.ctx.port(self.peer_name)
         if isinstance(p, PatchPort) and p.peer_name == self.name:
             return p
         return None
@@ -268,7 +270,7 @@ class PatchPort(Port):
         nbytes = sum(map(len, frames))
         st["tx_packets"] += n
         st["tx_bytes"] += nbytes
-        self.dp.receive(peer, frames)
+        self.ctx.receive(peer, frames)
 
     def status(self) -> dict[str, str]:
         return {"peer": self.peer_name if self.peer() else f"{self.peer_name} (missing)"}

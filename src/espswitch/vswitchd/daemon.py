@@ -12,7 +12,7 @@ import ovs.vlog
 
 from espswitch.datapath import Datapath, PortError
 from espswitch.datapath.loop import EventLoop
-from espswitch.datapath.vxlanipsec import IpsecLayer
+from espswitch.datapath.protection import IpsecLayer
 from espswitch.vswitchd import appctl, dirs, ike
 from espswitch.vswitchd.config import Desired, IfaceConfig, desired_state, plan
 from espswitch.vswitchd.seqstore import FILENAME as SEQ_FILENAME
@@ -136,7 +136,7 @@ class Switchd:
         # Manually keyed SAs resume their sequence numbers after a restart.
         self.seq_store = SeqStore(seq_path or os.path.join(dirs.dbdir(), SEQ_FILENAME),
                                   vlog.warn)
-        IpsecLayer.of(self.dp).seq_marks = self.seq_store.marks
+        IpsecLayer.of(self.dp.ctx).seq_marks = self.seq_store.marks
 
     # --- reconcile -----------------------------------------------------------------------
     def config_changed(self) -> Desired | None:

@@ -38,7 +38,7 @@ import ovs.vlog
 
 from espswitch.datapath.errors import PortError
 from espswitch.datapath.tunnel import ip4_str
-from espswitch.datapath.vxlanipsec import VxlanIpsecPort
+from espswitch.datapath.tunnel_port import VxlanIpsecPort
 from espswitch.ike import (
     ChildConfig,
     ChildSaDeleted,

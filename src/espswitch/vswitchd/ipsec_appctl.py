@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from espswitch.datapath.vxlanipsec import VxlanIpsecPort
+from espswitch.datapath.tunnel_port import VxlanIpsecPort
 from espswitch.vswitchd import unixctl
 
 if TYPE_CHECKING:

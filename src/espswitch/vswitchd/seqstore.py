@@ -1,4 +1,4 @@
-"""Durable sequence-number marks of manually keyed SAs (see datapath.vxlanipsec.SeqMarks).
+"""Durable sequence-number marks of manually keyed SAs (see datapath.protection.SeqMarks).
 
 The marks live in `$OVS_DBDIR/espswitchd.seq`, next to the database, as JSON: for each SA the
 peer's address, the SPI, the transform and the first sequence number to use. No key
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from espswitch.datapath.vxlanipsec import ANY_PEER, SaKey, SeqMarks
+from espswitch.datapath.protection import ANY_PEER, SaKey, SeqMarks
 
 FILENAME = "espswitchd.seq"
 RETRY = 5.0  # seconds before a failed write is tried again

@@ -1,33 +1,32 @@
-"""`vxlanipsec`: VXLAN tunnels whose packets are protected by ESP (RFC 4303).
+"""A tunnel's protection: clear, or ESP (RFC 4303) with its SA pairs, SPI demux and
+selectors, and the interface through which the IKE layer installs CHILD_SAs.
 
-A tunnel is keyed manually (its options hold the SA pair) or by IKEv2: then the port starts
-without SAs ("connecting") and the daemon's IKE layer (`espswitch.vswitchd.ike`) installs
-them with `install_child`, retires them with `remove_child` and `remove_all_children`; the
-port itself does no I/O for IKE.
+Outbound, a protection turns a batch of inner frames into the IPv4 packets that carry them,
+using its port's encapsulation (`push`) and underlay (`header`): clear puts the underlay
+header in front of the encapsulated frame; ESP seals the encapsulated frame (transport mode,
+next header = the encapsulation's protocol) or a whole inner IPv4 packet (tunnel mode, next
+header 4), optionally in UDP/4500 (RFC 3948), behind an underlay header of protocol 50 (17).
 
-Outbound, each inner frame becomes UDP / VXLAN / frame, is sealed by the tunnel's outbound
-SA (transport mode: ESP after the outer IPv4 header, next header 17; tunnel mode: a whole
-inner IPv4/UDP/VXLAN packet inside ESP, next header 4) and optionally put in UDP/4500
-(RFC 3948). Inbound, ESP to a local endpoint (IP protocol 50, or UDP/4500 that is not IKE)
-is matched to its SA by SPI, decrypted, checked against the SA's selectors (RFC 4301 §5.2)
-and only then handed to VXLAN decapsulation. A `vxlanipsec` tunnel never sends or accepts
-plaintext VXLAN.
+Inbound, clear tunnels get their frames from the tunnel layer's encapsulation demux; ESP to
+a local endpoint (IP protocol 50, or UDP/4500 that is not IKE) is matched to its tunnel by
+SPI (`IpsecLayer`), opened, checked against the SA's selectors (RFC 4301 §5.2), and only
+then decapsulated. A protected tunnel never sends or accepts plaintext. A drop is a counted,
+returned reason; nothing of a dropped packet is kept.
 
-Per-packet work is bytes: a `struct` pack for the UDP/VXLAN header, one AEAD call, and the
-outer IPv4 header patched from a template with an incremental checksum.
+A tunnel is keyed manually (its options hold the SA pair) or by IKEv2: then it starts
+without SAs ("connecting") and the daemon's IKE layer installs them with `install_child`,
+retires them with `remove_child` and `remove_all_children`; the protection does no I/O.
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from espswitch.datapath.counters import Counters
 from espswitch.datapath.errors import PortError
-from espswitch.datapath.ports import Port, register_port_type
 from espswitch.datapath.tunnel import ip4_str
-from espswitch.datapath.vxlan import TunnelPort, VxlanPort
 from espswitch.ipsec.config import IPSEC_OPTIONS, IkeKeying, ManualKeying, parse_ipsec_options
 from espswitch.ipsec.errors import DropReason, IpsecConfigError, SaRefused
 from espswitch.ipsec.policy import UdpSelector
@@ -36,18 +35,65 @@ from espswitch.ipsec.sad import Sad
 
 if TYPE_CHECKING:
     from espswitch.datapath.bridge import Bridge
-    from espswitch.datapath.datapath import Datapath
+    from espswitch.datapath.context import PortContext
+    from espswitch.datapath.ports import Port
+    from espswitch.datapath.tunnel_layer import TunnelLayer
+    from espswitch.datapath.tunnel_port import TunnelPort
 
 ESP_PROTO = 50
+NH_IPV4 = 4
 NAT_T_PORT = 4500
 RETIRED_KEEP = 60.0  # seconds a closed tunnel's SAs may be taken over by its reopened self
-_UDP_VXLAN = struct.Struct("!HHHHII")  # UDP sport, dport, length, checksum; VXLAN flags, VNI
 _UDP = struct.Struct("!HHHH")
-_OUTER = struct.Struct("!BBHHHBBH4s4s")  # IPv4 header without options
+
+
+class Clear:
+    """No protection: the encapsulated frame goes out as it is."""
+
+    OPTIONS: ClassVar[frozenset[str]] = frozenset()
+    COUNTERS: ClassVar[type[Counters]] = Counters
+
+    def __init__(self, port: TunnelPort) -> None:
+        self.port = port
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def run(self, now: float) -> None:
+        pass
+
+    def overhead(self, l4_len: int) -> int:
+        """Bytes this protection adds to `l4_len` bytes of encapsulated frame."""
+        return 0
+
+    def protect(self, frames: list[bytes]) -> tuple[list[bytes], int]:
+        """The IPv4 packets that carry `frames`, and the inner bytes they carry."""
+        port = self.port
+        push = port.encapsulation.push
+        header = port.underlay.header
+        proto = port.encapsulation.PROTO
+        out = []
+        for frame in frames:
+            l4 = push(frame)
+            out.append(header(proto, len(l4)) + l4)
+        return out, sum(map(len, frames))
+
+    def input_clear(self, frame: bytes) -> None:
+        """An inner frame that arrived unprotected for this tunnel."""
+        self.port.ctx.defer_rx(self.port, frame)
+
+    def status(self) -> dict[str, str]:
+        return {}
+
+    def describe(self) -> list[str]:
+        return []
 
 
 class IpsecCounters(Counters):
-    """Interface counters of a `vxlanipsec` port: the generic ones plus ESP drops by cause."""
+    """Interface counters of a protected tunnel: the generic ones plus ESP drops by cause."""
 
     NAMES = (
         *Counters.NAMES,
@@ -81,8 +127,6 @@ _RX_COUNTER = {
 
 
 SEQ_RESERVE = 1 << 20  # sequence numbers reserved ahead of use for a manually keyed SA
-
-
 MAX_MARKS = 4096  # SAs remembered; the least recently used is forgotten past that
 ANY_PEER = "*"  # a mark stored before marks named the peer (it applies to every peer)
 
@@ -131,59 +175,61 @@ class SeqMarks:
 
 
 class IpsecLayer:
-    """The inbound side shared by every `vxlanipsec` tunnel of a datapath: SPI -> SA -> port."""
+    """The inbound side shared by every protected tunnel: SPI -> SA -> tunnel."""
 
-    def __init__(self, dp: Datapath) -> None:
-        self.dp = dp
+    def __init__(self, ctx: PortContext) -> None:
+        self.ctx = ctx
+        self.tunnels: TunnelLayer = ctx.tunnels
         self.sad = Sad()
-        self.ports: dict[int, VxlanIpsecPort] = {}  # inbound SPI -> port
+        self.protections: dict[int, EspProtection] = {}  # inbound SPI -> tunnel's ESP
         # Interface name -> (when, outbound SA, inbound SA) of tunnels just closed.
         self.retired: dict[str, tuple[float, OutboundSA, InboundSA]] = {}
         # The daemon replaces this with the marks it stored before a restart.
         self.seq_marks = SeqMarks()
-        dp.tunnels.register_ip_handler(ESP_PROTO, self._esp_input)
+        self.tunnels.register_ip_handler(ESP_PROTO, self._esp_input)
 
     @classmethod
-    def of(cls, dp: Datapath) -> IpsecLayer:
-        """The datapath's IPsec layer, created on first use."""
-        layer = getattr(dp, "ipsec", None)
+    def of(cls, ctx: PortContext) -> IpsecLayer:
+        """The datapath's IPsec layer (kept by its tunnel layer), created on first use."""
+        layer = ctx.tunnels.ipsec
         if layer is None:
-            layer = dp.ipsec = cls(dp)
+            layer = ctx.tunnels.ipsec = cls(ctx)
         return layer
 
-    def add(self, port: VxlanIpsecPort, sa: InboundSA) -> None:
+    def add(self, esp: EspProtection, sa: InboundSA) -> None:
         try:
             self.sad.add(sa)
         except IpsecConfigError:
-            other = self.ports[sa.spi].name
+            other = self.protections[sa.spi].port.name
             raise PortError(
-                f"interface {port.name}: options:spi_in 0x{sa.spi:08x} is already used by "
+                f"interface {esp.port.name}: options:spi_in 0x{sa.spi:08x} is already used by "
                 f"interface {other}"
             ) from None
-        self.ports[sa.spi] = port
-        if len(self.ports) == 1:
-            self.dp.tunnels.register_udp_handler(NAT_T_PORT, self._nat_t_input,
-                                                 "UDP-encapsulated ESP")
+        self.protections[sa.spi] = esp
+        if len(self.protections) == 1:
+            self.tunnels.register_udp_handler(NAT_T_PORT, self._nat_t_input,
+                                              "UDP-encapsulated ESP")
 
     def retire(self, name: str, sa_out: OutboundSA, sa_in: InboundSA) -> None:
         """Keep a closed tunnel's SAs a little while: a reconfiguration closes and reopens
         the port, and SAs whose parameters did not change must keep their sequence
         numbers and replay window (a restarted sequence would be dropped as replays)."""
-        self.retired = {k: v for k, v in self.retired.items() if self.dp.now - v[0] < RETIRED_KEEP}
-        self.retired[name] = (self.dp.now, sa_out, sa_in)
+        now = self.ctx.now
+        self.retired = {k: v for k, v in self.retired.items() if now - v[0] < RETIRED_KEEP}
+        self.retired[name] = (now, sa_out, sa_in)
 
     def adopt(self, name: str) -> tuple[OutboundSA, InboundSA] | None:
         """The SAs a tunnel of this name had when it was closed moments ago, if any."""
         entry = self.retired.pop(name, None)
-        if entry is None or self.dp.now - entry[0] >= RETIRED_KEEP:
+        if entry is None or self.ctx.now - entry[0] >= RETIRED_KEEP:
             return None
         return entry[1], entry[2]
 
     def remove(self, sa: InboundSA) -> None:
-        if self.ports.pop(sa.spi, None) is not None:
+        if self.protections.pop(sa.spi, None) is not None:
             self.sad.remove(sa.spi)
-        if not self.ports:
-            self.dp.tunnels.unregister_udp_handler(NAT_T_PORT)
+        if not self.protections:
+            self.tunnels.unregister_udp_handler(NAT_T_PORT)
 
     # -- inbound ----------------------------------------------------------------------------
 
@@ -191,7 +237,7 @@ class IpsecLayer:
         total = (frame[l3 + 2] << 8) | frame[l3 + 3]
         if total < ihl + 8 or l3 + total > len(frame) or frame[l3 + 6] & 0x3F or frame[l3 + 7]:
             in_port.stats.drop("rx_malformed")
-            self.dp.count_drop("esp_malformed")
+            self.ctx.count_drop("esp_malformed")
             return True
         self._deliver(in_port, frame, l3, frame[l3 + ihl : l3 + total], False)
         return True
@@ -208,37 +254,37 @@ class IpsecLayer:
 
     def _deliver(self, in_port: Port, frame: bytes, l3: int, esp: bytes, encap: bool) -> None:
         spi = (esp[0] << 24) | (esp[1] << 16) | (esp[2] << 8) | esp[3]
-        port = self.ports.get(spi)
-        if port is None:
+        protection = self.protections.get(spi)
+        if protection is None:
             self.sad.unknown_spi += 1
             in_port.stats.drop("rx_unknown_tunnel")
-            self.dp.count_drop("esp_unknown_spi")
-            if self.dp.drop_log_due():
-                self.dp.log_rl(
-                    f"ESP with unknown SPI 0x{spi:08x} from "
-                    f"{ip4_str(frame[l3 + 12 : l3 + 16])}, dropped"
-                )
+            ctx = self.ctx
+            ctx.count_drop("esp_unknown_spi")
+            if ctx.drop_log_due():
+                ctx.log_rl(f"ESP with unknown SPI 0x{spi:08x} from "
+                           f"{ip4_str(frame[l3 + 12 : l3 + 16])}, dropped")
             return
-        port.input_esp(frame[l3 + 12 : l3 + 16], frame[l3 + 16 : l3 + 20], esp, encap)
+        protection.input_esp(frame[l3 + 12 : l3 + 16], frame[l3 + 16 : l3 + 20], esp, encap)
 
 
-@register_port_type("vxlanipsec")
-class VxlanIpsecPort(VxlanPort):
-    """A VXLAN tunnel protected by ESP: a manually keyed SA pair, or SA pairs from IKEv2."""
+class EspProtection:
+    """ESP for one tunnel: a manually keyed SA pair, or SA pairs from IKEv2."""
 
-    OPTIONS: ClassVar[frozenset[str]] = TunnelPort.OPTIONS | IPSEC_OPTIONS
-    COUNTERS = IpsecCounters
+    OPTIONS: ClassVar[frozenset[str]] = IPSEC_OPTIONS
+    COUNTERS: ClassVar[type[Counters]] = IpsecCounters
 
-    def __init__(self, dp: Datapath, bridge: Bridge, name: str, options) -> None:
-        super().__init__(dp, bridge, name, options)
+    def __init__(self, port: TunnelPort, options: Mapping[str, str]) -> None:
+        self.port = port
+        self.ctx = port.ctx
+        remote_ip = port.underlay.remote_ip
         try:
-            keying = parse_ipsec_options(self.options, remote_ip=self.remote_ip)
+            keying = parse_ipsec_options(options, remote_ip=remote_ip)
         except IpsecConfigError as e:
-            raise PortError(f"interface {name}: {e}") from None
+            raise PortError(f"interface {port.name}: {e}") from None
         self.keying = keying
         self.transform = keying.transform
         self.mode = keying.mode
-        self.encap = keying.encapsulation
+        self.encap = keying.encapsulation  # ESP in UDP/4500
         # IKE-keyed: no SA until IKE installs one. `pairs` are the installed CHILD_SAs,
         # oldest first; the newest one's outbound SA protects what is sent, and every
         # inbound SA is accepted until IKE deletes it (a rekey keeps the old one a while).
@@ -250,18 +296,18 @@ class VxlanIpsecPort(VxlanPort):
         self._switch_on: InboundSA | None = None
         # Inbound SAs deleted by IKE that still open packets until (deadline, SA).
         self._lingering: list[tuple[float, InboundSA]] = []
-        # Several IKE-keyed tunnels to the same remote endpoint (other VNIs) share one IKE SA
+        # Several IKE-keyed tunnels to the same remote endpoint (other keys) share one IKE SA
         # and one CHILD_SA, set up by the IKE layer: the leader holds the SAs, and hands
-        # what it decrypts for another VNI to that follower; a follower seals with the
+        # what it decrypts for another key to that follower; a follower seals with the
         # leader's outbound SA.
-        self.leader: VxlanIpsecPort | None = None
-        self.followers: dict[int, VxlanIpsecPort] = {}  # VNI -> follower (leader only)
+        self.leader: TunnelPort | None = None
+        self.followers: dict[int, TunnelPort] = {}  # key (VNI) -> follower (leader only)
+        self._layer = IpsecLayer.of(self.ctx)
         if isinstance(keying, ManualKeying):
-            start = IpsecLayer.of(dp).seq_marks.start_for(ip4_str(self.remote_ip),
-                                                           keying.outbound)
-            self.sa_out: OutboundSA | None = OutboundSA(keying.outbound, now=dp.now,
+            start = self._layer.seq_marks.start_for(ip4_str(remote_ip), keying.outbound)
+            self.sa_out: OutboundSA | None = OutboundSA(keying.outbound, now=self.ctx.now,
                                                         seq_start=start)
-            self.sa_in: InboundSA | None = InboundSA(keying.inbound, now=dp.now)
+            self.sa_in: InboundSA | None = InboundSA(keying.inbound, now=self.ctx.now)
         else:
             self.sa_out = self.sa_in = None
         # UDP destination port of encapsulated ESP: 4500, or the port a NAT in front of the
@@ -270,38 +316,29 @@ class VxlanIpsecPort(VxlanPort):
         # Tunnel mode: the peer's address in the inner IPv4 header, as it names itself in
         # the CHILD_SA's selectors (behind a NAT, not remote_ip); None: remote_ip.
         self.inner_remote: bytes | None = None
-        self._outer_src = b"\0\0\0\0"
-        self._outer_proto = ESP_PROTO
-        self._outer_base = 0
-        self._vni_word = 0
-        self._udp_vxlan_len = 0
+        self.selector: UdpSelector | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def open(self) -> None:
-        self._layer = IpsecLayer.of(self.dp)
         if self.ike is not None:
-            super().open()
             return
-        old = self._layer.adopt(self.name)
+        old = self._layer.adopt(self.port.name)
         if old is not None:
             old_out, old_in = old
             if old_out.params == self.sa_out.params and not old_out.expired:
                 self.sa_out = old_out
             if old_in.params == self.sa_in.params and not old_in.expired:
                 self.sa_in = old_in
-        self._layer.seq_marks.track(ip4_str(self.remote_ip), self.sa_out)
+        self._layer.seq_marks.track(ip4_str(self.port.underlay.remote_ip), self.sa_out)
         self._layer.add(self, self.sa_in)
-        try:
-            super().open()
-        except BaseException:
-            self._layer.remove(self.sa_in)
-            raise
 
     def close(self) -> None:
-        super().close()
-        if self.leader is not None and self.leader.followers.get(self.vni) is self:
-            del self.leader.followers[self.vni]
+        port = self.port
+        if self.leader is not None:
+            lead = self.leader.esp
+            if lead.followers.get(port.encapsulation.key) is port:
+                del lead.followers[port.encapsulation.key]
         self.leader = None
         if self.ike is not None:
             # The SAs stay in `pairs`: if IKE goes on with the same peer (the interface was
@@ -313,7 +350,26 @@ class VxlanIpsecPort(VxlanPort):
             self._lingering = []
             return
         self._layer.remove(self.sa_in)
-        self._layer.retire(self.name, self.sa_out, self.sa_in)
+        self._layer.retire(port.name, self.sa_out, self.sa_in)
+
+    def run(self, now: float) -> None:
+        if self.ike is None and self.sa_out is not None:
+            self._layer.seq_marks.track(ip4_str(self.port.underlay.remote_ip), self.sa_out)
+        if self._lingering and self._lingering[0][0] <= now:
+            for _, sa_in in [e for e in self._lingering if e[0] <= now]:
+                sa_in.expire("deleted")
+                self._in_by_spi.pop(sa_in.spi, None)
+                self._layer.remove(sa_in)
+            self._lingering = [e for e in self._lingering if e[0] > now]
+
+    def rebuild(self) -> None:
+        """The local address or the peer's inner address changed: new selectors."""
+        u = self.port.underlay
+        src = u.local_ip or b"\0\0\0\0"
+        peer = u.remote_ip
+        if self.mode is Mode.TUNNEL and self.inner_remote is not None:
+            peer = self.inner_remote  # the inner header names the peer as it names itself
+        self.selector = UdpSelector(src=peer, dst=src, dport=self.port.encapsulation.dst_port)
 
     # -- IKE-keyed SAs (driven by espswitch.vswitchd.ike) ----------------------------------------
 
@@ -329,10 +385,11 @@ class VxlanIpsecPort(VxlanPort):
         that asked, and switching at once would drop what the other cannot open yet.
         Raises PortError if the inbound SPI is taken."""
         if self.ike is None:
-            raise PortError(f"interface {self.name} is keyed manually")
-        sa_in = InboundSA(inbound, now=self.dp.now)
+            raise PortError(f"interface {self.port.name} is keyed manually")
+        now = self.ctx.now
+        sa_in = InboundSA(inbound, now=now)
         self._layer.add(self, sa_in)
-        sa_out = OutboundSA(outbound, now=self.dp.now)
+        sa_out = OutboundSA(outbound, now=now)
         self.pairs.append((sa_out, sa_in))
         self._in_by_spi[sa_in.spi] = sa_in
         if rekey and self.sa_out is not None and not self.sa_out.expired:
@@ -343,26 +400,26 @@ class VxlanIpsecPort(VxlanPort):
         self.transform = sa_out.transform
         if encap is not None and encap != self.encap:
             self.encap = encap
-            self.rebuild_template()
         if encap_port is not None:
             self.encap_port = encap_port
         if inner_remote != self.inner_remote:
             self.inner_remote = inner_remote
-            self.rebuild_template()
+            self.rebuild()
         self.ike_error = None
         for follower in self.followers.values():
-            follower.follow(self)
+            follower.esp.follow(self.port)
 
-    def follow(self, leader: VxlanIpsecPort | None) -> None:
+    def follow(self, leader: TunnelPort | None) -> None:
         """Share `leader`'s SAs, sending as it does (UDP encapsulation and port, the peer's
         inner address, which a NAT may have set); None: key this tunnel by itself."""
         self.leader = leader
         if leader is None:
             return
-        self.encap_port = leader.encap_port
-        if (self.encap, self.inner_remote) != (leader.encap, leader.inner_remote):
-            self.encap, self.inner_remote = leader.encap, leader.inner_remote
-            self.rebuild_template()
+        lead = leader.esp
+        self.encap_port = lead.encap_port
+        if (self.encap, self.inner_remote) != (lead.encap, lead.inner_remote):
+            self.encap, self.inner_remote = lead.encap, lead.inner_remote
+            self.rebuild()
 
     def adopt_child(self, sa_out: OutboundSA, sa_in: InboundSA) -> None:
         """Take over a live SA pair of this tunnel's previous port object (sequence numbers
@@ -394,7 +451,7 @@ class VxlanIpsecPort(VxlanPort):
                 del self.pairs[i]
                 if linger > 0 and self.pairs:
                     sa_out.expire("deleted")
-                    self._lingering.append((self.dp.now + linger, sa_in))
+                    self._lingering.append((self.ctx.now + linger, sa_in))
                 else:
                     self._drop_pair(sa_out, sa_in)
                 if sa_in is self._switch_on:
@@ -404,17 +461,6 @@ class VxlanIpsecPort(VxlanPort):
                     self._switch_on = None
                 return True
         return False
-
-    def run(self, now: float) -> None:
-        super().run(now)
-        if self.ike is None and self.sa_out is not None:
-            self._layer.seq_marks.track(ip4_str(self.remote_ip), self.sa_out)
-        if self._lingering and self._lingering[0][0] <= now:
-            for _, sa_in in [e for e in self._lingering if e[0] <= now]:
-                sa_in.expire("deleted")
-                self._in_by_spi.pop(sa_in.spi, None)
-                self._layer.remove(sa_in)
-            self._lingering = [e for e in self._lingering if e[0] > now]
 
     def _use_pair_of(self, sa_in: InboundSA) -> None:
         """Send with the pair whose inbound SA is `sa_in` (the peer has proved it has it)."""
@@ -441,118 +487,58 @@ class VxlanIpsecPort(VxlanPort):
         self._in_by_spi.pop(sa_in.spi, None)
         self._layer.remove(sa_in)
 
-    def rebuild_template(self) -> None:
-        super().rebuild_template()
-        src = self.local_ip or b"\0\0\0\0"
-        self._outer_src = src
-        self._outer_proto = 17 if self.encap else ESP_PROTO
-        self._vni_word = self.vni << 8
-        # Sum of the header's 16-bit words with length, ID and checksum left at zero.
-        self._outer_base = sum(
-            struct.unpack(
-                "!10H",
-                _OUTER.pack(
-                    0x45,
-                    self.tos,
-                    0,
-                    0,
-                    0x4000,
-                    self.ttl,
-                    self._outer_proto,
-                    0,
-                    src,
-                    self.remote_ip,
-                ),
-            )
-        )
-        peer = self.remote_ip
-        if self.mode is Mode.TUNNEL and self.inner_remote is not None:
-            peer = self.inner_remote
-            if peer != self.remote_ip:  # the inner header names the peer as it names itself
-                self._tmpl[16:20] = peer
-                self._csum_base = sum(struct.unpack("!10H", bytes(self._tmpl[:20])))
-        self.selector = UdpSelector(src=peer, dst=src, dport=self.dst_port)
-
-    # -- MTU ------------------------------------------------------------------------------------
-
-    def outer_len(self, frame_len: int) -> int:
-        """Bytes on the underlay (IP header onwards) for an inner frame of `frame_len`:
-        the ESP overhead of this transform and mode is computed, not guessed."""
-        payload = frame_len + 16 + (20 if self.mode is Mode.TUNNEL else 0)
-        return 20 + (8 if self.encap else 0) + payload + self.transform.overhead(payload)
-
     # -- outbound -------------------------------------------------------------------------------
 
-    def send(self, frames: list[bytes]) -> None:
-        frames = self.routable(frames)
-        if frames is None:
-            return
-        st = self.stats
-        sa_out = self.sa_out if self.leader is None else self.leader.sa_out
+    def overhead(self, l4_len: int) -> int:
+        """ESP bytes (and UDP/4500, and tunnel mode's inner IPv4 header) added to `l4_len`
+        bytes of encapsulated frame: computed for this transform and mode, not guessed."""
+        payload = l4_len + (20 if self.mode is Mode.TUNNEL else 0)
+        return (8 if self.encap else 0) + payload - l4_len + self.transform.overhead(payload)
+
+    def protect(self, frames: list[bytes]) -> tuple[list[bytes], int]:
+        """The IPv4 ESP packets that carry `frames`, and the inner bytes they carry; what
+        the SA refuses is counted."""
+        port = self.port
+        st = port.stats
+        sa_out = self.sa_out if self.leader is None else self.leader.esp.sa_out
         if sa_out is None:  # IKE has not installed an SA (yet): nothing leaves
             st["tx_dropped"] += len(frames)
-            return
+            return [], 0
         seal = sa_out.encrypt
+        push = port.encapsulation.push
+        proto = port.encapsulation.PROTO
+        header = port.underlay.header
         tunnel = self.mode is Mode.TUNNEL
-        protect = self._protect
+        inner_dst = self.inner_remote
+        encap = self.encap
         pkts = []
         nbytes = 0
         for frame in frames:
+            l4 = push(frame)
             try:
-                pkts.append(protect(frame, seal, tunnel))
+                if tunnel:
+                    esp = seal(header(proto, len(l4), dst=inner_dst) + l4, NH_IPV4)
+                else:
+                    esp = seal(l4, proto)
             except SaRefused:
                 # Past the hard lifetime (or out of sequence numbers): counted, not sent.
                 st["esp_expired_drops"] += 1
                 st["tx_dropped"] += 1
                 continue
             nbytes += len(frame)
-        st["tx_packets"] += len(pkts)
-        st["tx_bytes"] += nbytes
-        if pkts:
-            self.dp.tunnels.output_ipv4(self, pkts)
-
-    def _protect(self, frame: bytes, seal, tunnel: bool) -> bytes:
-        """One inner frame -> the outer IPv4 packet carrying it in ESP."""
-        if tunnel:
-            esp = seal(self.encapsulate(frame), 4)
-        else:
-            # Source port from the inner flow (RFC 7348 §5): MACs, then IPs and L4 ports.
-            sport = 49152 | (zlib.crc32(frame[26:38], zlib.crc32(frame[0:14])) & 0x3FFF)
-            esp = seal(
-                _UDP_VXLAN.pack(
-                    sport, self.dst_port, len(frame) + 16, 0, 0x08000000, self._vni_word
-                )
-                + frame,
-                17,
-            )
-        total = len(esp) + (28 if self.encap else 20)
-        ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
-        # The header checksum from the template's precomputed sum plus the two fields
-        # that change per packet.
-        s = self._outer_base + total + ident
-        s = (s & 0xFFFF) + (s >> 16)
-        s = (s & 0xFFFF) + (s >> 16)
-        hdr = _OUTER.pack(
-            0x45,
-            self.tos,
-            total,
-            ident,
-            0x4000,
-            self.ttl,
-            self._outer_proto,
-            ~s & 0xFFFF,
-            self._outer_src,
-            self.remote_ip,
-        )
-        if self.encap:
-            return hdr + _UDP.pack(NAT_T_PORT, self.encap_port, total - 20, 0) + esp
-        return hdr + esp
+            if encap:
+                pkts.append(header(17, len(esp) + 8, df=True)
+                            + _UDP.pack(NAT_T_PORT, self.encap_port, len(esp) + 8, 0) + esp)
+            else:
+                pkts.append(header(ESP_PROTO, len(esp), df=True) + esp)
+        return pkts, nbytes
 
     # -- inbound --------------------------------------------------------------------------------
 
     def input_esp(self, src: bytes, dst: bytes, esp: bytes, encap: bool) -> None:
-        """An ESP packet with this tunnel's inbound SPI: decrypt, check selectors, decapsulate."""
-        st = self.stats
+        """An ESP packet with this tunnel's inbound SPI: open, check selectors, decapsulate."""
+        port = self.port
+        st = port.stats
         sa = self.sa_in
         if self.ike is not None:
             sa = self._in_by_spi.get((esp[0] << 24) | (esp[1] << 16) | (esp[2] << 8) | esp[3])
@@ -564,61 +550,55 @@ class VxlanIpsecPort(VxlanPort):
             counter = _RX_COUNTER.get(result)
             if counter is not None:  # a dummy packet (RFC 4303 §2.6) is not an error
                 st.drop(counter)
-                if self.dp.drop_log_due():
-                    self.dp.log_rl(
-                        f"{self.name}: ESP from {ip4_str(src)} dropped: {result.description}"
-                    )
+                if self.ctx.drop_log_due():
+                    self.ctx.log_rl(
+                        f"{port.name}: ESP from {ip4_str(src)} dropped: {result.description}")
             return
         if sa is self._switch_on:
             self._use_pair_of(sa)
         nh, payload = result
         sel = self.selector
         if self.mode is Mode.TUNNEL:
-            if nh != 4 or not sel.match_tunnel(payload):
+            if nh != NH_IPV4 or not sel.match_tunnel(payload):
                 st.drop("esp_selector_drops")
                 return
-            off = (payload[0] & 0x0F) * 4
+            l4 = (payload[0] & 0x0F) * 4
             # match_tunnel checked the inner IPv4 header: the datagram ends at its length.
-            payload = payload[: (payload[2] << 8) | payload[3]]
+            end = (payload[2] << 8) | payload[3]
         else:
             if not sel.match_transport(src, dst, nh, payload):
                 st.drop("esp_selector_drops")
                 return
-            off = 0
-        # The inner UDP length must cover the UDP and VXLAN headers and an Ethernet header,
-        # and end within what was decrypted (RFC 768; TFC padding may follow it).
-        udp_len = (payload[off + 4] << 8) | payload[off + 5]
-        if udp_len < 8 + 8 + 14 or off + udp_len > len(payload):
+            l4, end = 0, len(payload)
+        # The encapsulation checks its own header (the inner UDP length must hold it and an
+        # Ethernet header, and end within what was decrypted; TFC padding may follow).
+        found = port.encapsulation.pop(payload, l4, end)
+        if found is None:
             st.drop("esp_selector_drops")
             return
-        if off + udp_len != len(payload):
-            payload = payload[: off + udp_len]
-        off += 8
-        if not payload[off] & 0x08:
-            st.drop("esp_selector_drops")
-            return
-        to = self
-        vni = (payload[off + 4] << 16) | (payload[off + 5] << 8) | payload[off + 6]
-        if vni != self.vni:
-            to = self.followers.get(vni)
+        key, start, stop = found
+        to = port
+        if key != port.encapsulation.key:
+            to = self.followers.get(key)
             if to is None:
                 st.drop("esp_selector_drops")
                 return
         # rx_packets/rx_bytes are counted once, by the bridge, when `to` forwards the frame.
-        self.dp.defer_rx(to, payload[off + 8 :])
+        self.ctx.defer_rx(to, payload[start:stop])
 
-    def input_vxlan(self, frame: bytes, offset: int, protected: bool) -> None:
-        # Reached only by plaintext VXLAN from our remote_ip: never delivered.
-        self.stats.drop("esp_plaintext_drops")
-        if self.dp.drop_log_due():
-            self.dp.log_rl(f"{self.name}: plaintext VXLAN from {ip4_str(self.remote_ip)} dropped")
+    def input_clear(self, frame: bytes) -> None:
+        """Plaintext from our remote endpoint: never delivered."""
+        self.port.stats.drop("esp_plaintext_drops")
+        if self.ctx.drop_log_due():
+            self.ctx.log_rl(f"{self.port.name}: plaintext from "
+                            f"{ip4_str(self.port.underlay.remote_ip)} dropped")
 
     # -- state for the database and ovs-appctl ----------------------------------------------------
 
     @property
-    def keyer(self) -> VxlanIpsecPort:
-        """The port whose SAs protect this tunnel: its leader, or itself."""
-        return self.leader if self.leader is not None else self
+    def keyer(self) -> EspProtection:
+        """The protection whose SAs protect this tunnel: its leader's, or its own."""
+        return self.leader.esp if self.leader is not None else self
 
     def ipsec_state(self) -> str:
         if self.ike is not None:
@@ -626,13 +606,12 @@ class VxlanIpsecPort(VxlanPort):
         return "expired" if self.sa_out.expired or self.sa_in.expired else "manual"
 
     def status(self) -> dict[str, str]:
-        st = super().status()
-        st.update(
-            ipsec_state=self.ipsec_state(),
-            esp=self.transform.proposal,
-            ipsec_mode=str(self.mode),
-            ipsec_encapsulation="yes" if self.encap else "no",
-        )
+        st = {
+            "ipsec_state": self.ipsec_state(),
+            "esp": self.transform.proposal,
+            "ipsec_mode": str(self.mode),
+            "ipsec_encapsulation": "yes" if self.encap else "no",
+        }
         k = self.keyer
         if k.sa_out is not None and k.sa_in is not None:
             st.update(spi_out=f"0x{k.sa_out.spi:08x}", spi_in=f"0x{k.sa_in.spi:08x}")
@@ -644,8 +623,8 @@ class VxlanIpsecPort(VxlanPort):
                 st["ike_error"] = self.ike_error
         return st
 
-    def describe(self) -> str:
-        return super().describe() + f", esp={self.transform.proposal}, mode={self.mode}"
+    def describe(self) -> list[str]:
+        return [f"esp={self.transform.proposal}", f"mode={self.mode}"]
 
     def sa_rows(self) -> list[dict[str, object]]:
         """Every SA of this tunnel for ipsec/show: no key material, ever."""
@@ -663,7 +642,7 @@ class VxlanIpsecPort(VxlanPort):
             else:
                 state = "active"
             row: dict[str, object] = {
-                "interface": self.name,
+                "interface": self.port.name,
                 "direction": sa.direction,
                 "spi": f"0x{sa.spi:08x}",
                 "esp": self.transform.proposal,

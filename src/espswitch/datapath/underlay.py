@@ -1,0 +1,182 @@
+"""A tunnel's underlay: IPv4 between `local_ip` and `remote_ip` (IPv6 plugs in here).
+
+The underlay parses the address options and `ttl`, `tos`, `df_default`; resolves the route
+(egress bridge and internal port, local address, next hop) from the route table; and puts
+IPv4 headers in front of what the encapsulation and the protection built, from a template
+with a precomputed checksum (two fields change per packet). Sending (neighbour lookup,
+Ethernet) is the tunnel layer's `output_ipv4`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
+
+from espswitch.datapath.encap import parse_option_int
+from espswitch.datapath.errors import PortError
+from espswitch.datapath.tunnel import ip4, ip4_str
+
+if TYPE_CHECKING:
+    from espswitch.datapath.bridge import Bridge
+    from espswitch.datapath.context import PortContext
+    from espswitch.datapath.ports import Port
+    from espswitch.datapath.tunnel import Route
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")  # an IPv4 header without options
+_WORDS = struct.Struct("!10H")
+
+
+def not_unicast(addr: bytes) -> str | None:
+    """Why `addr` cannot be a tunnel endpoint, or None if it can."""
+    a = ipaddress.IPv4Address(addr)
+    if a.is_unspecified:
+        return "the unspecified address"
+    if a == _BROADCAST:
+        return "the broadcast address"
+    if a.is_multicast:
+        return "a multicast address"
+    if a.is_loopback:
+        return "a loopback address"
+    if a.is_reserved:
+        return "a reserved address (240.0.0.0/4)"
+    return None
+
+
+def _parse_ip(name: str, opt: str, text: str) -> bytes:
+    try:
+        addr = ip4(text)
+    except ValueError:
+        raise PortError(
+            f"interface {name}: options:{opt} '{text}' is not an IPv4 address"
+        ) from None
+    problem = not_unicast(addr)
+    if problem:
+        raise PortError(f"interface {name}: options:{opt} {text} is {problem}, "
+                        "not a tunnel endpoint")
+    return addr
+
+
+class Ipv4Underlay:
+    """IPv4 endpoints, the route between them, and the headers that carry tunnel packets."""
+
+    OPTIONS: ClassVar[frozenset[str]] = frozenset(
+        {"remote_ip", "local_ip", "ttl", "tos", "df_default"})
+    OVERHEAD: ClassVar[int] = 20
+
+    def __init__(self, ctx: PortContext, kind: str, name: str,
+                 options: Mapping[str, str]) -> None:
+        self.ctx = ctx
+        if "remote_ip" not in options:
+            raise PortError(f"{kind} interface {name} needs options:remote_ip")
+        self.remote_ip = _parse_ip(name, "remote_ip", options["remote_ip"])
+        self.local_ip_opt = (_parse_ip(name, "local_ip", options["local_ip"])
+                             if "local_ip" in options else None)
+        if self.remote_ip in ctx.routes.local_addresses():
+            raise PortError(f"interface {name}: options:remote_ip {ip4_str(self.remote_ip)} is "
+                            "an address of this hypervisor; it must be the peer's")
+        self.ttl = parse_option_int(name, "ttl", options.get("ttl", "64"), 1, 255)
+        self.tos = parse_option_int(name, "tos", options.get("tos", "0"), 0, 255)
+        df = options.get("df_default", "true").lower()
+        if df not in ("true", "false"):
+            raise PortError(f"interface {name}: options:df_default must be true or false")
+        self.df = df == "true"
+        # Resolved from the route table by resolve().
+        self.route: Route | None = None
+        self.egress_bridge: Bridge | None = None
+        self.egress_port: Port | None = None
+        self.local_ip: bytes | None = None
+        self.nexthop: bytes = self.remote_ip
+        self.problem = "not resolved yet"
+        self.route_seq = -1
+        self._ip_id = 0
+        self._bases: dict[tuple[int, bool, bytes], int] = {}
+
+    # -- the route ---------------------------------------------------------------------------
+
+    def resolve(self) -> None:
+        """Find the route, egress bridge, local address and next hop to `remote_ip`."""
+        ctx = self.ctx
+        routes = ctx.routes
+        self.route_seq = routes.seq
+        self.egress_bridge = self.egress_port = self.route = None
+        self.local_ip = self.local_ip_opt
+        self._bases.clear()
+        route = routes.lookup(self.remote_ip)
+        local = routes.local_addresses()
+        if self.remote_ip in local:
+            self.problem = f"remote_ip {ip4_str(self.remote_ip)} is an address of this hypervisor"
+        elif local and self.local_ip_opt is not None and self.local_ip_opt not in local:
+            # Not an error: the address may be added later; until then nothing is sent.
+            self.problem = (f"local_ip {ip4_str(self.local_ip_opt)} is not an address of this "
+                            "hypervisor")
+        elif route is None:
+            self.problem = f"no route to {ip4_str(self.remote_ip)}"
+        else:
+            self.route = route
+            found = ctx.internal_port(route.dev)
+            if found is None:
+                self.problem = (
+                    f"the route to {ip4_str(self.remote_ip)} leaves through {route.dev}, "
+                    "which is not a bridge's internal port")
+            elif self.local_ip is None and not (route.src or routes.source_for(route.dev)):
+                self.problem = f"{route.dev} has no IPv4 address to use as local_ip"
+            else:
+                self.egress_bridge, self.egress_port = found
+                if self.local_ip is None:
+                    self.local_ip = route.src or routes.source_for(route.dev)
+                self.nexthop = route.gw or self.remote_ip
+                self.problem = ""
+
+    def stale(self) -> bool:
+        """True when the route table changed since the last `resolve()`."""
+        return self.route_seq != self.ctx.routes.seq
+
+    # -- headers ------------------------------------------------------------------------------
+
+    def _base(self, proto: int, df: bool, dst: bytes) -> int:
+        """Sum of the header's 16-bit words with length, ID and checksum at zero."""
+        key = (proto, df, dst)
+        base = self._bases.get(key)
+        if base is None:
+            base = self._bases[key] = sum(_WORDS.unpack(_IPV4.pack(
+                0x45, self.tos, 0, 0, 0x4000 if df else 0, self.ttl, proto, 0,
+                self.local_ip or b"\0\0\0\0", dst)))
+        return base
+
+    def header(self, proto: int, payload_len: int, *, df: bool | None = None,
+               dst: bytes | None = None) -> bytes:
+        """The IPv4 header for `payload_len` bytes of protocol `proto` to `remote_ip` (or
+        `dst`), with `df_default` (or `df`)."""
+        df = self.df if df is None else df
+        dst = self.remote_ip if dst is None else dst
+        total = 20 + payload_len
+        ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
+        # The checksum from the precomputed sum plus the two fields that change.
+        s = self._base(proto, df, dst) + total + ident
+        s = (s & 0xFFFF) + (s >> 16)
+        s = (s & 0xFFFF) + (s >> 16)
+        return _IPV4.pack(0x45, self.tos, total, ident, 0x4000 if df else 0, self.ttl, proto,
+                          ~s & 0xFFFF, self.local_ip or b"\0\0\0\0", dst)
+
+    # -- state --------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, str]:
+        st = {}
+        if self.route is not None:
+            st["tunnel_egress_iface"] = self.route.dev
+            port = self.ctx.port(self.route.dev)
+            st["tunnel_egress_iface_carrier"] = (
+                "up" if port is not None and port.link_state() == "up" else "down")
+        if self.problem:
+            st["tunnel_problem"] = self.problem
+        return st
+
+    def describe(self) -> list[str]:
+        words = []
+        if self.local_ip_opt:
+            words.append(f"local_ip={ip4_str(self.local_ip_opt)}")
+        words.append(f"remote_ip={ip4_str(self.remote_ip)}")
+        return words
