@@ -55,7 +55,7 @@ def arp(op: int, sha: bytes, spa: str, tha: bytes, tpa: str) -> bytes:
 class Hypervisor:
     """An in-memory hypervisor: br-phy (eth0 + internal, address `ip`), br-int (vm, vxlan)."""
 
-    def __init__(self, ip: str, remote: str, vni: int = 100, vm_tag: int | None = None,
+    def __init__(self, ip: str, remote: str, vni: int | None = 100, vm_tag: int | None = None,
                  tun_type: str = "vxlan", tun_options: dict[str, str] | None = None) -> None:
         self.devs = MemoryDevices(system_names=("eth0",), mac_prefix=ip4(ip)[3])
         self.dp = Datapath(self.devs)
@@ -77,8 +77,9 @@ class Hypervisor:
         dp.add_bridge("br-int")
         dp.add_port("br-int", "br-int", "internal")
         dp.add_port("br-int", "vm", "tap", tag=vm_tag)
+        key = {"key": str(vni)} if vni is not None else {}
         self.tun = dp.add_port("br-int", "vx0", tun_type,
-                               {"remote_ip": remote, "key": str(vni), **(tun_options or {})})
+                               {"remote_ip": remote, **key, **(tun_options or {})})
         self.ip = ip
 
     def dev(self, name: str):

@@ -129,7 +129,11 @@ def test_status_names_egress_iface():
         ("vxlan", {"remote_ip": "10.0.0.9", "key": "16777216"}, "out of range"),
         ("vxlan", {"remote_ip": "nope"}, "not an IPv4 address"),
         ("vxlan", {"remote_ip": "10.0.0.9", "colour": "red"}, "does not take option colour"),
-        ("gre", {}, "unknown interface type 'gre'"),
+        ("stt", {}, "unknown interface type 'stt'"),
+        ("gre", {"remote_ip": "10.0.0.9", "seq": "true"}, "options:seq .* not supported"),
+        ("gre", {"remote_ip": "10.0.0.9", "csum": "maybe"}, "options:csum must be true"),
+        ("gre", {"remote_ip": "10.0.0.9", "dst_port": "1234"}, "does not take option dst_port"),
+        ("geneve", {"remote_ip": "10.0.0.9", "dst_port": "4500"}, "dst_port 4500 is IKE"),
         ("system", {}, "does not exist"),
         ("patch", {}, "needs options:peer"),
         # Issue 9 D3/D4: values that used to be accepted silently.

@@ -36,13 +36,15 @@ def no_tx_offload(ns: str, dev: str) -> None:
     run([sys.executable, "-c", _NO_TX_OFFLOAD, dev], ns)
 
 
-def iperf3(lab: Topology, client, server_ns: str, server_ip: str, seconds: int) -> dict:
+def iperf3(lab: Topology, client, server_ns: str, server_ip: str, seconds: int,
+           reverse: bool = False) -> dict:
     """iperf3 TCP for `seconds` from VM `client` to `server_ip` (a one-shot server started
-    in `server_ns`); the receiver's summary (`end.sum_received`), checked for errors."""
+    in `server_ns`), or back with `reverse`; the receiver's summary (`end.sum_received`),
+    checked for errors."""
     server = lab.spawn(server_ns, "iperf3", "-s", "-1", "-B", server_ip)
     time.sleep(0.5)
-    r = client.sh("iperf3", "-c", server_ip, "-t", str(seconds), "-J", check=False,
-                  timeout=60 + seconds)
+    r = client.sh("iperf3", "-c", server_ip, "-t", str(seconds), "-J",
+                  *(["-R"] if reverse else []), check=False, timeout=60 + seconds)
     server.wait(timeout=20)
     res = json.loads(r.stdout)
     assert "error" not in res, res.get("error")

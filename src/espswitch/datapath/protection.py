@@ -29,7 +29,7 @@ from espswitch.datapath.errors import PortError
 from espswitch.datapath.tunnel import ip4_str
 from espswitch.ipsec.config import IPSEC_OPTIONS, IkeKeying, ManualKeying, parse_ipsec_options
 from espswitch.ipsec.errors import DropReason, IpsecConfigError, SaRefused
-from espswitch.ipsec.policy import UdpSelector
+from espswitch.ipsec.policy import Selector
 from espswitch.ipsec.sa import InboundSA, Mode, OutboundSA, SaParams
 from espswitch.ipsec.sad import Sad
 
@@ -316,7 +316,7 @@ class EspProtection:
         # Tunnel mode: the peer's address in the inner IPv4 header, as it names itself in
         # the CHILD_SA's selectors (behind a NAT, not remote_ip); None: remote_ip.
         self.inner_remote: bytes | None = None
-        self.selector: UdpSelector | None = None
+        self.selector: Selector | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -369,7 +369,8 @@ class EspProtection:
         peer = u.remote_ip
         if self.mode is Mode.TUNNEL and self.inner_remote is not None:
             peer = self.inner_remote  # the inner header names the peer as it names itself
-        self.selector = UdpSelector(src=peer, dst=src, dport=self.port.encapsulation.dst_port)
+        enc = self.port.encapsulation
+        self.selector = Selector(src=peer, dst=src, proto=enc.PROTO, dport=enc.dst_port)
 
     # -- IKE-keyed SAs (driven by espswitch.vswitchd.ike) ----------------------------------------
 
@@ -573,7 +574,7 @@ class EspProtection:
         # The encapsulation checks its own header (the inner UDP length must hold it and an
         # Ethernet header, and end within what was decrypted; TFC padding may follow).
         found = port.encapsulation.pop(payload, l4, end)
-        if found is None:
+        if type(found) is str:
             st.drop("esp_selector_drops")
             return
         key, start, stop = found

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from espswitch.datapath.encap import ENCAPSULATIONS
+from espswitch.datapath.encap import ENCAPSULATIONS, UDP
 from espswitch.datapath.errors import PortError
 from espswitch.datapath.ipfrag import Reassembler
 from espswitch.datapath.tunnel import FOUND, MISSING, ip4_str
@@ -51,8 +51,8 @@ class TunnelLayer:
         self.ip_handlers: dict[int, IpHandler] = {17: self._udp_input}
         self.udp_handlers: dict[int, UdpHandler] = {}
         self.udp_owners: dict[int, str] = {}  # UDP port -> what listens there
-        # UDP port -> (remote_ip, key) -> the clear tunnel there
-        self.endpoints: dict[int, dict[tuple[bytes, int], TunnelPort]] = {}
+        # (IP protocol, UDP port or 0) -> (remote_ip, key) -> the tunnel there
+        self.endpoints: dict[tuple[int, int], dict[tuple[bytes, int], TunnelPort]] = {}
         # (bridge name, next hop) -> [(port, ipv4 packet)]
         self.queues: dict[tuple[str, bytes], list[tuple[TunnelPort, bytes]]] = {}
         # (bridge name, next hop) -> [first try, last try, tries]
@@ -86,33 +86,43 @@ class TunnelLayer:
                             f"{other}")
 
     def add_endpoint(self, port: TunnelPort) -> None:
-        """Receive clear packets of `port`'s encapsulation, port and key from its remote."""
+        """Receive clear packets of `port`'s encapsulation (its UDP port, or its IP
+        protocol) and key from its remote address."""
         enc = port.encapsulation
-        owner = f"{enc.NAME} tunnels"
-        self.check_udp_port(port.name, enc.dst_port, owner)
-        table = self.endpoints.setdefault(enc.dst_port, {})
+        demux = (enc.PROTO, enc.dst_port)
+        if enc.PROTO == UDP:
+            owner = f"{enc.NAME} tunnels"
+            self.check_udp_port(port.name, enc.dst_port, owner)
+        table = self.endpoints.setdefault(demux, {})
         key = (port.underlay.remote_ip, enc.key)
         other = table.get(key)
         if other is not None and other is not port:
+            where = f"dst_port {enc.dst_port}" if enc.PROTO == UDP else f"type {port.TYPE}"
             raise PortError(
                 f"interface {port.name} duplicates tunnel {other.name} "
-                f"(same remote_ip {ip4_str(key[0])}, key {enc.key} and "
-                f"dst_port {enc.dst_port})"
+                f"(same remote_ip {ip4_str(key[0])}, key {enc.key} and {where})"
             )
         table[key] = port
-        if enc.dst_port not in self.udp_handlers:
-            self.register_udp_handler(
-                enc.dst_port, partial(self._encap_input, enc.dst_port, enc.NAME), owner)
+        if enc.PROTO == UDP:
+            if enc.dst_port not in self.udp_handlers:
+                self.register_udp_handler(
+                    enc.dst_port, partial(self._udp_encap_input, demux, enc.NAME), owner)
+        elif enc.PROTO not in self.ip_handlers:
+            self.register_ip_handler(enc.PROTO, partial(self._ip_encap_input, demux, enc.NAME))
 
     def remove_endpoint(self, port: TunnelPort) -> None:
         enc = port.encapsulation
-        table = self.endpoints.get(enc.dst_port)
+        demux = (enc.PROTO, enc.dst_port)
+        table = self.endpoints.get(demux)
         key = (port.underlay.remote_ip, enc.key)
         if table is not None and table.get(key) is port:
             del table[key]
             if not table:
-                del self.endpoints[enc.dst_port]
-                self.unregister_udp_handler(enc.dst_port)
+                del self.endpoints[demux]
+                if enc.PROTO == UDP:
+                    self.unregister_udp_handler(enc.dst_port)
+                else:
+                    self.ip_handlers.pop(enc.PROTO, None)
 
     def add_port(self, port: TunnelPort) -> None:
         self.ports.append(port)
@@ -175,16 +185,29 @@ class TunnelLayer:
             return False
         return handler(bridge, in_port, frame, l3, l4)
 
-    def _encap_input(self, dport: int, encap: str, bridge: Bridge, in_port: Port,
-                     frame: bytes, l3: int, l4: int) -> bool:
-        end = l3 + ((frame[l3 + 2] << 8) | frame[l3 + 3])
-        found = ENCAPSULATIONS[encap].pop(frame, l4, min(end, len(frame)))
-        if found is None:
+    def _udp_encap_input(self, demux: tuple[int, int], encap: str, bridge: Bridge,
+                         in_port: Port, frame: bytes, l3: int, l4: int) -> bool:
+        return self._encap_input(demux, encap, bridge, in_port, frame, l3, l4)
+
+    def _ip_encap_input(self, demux: tuple[int, int], encap: str, bridge: Bridge,
+                        in_port: Port, frame: bytes, l3: int, ihl: int) -> bool:
+        total = (frame[l3 + 2] << 8) | frame[l3 + 3]
+        if total < ihl or l3 + total > len(frame):
             in_port.stats.drop("rx_malformed")
             self.dp.count_drop(f"{encap}_malformed")
             return True
+        return self._encap_input(demux, encap, bridge, in_port, frame, l3, l3 + ihl)
+
+    def _encap_input(self, demux: tuple[int, int], encap: str, bridge: Bridge,
+                     in_port: Port, frame: bytes, l3: int, l4: int) -> bool:
+        end = l3 + ((frame[l3 + 2] << 8) | frame[l3 + 3])
+        found = ENCAPSULATIONS[encap].pop(frame, l4, min(end, len(frame)))
+        if type(found) is str:
+            in_port.stats.drop("rx_malformed")
+            self.dp.count_drop(f"{encap}_{found}")
+            return True
         key, start, stop = found
-        port = self.endpoints[dport].get((frame[l3 + 12 : l3 + 16], key))
+        port = self.endpoints[demux].get((frame[l3 + 12 : l3 + 16], key))
         if port is None:
             in_port.stats.drop("rx_unknown_tunnel")
             self.dp.count_drop(f"{encap}_unknown_tunnel")

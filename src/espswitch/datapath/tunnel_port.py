@@ -103,7 +103,7 @@ class TunnelPort(Port):
     def outer_len(self, frame_len: int) -> int:
         """Bytes on the underlay (IP header onwards) for an inner frame of `frame_len`: the
         sum of the three parts' overheads (ESP's depends on the length, for its padding)."""
-        l4 = self.encapsulation.OVERHEAD + frame_len
+        l4 = self.encapsulation.overhead + frame_len
         return self.underlay.OVERHEAD + l4 + self.protection.overhead(l4)
 
     def _largest_frame(self, mtu: int) -> int:
@@ -343,3 +343,5 @@ def register_tunnel_type(type_name: str, encap: str, protected: bool) -> type[Tu
 
 VxlanPort = register_tunnel_type("vxlan", "vxlan", protected=False)
 VxlanIpsecPort = register_tunnel_type("vxlanipsec", "vxlan", protected=True)
+GenevePort = register_tunnel_type("geneve", "geneve", protected=False)
+GrePort = register_tunnel_type("gre", "gre", protected=False)
