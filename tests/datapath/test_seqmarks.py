@@ -79,3 +79,15 @@ def test_marks_are_bounded_and_forget_the_least_recently_used():
     assert len(marks.marks) == MAX_MARKS
     assert marks.start_for("192.0.2.2", params(spi=256)) == 1
     assert marks.start_for("192.0.2.2", params(spi=256 + MAX_MARKS + 9)) > 1
+
+
+def test_a_new_key_under_the_same_spi_continues_past_the_old_sequence_numbers():
+    """A re-key in place (same SPI and transform, new key): the peer's SA keeps its
+    window only if it is not re-keyed too, so never going back is the safe choice."""
+    marks = SeqMarks()
+    old = OutboundSA(params(), seq_start=marks.start_for("192.0.2.2", params()))
+    marks.track("192.0.2.2", old)
+    send(old, 300)
+    t = parse_transform("aes128gcm16")
+    rekeyed = SaParams(spi=0x1001, transform=t, keymat=bytes(range(1, t.keymat_len + 1)))
+    assert marks.start_for("192.0.2.2", rekeyed) > 300
