@@ -664,7 +664,8 @@ cdef class SaCore:
             if EVP_MAC_init(self.sa.mac, k + ek + sl, <size_t>ik, params) != 1:
                 raise ValueError("OpenSSL refused the integrity key")
         self._owner = weakref.ref(owner) if owner is not None else None
-        self._iv_source = iv_source
+        # Null encryption has no IV: the Python SA ignores an IV source there too.
+        self._iv_source = iv_source if self.sa.iv_len else None
         # A default window until the owner installs its own (see load_window).
         self._alloc_window(0, transform.esn, 0, [1])
         self._ready = True
