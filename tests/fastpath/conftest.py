@@ -17,8 +17,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest's own type
-    from tests.fastpath.diff import STATS
+def pytest_terminal_summary(terminalreporter) -> None:
+    from .diff import STATS
 
     if STATS["examples"]:
         terminalreporter.write_line(

@@ -12,7 +12,8 @@ import pytest
 
 from espswitch.datapath import fast
 from espswitch.ipsec import InboundSA, OutboundSA, SaParams, SaRefused, parse_transform
-from tests.fastpath.diff import TRANSFORMS, iv_for
+
+from .diff import TRANSFORMS, iv_for
 
 
 def _slow_seal(sa: OutboundSA):

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from espswitch.ipsec import Lifetime
-from tests.fastpath.diff import TRANSFORMS, Config, run_script
+
+from .diff import TRANSFORMS, Config, run_script
 
 WINDOWS = st.one_of(st.sampled_from((0, 1, 2, 32, 63, 64, 65, 128, 1024, 1 << 20)),
                     st.integers(0, 1 << 20))

@@ -16,6 +16,7 @@ the switch runs, slower.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 
 from espswitch.ipsec.errors import DropReason, SaRefused
@@ -23,11 +24,12 @@ from espswitch.ipsec.sa import InboundSA, OutboundSA, SaParams
 from espswitch.ipsec.transforms import Transform
 
 try:
-    from espswitch.datapath.fast import _fastpath
+    # import_module, not "from . import": its error names the missing module plainly.
+    _fastpath = importlib.import_module(__name__ + "._fastpath")
 except ImportError as exc:  # not built, or built against something this host lacks
     _fastpath = None
     AVAILABLE = False
-    REASON = f"compiled fast path not available: {exc}"
+    REASON = f"compiled fast path not available ({exc}): the Python engine is used"
 else:
     AVAILABLE = True
     REASON = "compiled fast path available"

@@ -66,7 +66,9 @@ class _DropsView:
         return iter(self._core.drop_counts())
 
     def __eq__(self, other: object) -> bool:
-        return list(self) == list(other) if isinstance(other, list | _DropsView) else NotImplemented
+        if not isinstance(other, list | _DropsView):
+            return NotImplemented
+        return list(self) == list(other)
 
     def __repr__(self) -> str:
         return repr(self._core.drop_counts())
@@ -93,7 +95,9 @@ class _BlocksView:
         return iter(self._core.win_blocks())
 
     def __eq__(self, other: object) -> bool:
-        return list(self) == list(other) if isinstance(other, list | _BlocksView) else NotImplemented
+        if not isinstance(other, list | _BlocksView):
+            return NotImplemented
+        return list(self) == list(other)
 
 
 class CompiledWindow:
