@@ -58,7 +58,8 @@ def test_a_million_forged_packets_leave_memory_flat() -> None:
     c = inb.counters()
     assert c["packets"] == 3000
     assert sum(v for k, v in c.items() if k not in ("packets", "bytes")) == 1_000_000 + 40960
-    assert grown < 2048, f"RSS grew by {grown} KiB under the flood"
+    if not os.environ.get("ESPSWITCH_SANITIZED"):  # ASan's quarantine holds freed memory
+        assert grown < 2048, f"RSS grew by {grown} KiB under the flood"
 
     tracemalloc.start()
     try:
