@@ -234,6 +234,13 @@ cdef inline size_t esp_sealed_len(const esp_sa *sa, size_t n) noexcept nogil:
     """The length of the ESP packet that sealing `n` payload bytes makes."""
     return 8 + sa.iv_len + n + pad_len(sa, n) + 2 + sa.icv_len
 
+cdef inline size_t open_capacity(const esp_sa *sa, size_t n) noexcept nogil:
+    """The output room `esp_open` needs for an `n`-byte packet: 0 for one whose length
+    alone makes it malformed (esp_open then drops it before it writes anything)."""
+    if n < <size_t>sa.min_len or n > MAX_PACKET:
+        return 0
+    return n - sa.fixed
+
 # -- the replay window (RFC 4303 §3.4.3 and Appendix A) ----------------------------------------
 
 cdef inline int win_infer(const esp_window *w, uint32_t low, uint64_t *seq) noexcept nogil:
@@ -751,7 +758,8 @@ cdef class SaCore:
             raise TypeError("open needs an inbound SA")
         PyObject_GetBuffer(esp, &view, PyBUF_SIMPLE)
         try:
-            cap = <size_t>view.len - self.sa.fixed if view.len > self.sa.fixed else 0
+            # Nothing is allocated for what esp_open will call malformed by its length.
+            cap = open_capacity(&self.sa, <size_t>view.len)
             raw = _bytes_new(NULL, <Py_ssize_t>cap)
             if raw == NULL:
                 raise MemoryError()
@@ -1046,8 +1054,6 @@ cdef class _Burst:
     cdef int take_input(self, Py_ssize_t i, obj) except -1:
         PyObject_GetBuffer(obj, &self.views[i], PyBUF_SIMPLE)
         self.nviews = i + 1
-        if <size_t>self.views[i].len > MAX_PACKET:
-            raise ValueError("packet too large")
         self.pkts[i].data = <const uint8_t *>self.views[i].buf
         self.pkts[i].len = <size_t>self.views[i].len
         return 0
@@ -1113,6 +1119,8 @@ def seal_batch(sa, payloads, int next_header) -> list:
             ivs.append(ivb)
     for i in range(n):
         burst.take_input(i, payloads[i])
+        if burst.pkts[i].len > MAX_PACKET:
+            raise ValueError("payload too large")
         burst.make_output(i, esp_sealed_len(s, burst.pkts[i].len))
         burst.pkts[i].nh = next_header
         if ivs is not None and i < len(ivs):
@@ -1153,8 +1161,7 @@ def open_batch(sa, packets) -> list:
     burst = _Burst(n)
     for i in range(n):
         burst.take_input(i, packets[i])
-        burst.make_output(i, burst.pkts[i].len - s.fixed if burst.pkts[i].len > <size_t>s.fixed
-                          else 0)
+        burst.make_output(i, open_capacity(s, burst.pkts[i].len))
     i = 0
     while i < n:
         with nogil:
