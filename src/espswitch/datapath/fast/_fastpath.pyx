@@ -20,17 +20,28 @@ same code without the GIL:
   the state the Python SA classes read and write through properties), and the module
   functions `seal_batch` / `open_batch`, which release the GIL around the whole loop.
 
+Threads: each `esp_sa` has a mutex. The bursts hold it for their whole run without the
+GIL, the single-packet calls for one packet with the GIL, and every write from Python (the
+properties the Python SA's lifetime code uses) takes it too, so a batch on one thread and
+Python on another never interleave inside a packet: sequence numbers stay unique and each
+packet passes the replay window once. The lifetime hand-up itself runs after the burst
+returned (mutex released, GIL held).
+
+Limits: inputs over 1 GiB are refused (a payload: ValueError; a received packet:
+malformed), so every length fits OpenSSL's int. Sealing refuses a payload whose
+result would not fit the given buffer (ERR_CAPACITY) before it moves any state.
+
 Received bytes are hostile: `esp_open` checks the length against the transform's minimum
 and block alignment before it reads any byte, and every later access is inside
 [0, len) by construction (the comments at each access say why). Cython's boundscheck
 does not apply to the raw pointers used here, so these explicit checks are the bounds
-checks. Keys never leave OpenSSL's contexts: nothing here keeps a copy of a key; the
+checks. Keys never leave OpenSSL's contexts: the C struct keeps no copy of a key; the
 salt and IV mask are cleansed (OPENSSL_cleanse) when the SA is freed.
 """
 
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
 import weakref
