@@ -11,6 +11,7 @@ Environment:
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from setuptools import setup
@@ -23,13 +24,13 @@ class OptionalBuildExt(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any failure leaves the pure-Python path
+        except Exception as exc:  # any failure leaves the pure-Python path
             self.warn(f"espswitch fast path not built ({exc}); the Python datapath is used")
 
     def build_extension(self, ext) -> None:
         try:
             super().build_extension(ext)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # idem
             self.warn(f"espswitch fast path not built ({exc}); the Python datapath is used")
 
 
@@ -50,9 +51,15 @@ def _extensions() -> list:
                "-fno-omit-frame-pointer", "-g", "-O1"]
         cflags += san
         ldflags += san
+    pyx = "src/espswitch/datapath/fast/_fastpath.pyx"
+    # The module carries the hash of the source it was built from: the package refuses a
+    # build older than its .pyx (see espswitch/datapath/fast/__init__.py).
+    with open(pyx, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
     ext = Extension(
         "espswitch.datapath.fast._fastpath",
-        ["src/espswitch/datapath/fast/_fastpath.pyx"],
+        [pyx],
+        define_macros=[("ESP_SOURCE_SHA256", f'"{digest}"')],
         libraries=["crypto"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
@@ -60,7 +67,7 @@ def _extensions() -> list:
     )
     try:
         return cythonize([ext], language_level=3, quiet=True)
-    except Exception as exc:  # noqa: BLE001 - a Cython error must not stop the install
+    except Exception as exc:  # a Cython error must not stop the install
         print(f"espswitch: the fast path did not compile ({exc}); it is not built")
         return []
 

@@ -16,8 +16,10 @@ the switch runs, slower.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from espswitch.ipsec.errors import DropReason, SaRefused
 from espswitch.ipsec.sa import InboundSA, OutboundSA, SaParams
@@ -31,8 +33,16 @@ except ImportError as exc:  # not built, or built against something this host la
     AVAILABLE = False
     REASON = f"compiled fast path not available ({exc}): the Python engine is used"
 else:
-    AVAILABLE = True
-    REASON = "compiled fast path available"
+    AVAILABLE, REASON = True, "compiled fast path available"
+    _pyx = Path(__file__).with_name("_fastpath.pyx")
+    _built_from = getattr(_fastpath, "SOURCE_SHA256", "")
+    if _built_from and _pyx.exists() and (
+            hashlib.sha256(_pyx.read_bytes()).hexdigest() != _built_from):
+        # Edited since it was built: a stale module would be tested and used in its place.
+        _fastpath = None
+        AVAILABLE = False
+        REASON = ("compiled fast path is older than _fastpath.pyx (rebuild: python3 setup.py "
+                  "build_ext --inplace): the Python engine is used")
 
 if AVAILABLE:
     from espswitch.datapath.fast.sa import CompiledInboundSA, CompiledOutboundSA

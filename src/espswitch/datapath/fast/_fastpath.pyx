@@ -170,6 +170,17 @@ cdef extern from *:
     const uint64_t MAX_WINDOW "ESP_MAX_WINDOW"
     const uint64_t LOW32 "ESP_LOW32"
 
+cdef extern from *:
+    """
+    #ifndef ESP_SOURCE_SHA256
+    #define ESP_SOURCE_SHA256 ""
+    #endif
+    """
+    const char *ESP_SOURCE_SHA256
+
+SOURCE_SHA256 = ESP_SOURCE_SHA256.decode()
+"""The SHA-256 of the .pyx this module was built from ("" when setup.py did not say)."""
+
 _REASONS = tuple(DropReason)
 assert [int(r) for r in _REASONS] == list(range(N_REASONS)), "DropReason changed: update _fastpath"
 
