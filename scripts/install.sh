@@ -12,7 +12,10 @@ fi
 apt_pkgs=(tshark tcpdump iproute2 iputils-ping iperf3 procps kmod nftables
           openvswitch-switch openvswitch-common
           strongswan strongswan-swanctl charon-systemd libcharon-extra-plugins
-          libstrongswan-extra-plugins libcharon-extauth-plugins)
+          libstrongswan-extra-plugins libcharon-extauth-plugins
+          # the compiled fast path: C compiler (and libasan/libubsan for
+          # scripts/asan-fuzz.sh), Python and OpenSSL headers
+          build-essential python3-dev libssl-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,9 +13,16 @@ chacha20poly1305) it measures, in one process on one core:
   without replay window, counters, lifetimes or error handling: what the same Python costs
   before the engine does any of its own checks, so "ours / framing" is the engine's share;
 - scapy: `SecurityAssociation.encrypt` then `.decrypt` of an IPv4 packet carrying the payload
-  (an independent implementation; slow, so it runs for a short fixed time).
+  (an independent implementation; slow, so it runs for a short fixed time);
+- compiled: the fast path's compiled SAs (`espswitch.datapath.fast`, issue 10),
+  `encrypt` then `open` one packet per call, as the Python datapath calls them;
+- compiled_batch: the same through `seal_batch` then `open_batch`, 32 packets per call,
+  the GIL released around each batch (what the ring pipeline will call);
+- bare_evp: OpenSSL EVP encrypt then decrypt of the same plaintext in a C loop, one
+  context per direction made once, no ESP at all: the honest floor for compiled code.
+  (The compiled figures are 0 when the module is not built.)
 
-"ours" and "bare_aead" are measured in alternation for a few rounds and the best of each is
+All loops of one row are measured in alternation for a few rounds and the best of each is
 kept, so that noise from the machine affects both alike. For 1400-byte aes128gcm16 it also
 prints each direction alone (encrypt only, decrypt only) against the bare AEAD, for whoever
 optimises the engine. Nothing asserts timings: this is a benchmark, not a test.
@@ -37,6 +44,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from espswitch.datapath import fast
 from espswitch.ipsec import InboundSA, OutboundSA, SaParams, parse_transform
 
 TRANSFORMS = ("aes128gcm16", "aes256gcm16", "chacha20poly1305")
@@ -150,6 +158,76 @@ def framing_round_trip(transform: str, size: int) -> Callable[[int], None]:
     return loop
 
 
+def compiled_round_trip(transform: str, size: int) -> Callable[[int], None]:
+    """The compiled SAs, one packet per call (`encrypt`, then `open` as the datapath)."""
+    out = fast.make_outbound_sa(_params(transform))
+    inb = fast.make_inbound_sa(_params(transform))
+    payload = os.urandom(size)
+    encrypt, open_ = out.encrypt, inb.open
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            open_(encrypt(payload, NH_UDP))
+
+    return loop
+
+
+BATCH = 32
+
+
+def compiled_batch_round_trip(transform: str, size: int) -> Callable[[int], None]:
+    """The compiled SAs, BATCH packets per call through seal_batch and open_batch."""
+    out = fast.make_outbound_sa(_params(transform))
+    inb = fast.make_inbound_sa(_params(transform))
+    payloads = [os.urandom(size)] * BATCH
+    seal_batch, open_batch = fast.seal_batch, fast.open_batch
+
+    def loop(n: int) -> None:
+        for _ in range(0, n, BATCH):
+            open_batch(inb, seal_batch(out, payloads, NH_UDP))
+
+    return loop
+
+
+def bare_evp_round_trip(transform: str, size: int) -> Callable[[int], None]:
+    """OpenSSL EVP encrypt+decrypt in a C loop (the compiled module's own helper)."""
+    t = parse_transform(transform)
+    key = _keymat(transform)
+    enc_key, salt = key[: t.enc_key_len], key[t.enc_key_len : t.enc_key_len + 4]
+    bare = fast._fastpath.bare_evp_round_trip
+    plain_len = _esp_plaintext_len(size)
+
+    def loop(n: int) -> None:
+        bare(enc_key, salt, plain_len, n, t.cipher)
+
+    return loop
+
+
+def compiled_encrypt(transform: str, size: int) -> Callable[[int], None]:
+    encrypt = fast.make_outbound_sa(_params(transform)).encrypt
+    payload = os.urandom(size)
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            encrypt(payload, NH_UDP)
+
+    return loop
+
+
+def compiled_decrypt(transform: str, size: int) -> Callable[[int], None]:
+    """As `ours_decrypt`, with the compiled inbound SA's `open`."""
+    packets = _decrypt_pool(transform, size)
+    params = _params(transform)
+
+    def loop(n: int) -> None:
+        for start in range(0, n, DECRYPT_POOL):
+            open_ = fast.make_inbound_sa(params).open
+            for esp in packets[: min(DECRYPT_POOL, n - start)]:
+                open_(esp)
+
+    return loop
+
+
 def ours_encrypt(transform: str, size: int) -> Callable[[int], None]:
     encrypt = OutboundSA(_params(transform)).encrypt
     payload = os.urandom(size)
@@ -250,13 +328,18 @@ def scapy_rate(transform: str, size: int, seconds: float) -> float:
 def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Measure everything; return the result rows and the per-direction figures."""
     rounds, seconds, scapy_seconds = (2, 0.05, 0.2) if quick else (5, 0.2, 0.5)
+    compiled = fast.AVAILABLE
     results = []
     for transform in TRANSFORMS:
         for size in SIZES:
-            best = best_interleaved({"ours": ours_round_trip(transform, size),
-                                     "bare": bare_round_trip(transform, size),
-                                     "framing": framing_round_trip(transform, size)},
-                                    rounds, seconds)
+            loops = {"ours": ours_round_trip(transform, size),
+                     "bare": bare_round_trip(transform, size),
+                     "framing": framing_round_trip(transform, size)}
+            if compiled:
+                loops.update(compiled=compiled_round_trip(transform, size),
+                             compiled_batch=compiled_batch_round_trip(transform, size),
+                             bare_evp=bare_evp_round_trip(transform, size))
+            best = best_interleaved(loops, rounds, seconds)
             results.append({
                 "transform": transform,
                 "size": size,
@@ -264,15 +347,23 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
                 "bare_aead_pps": round(best["bare"]),
                 "framing_pps": round(best["framing"]),
                 "scapy_pps": round(scapy_rate(transform, size, scapy_seconds)),
+                "compiled_pps": round(best.get("compiled", 0)),
+                "compiled_batch_pps": round(best.get("compiled_batch", 0)),
+                "bare_evp_pps": round(best.get("bare_evp", 0)),
             })
     transform, size = "aes128gcm16", 1400
-    enc = best_interleaved({"ours": ours_encrypt(transform, size),
-                            "bare": bare_encrypt(transform, size)}, rounds, seconds)
-    dec = best_interleaved({"ours": ours_decrypt(transform, size),
-                            "bare": bare_decrypt(transform, size)}, rounds, seconds)
+    enc_loops = {"ours": ours_encrypt(transform, size), "bare": bare_encrypt(transform, size)}
+    dec_loops = {"ours": ours_decrypt(transform, size), "bare": bare_decrypt(transform, size)}
+    if compiled:
+        enc_loops["compiled"] = compiled_encrypt(transform, size)
+        dec_loops["compiled"] = compiled_decrypt(transform, size)
+    enc = best_interleaved(enc_loops, rounds, seconds)
+    dec = best_interleaved(dec_loops, rounds, seconds)
     directions = {
         "encrypt_ours_pps": round(enc["ours"]), "encrypt_bare_aead_pps": round(enc["bare"]),
         "decrypt_ours_pps": round(dec["ours"]), "decrypt_bare_aead_pps": round(dec["bare"]),
+        "encrypt_compiled_pps": round(enc.get("compiled", 0)),
+        "decrypt_compiled_pps": round(dec.get("compiled", 0)),
     }
     return results, directions
 
@@ -292,10 +383,30 @@ def print_table(results: list[dict[str, Any]], directions: dict[str, float]) -> 
               f"{framing:>12} {framing / bare:>13.2f} {r['ours_pps'] / framing:>13.2f} "
               f"{r['scapy_pps']:>10} {vs_scapy:>10.1f}x")
     print()
+    if not any(r["compiled_pps"] for r in results):
+        print(f"compiled fast path: not measured ({fast.REASON})")
+    else:
+        head = (f"{'transform':<18} {'size':>5} {'compiled_pps':>13} {'batch32_pps':>12} "
+                f"{'bare_evp_pps':>13} {'compiled/bare_aead':>19} {'batch/bare_aead':>16} "
+                f"{'compiled/bare_evp':>18} {'batch/bare_evp':>15}")
+        print("compiled fast path (issue 10 target: compiled/bare_aead >= 0.9 at 1400 B "
+              "aes128gcm16):")
+        print(head)
+        print("-" * len(head))
+        for r in results:
+            bare, evp = r["bare_aead_pps"], r["bare_evp_pps"]
+            c, b = r["compiled_pps"], r["compiled_batch_pps"]
+            print(f"{r['transform']:<18} {r['size']:>5} {c:>13} {b:>12} {evp:>13} "
+                  f"{c / bare:>19.2f} {b / bare:>16.2f} {c / evp:>18.2f} {b / evp:>15.2f}")
+    print()
     print("aes128gcm16, 1400 B, one direction at a time:")
     for d in ("encrypt", "decrypt"):
         ours, bare = directions[f"{d}_ours_pps"], directions[f"{d}_bare_aead_pps"]
-        print(f"  {d:<8} ours {ours:>9} pps   bare AEAD {bare:>9} pps   ratio {ours / bare:.2f}")
+        comp = directions[f"{d}_compiled_pps"]
+        line = f"  {d:<8} ours {ours:>9} pps   bare AEAD {bare:>9} pps   ratio {ours / bare:.2f}"
+        if comp:
+            line += f"   compiled {comp:>9} pps   ratio {comp / bare:.2f}"
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1255 @@
+# cython: language_level=3, cdivision=True, embedsignature=True
+# cython: boundscheck=True, wraparound=False, initializedcheck=True
+"""The compiled ESP core of the fast path (issue 10): per-SA state and per-packet work in C.
+
+Layers, so that a batch loop over ring slots (the later NIC -> TAP pipeline) can call the
+same code without the GIL:
+
+- `esp_sa`: one SA as a plain C struct: identity, one OpenSSL EVP cipher context (and one
+  EVP_MAC context for HMAC transforms) made once at install, the sequence number, the
+  replay window (RFC 4303 §3.4.3, ring of 64-bit blocks as RFC 6479), packet/byte/drop
+  counters and the lifetime thresholds the Python slow path computed.
+- `esp_seal` / `esp_open`: one packet, `nogil`, on raw buffers with explicit lengths;
+  return a next header / 0, or -1-DropReason. They never call Python. When a packet
+  crosses a lifetime threshold they set `*account`: the caller must hand up to the
+  Python slow path (`_account_slow`) before the next packet of this SA, exactly where the
+  Python engine would run it.
+- `esp_seal_burst` / `esp_open_burst`: a batch of `esp_pkt` descriptors under the SA's
+  mutex, stopping after a packet that needs accounting.
+- `SaCore`: the Python-visible owner of one `esp_sa` (thin wrappers: `seal`, `open`, and
+  the state the Python SA classes read and write through properties), and the module
+  functions `seal_batch` / `open_batch`, which release the GIL around the whole loop.
+
+Threads: each `esp_sa` has a mutex. The bursts hold it for their whole run without the
+GIL, the single-packet calls for one packet with the GIL, and every write from Python (the
+properties the Python SA's lifetime code uses) takes it too, so a batch on one thread and
+Python on another never interleave inside a packet: sequence numbers stay unique and each
+packet passes the replay window once. The lifetime hand-up itself runs after the burst
+returned (mutex released, GIL held).
+
+Limits: inputs over 1 GiB are refused (a payload: ValueError; a received packet:
+malformed), so every length fits OpenSSL's int. Sealing refuses a payload whose
+result would not fit the given buffer (ERR_CAPACITY) before it moves any state.
+
+Received bytes are hostile: `esp_open` checks the length against the transform's minimum
+and block alignment before it reads any byte, and every later access is inside
+[0, len) by construction (the comments at each access say why). Cython's boundscheck
+does not apply to the raw pointers used here, so these explicit checks are the bounds
+checks. Keys never leave OpenSSL's contexts: the C struct keeps no copy of a key; the
+salt and IV mask are cleansed (OPENSSL_cleanse) when the SA is freed.
+"""
+
+from cpython.ref cimport PyObject
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
+
+import weakref
+
+from espswitch.ipsec.errors import DropReason, SaRefused
+
+# -- OpenSSL (libcrypto, EVP only) -------------------------------------------------------------
+
+cdef extern from "openssl/evp.h" nogil:
+    ctypedef struct EVP_CIPHER:
+        pass
+    ctypedef struct EVP_CIPHER_CTX:
+        pass
+    ctypedef struct EVP_MAC:
+        pass
+    ctypedef struct EVP_MAC_CTX:
+        pass
+    ctypedef struct ENGINE:
+        pass
+    ctypedef struct OSSL_PARAM:
+        const char *key
+    const EVP_CIPHER *EVP_aes_128_gcm()
+    const EVP_CIPHER *EVP_aes_192_gcm()
+    const EVP_CIPHER *EVP_aes_256_gcm()
+    const EVP_CIPHER *EVP_chacha20_poly1305()
+    const EVP_CIPHER *EVP_aes_128_cbc()
+    const EVP_CIPHER *EVP_aes_192_cbc()
+    const EVP_CIPHER *EVP_aes_256_cbc()
+    EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
+    void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx)
+    int EVP_CipherInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, ENGINE *impl,
+                          const unsigned char *key, const unsigned char *iv, int enc)
+    int EVP_CipherUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl,
+                         const unsigned char *inp, int inl)
+    int EVP_CipherFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *outm, int *outl)
+    int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr)
+    int EVP_CIPHER_CTX_set_padding(EVP_CIPHER_CTX *ctx, int pad)
+    int EVP_CTRL_AEAD_GET_TAG
+    int EVP_CTRL_AEAD_SET_TAG
+    EVP_MAC *EVP_MAC_fetch(void *libctx, const char *algorithm, const char *properties)
+    void EVP_MAC_free(EVP_MAC *mac)
+    EVP_MAC_CTX *EVP_MAC_CTX_new(EVP_MAC *mac)
+    void EVP_MAC_CTX_free(EVP_MAC_CTX *ctx)
+    int EVP_MAC_init(EVP_MAC_CTX *ctx, const unsigned char *key, size_t keylen,
+                     const OSSL_PARAM *params)
+    int EVP_MAC_update(EVP_MAC_CTX *ctx, const unsigned char *data, size_t datalen)
+    int EVP_MAC_final(EVP_MAC_CTX *ctx, unsigned char *out, size_t *outl, size_t outsize)
+
+cdef extern from "openssl/params.h" nogil:
+    OSSL_PARAM OSSL_PARAM_construct_utf8_string(const char *key, char *buf, size_t bsize)
+    OSSL_PARAM OSSL_PARAM_construct_end()
+
+cdef extern from "openssl/crypto.h" nogil:
+    void OPENSSL_cleanse(void *ptr, size_t len)
+    int CRYPTO_memcmp(const void *a, const void *b, size_t len)
+
+cdef extern from "openssl/rand.h" nogil:
+    int RAND_bytes(unsigned char *buf, int num)
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+cdef extern from "Python.h":
+    # Raw-pointer forms, for building a result bytes object in place and shrinking it.
+    PyObject *_bytes_new "PyBytes_FromStringAndSize"(const char *s, Py_ssize_t n)
+    char *_bytes_buf "PyBytes_AS_STRING"(PyObject *o)
+    int _PyBytes_Resize(PyObject **pv, Py_ssize_t n)
+    void _decref "Py_DECREF"(PyObject *o)
+    int PyObject_GetBuffer(object obj, Py_buffer *view, int flags) except -1
+    void PyBuffer_Release(Py_buffer *view)
+    int PyBUF_SIMPLE
+
+# -- constants ---------------------------------------------------------------------------------
+
+cdef enum:
+    CIPHER_GCM = 1
+    CIPHER_CHACHA = 2
+    CIPHER_CBC = 3
+    CIPHER_NULL = 4
+
+cdef enum:
+    MAC_NONE = 0
+    MAC_SHA256 = 1
+    MAC_SHA1 = 2
+
+# DropReason values (espswitch/ipsec/errors.py); a C function returns -1 - reason.
+cdef enum:
+    R_UNKNOWN_SPI = 0
+    R_REPLAYED = 1
+    R_TOO_OLD = 2
+    R_AUTH_FAILED = 3
+    R_BAD_PADDING = 4
+    R_MALFORMED = 5
+    R_EXPIRED = 6
+    R_SEQ_EXHAUSTED = 7
+    R_DUMMY = 8
+    N_REASONS = 9
+
+# Results that are not drops of a packet: the caller's mistake or a library failure.
+cdef enum:
+    ERR_CAPACITY = -100  # the output buffer is too small
+    ERR_CRYPTO = -101    # OpenSSL refused a call it should not refuse
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #define ESP_NH_DUMMY 59
+    #define ESP_MAX_PACKET ((size_t)1 << 30)
+    #define ESP_U64_MAX UINT64_MAX
+    #define ESP_ESN_GUESS_WINDOW ((uint64_t)1 << 31)
+    #define ESP_MAX_WINDOW ((uint64_t)1 << 20)
+    #define ESP_LOW32 ((uint64_t)0xFFFFFFFFu)
+    """
+    # RFC 4303 §2.6: next header 59 marks a dummy packet.
+    const int NH_DUMMY "ESP_NH_DUMMY"
+    # Larger inputs are refused before any length reaches an OpenSSL int.
+    const size_t MAX_PACKET "ESP_MAX_PACKET"
+    const uint64_t U64_MAX "ESP_U64_MAX"
+    # With the replay check off, ESN inference uses a half-space window (replay.py).
+    const uint64_t ESN_GUESS_WINDOW "ESP_ESN_GUESS_WINDOW"
+    const uint64_t MAX_WINDOW "ESP_MAX_WINDOW"
+    const uint64_t LOW32 "ESP_LOW32"
+
+cdef extern from *:
+    """
+    #ifndef ESP_SOURCE_SHA256
+    #define ESP_SOURCE_SHA256 ""
+    #endif
+    """
+    const char *ESP_SOURCE_SHA256
+
+SOURCE_SHA256 = ESP_SOURCE_SHA256.decode()
+"""The SHA-256 of the .pyx this module was built from ("" when setup.py did not say)."""
+
+_REASONS = tuple(DropReason)
+assert [int(r) for r in _REASONS] == list(range(N_REASONS)), "DropReason changed: update _fastpath"
+
+# -- the SA as a C struct ----------------------------------------------------------------------
+
+cdef struct esp_window:
+    uint64_t top
+    uint64_t *blocks
+    uint64_t nblocks
+    uint64_t bmask
+    uint64_t size
+    int esn
+
+cdef struct esp_sa:
+    uint32_t spi
+    int outbound
+    int cipher
+    int mac_kind
+    int esn
+    int iv_len
+    int icv_len
+    int block_size  # a power of two: 4 or 16
+    int fixed       # 8 + iv_len + icv_len
+    int min_len     # fixed + max(block_size, 4)
+    uint8_t salt[4]
+    uint64_t iv_mask
+    EVP_CIPHER_CTX *ctx
+    EVP_MAC_CTX *mac
+    uint64_t packets
+    uint64_t bytes
+    uint64_t drops[N_REASONS]
+    int expired
+    uint64_t bytes_check    # U64_MAX: no byte limit pending
+    uint64_t seq            # outbound: the last sequence number sent
+    uint64_t seq_limit      # outbound: the highest sequence number it may send
+    uint64_t check_seq      # outbound: where a packet lifetime is crossed; 0: none
+    uint64_t check_packets  # inbound: packet count where a lifetime is crossed; U64_MAX: none
+    esp_window win
+    pthread_mutex_t lock
+
+cdef struct esp_pkt:
+    # One packet of a burst. `data`/`len` is the input, `out`/`cap` where the result goes.
+    const uint8_t *data
+    size_t len
+    uint8_t *out
+    size_t cap
+    size_t out_len
+    const uint8_t *iv   # outbound: an IV to use instead of the default (tests), or NULL
+    int nh              # outbound: the next header to seal with
+    int result          # seal: 0; open: the next header; or -1 - DropReason, or ERR_*
+    uint64_t seq        # the full sequence number of the packet (after seal / open)
+
+# -- byte helpers ------------------------------------------------------------------------------
+
+cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 24)
+    p[1] = <uint8_t>(v >> 16)
+    p[2] = <uint8_t>(v >> 8)
+    p[3] = <uint8_t>v
+
+cdef inline uint32_t get32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+cdef inline void put64(uint8_t *p, uint64_t v) noexcept nogil:
+    put32(p, <uint32_t>(v >> 32))
+    put32(p + 4, <uint32_t>v)
+
+cdef inline size_t pad_len(const esp_sa *sa, size_t n) noexcept nogil:
+    # RFC 4303 §2.4: payload + padding + pad length + next header fills whole blocks.
+    return (<size_t>0 - (n + 2)) & <size_t>(sa.block_size - 1)
+
+cdef inline size_t esp_sealed_len(const esp_sa *sa, size_t n) noexcept nogil:
+    """The length of the ESP packet that sealing `n` payload bytes makes."""
+    return 8 + sa.iv_len + n + pad_len(sa, n) + 2 + sa.icv_len
+
+cdef inline size_t open_capacity(const esp_sa *sa, size_t n) noexcept nogil:
+    """The output room `esp_open` needs for an `n`-byte packet: 0 for one whose length
+    alone makes it malformed (esp_open then drops it before it writes anything)."""
+    if n < <size_t>sa.min_len or n > MAX_PACKET:
+        return 0
+    return n - sa.fixed
+
+# -- the replay window (RFC 4303 §3.4.3 and Appendix A) ----------------------------------------
+
+cdef inline int win_infer(const esp_window *w, uint32_t low, uint64_t *seq) noexcept nogil:
+    """The full sequence number of a received low half; 0 when it would fall outside
+    0..2^64-1 (the Python engine's -1, reported as too old)."""
+    cdef uint64_t th, tl, ww, sh
+    if not w.esn:
+        seq[0] = low
+        return 1
+    th = w.top >> 32
+    tl = w.top & LOW32
+    ww = w.size if w.size else ESN_GUESS_WINDOW
+    if tl >= ww - 1:
+        if low >= tl - ww + 1:
+            sh = th
+        else:
+            if th == LOW32:
+                return 0
+            sh = th + 1
+    else:
+        if low >= ((tl - ww + 1) & LOW32):
+            if th == 0:
+                return 0
+            sh = th - 1
+        else:
+            sh = th
+    seq[0] = (sh << 32) | low
+    return 1
+
+cdef inline int win_check(const esp_window *w, uint64_t seq) noexcept nogil:
+    """-1 when `seq` may be new, else the DropReason (REPLAYED or TOO_OLD)."""
+    if seq > w.top or not w.size:
+        return -1
+    if w.top - seq >= w.size:
+        return R_TOO_OLD
+    # bmask < nblocks: the index is inside the array.
+    if (w.blocks[(seq >> 6) & w.bmask] >> (seq & 63)) & 1:
+        return R_REPLAYED
+    return -1
+
+cdef inline void win_update(esp_window *w, uint64_t seq) noexcept nogil:
+    """Record an authenticated `seq`; only the blocks that come into view are cleared."""
+    cdef uint64_t gap, b
+    if seq > w.top:
+        gap = (seq >> 6) - (w.top >> 6)
+        if gap:
+            if gap >= w.nblocks:
+                memset(w.blocks, 0, w.nblocks * sizeof(uint64_t))
+            else:
+                b = (w.top >> 6) + 1
+                while b <= (seq >> 6):
+                    w.blocks[b & w.bmask] = 0
+                    b += 1
+        w.top = seq
+    w.blocks[(seq >> 6) & w.bmask] |= (<uint64_t>1) << (seq & 63)
+
+# -- one packet --------------------------------------------------------------------------------
+
+cdef inline int drop(esp_sa *sa, int reason) noexcept nogil:
+    sa.drops[reason] += 1
+    return -1 - reason
+
+cdef int esp_seal(esp_sa *sa, const uint8_t *payload, size_t n, int nh, const uint8_t *iv,
+                  uint8_t *out, size_t cap, size_t *out_len, uint64_t *seq_out,
+                  int *account) noexcept nogil:
+    """Seal `n` payload bytes into `out` (the ESP packet from the SPI to the ICV).
+
+    Returns 0, -1-EXPIRED / -1-SEQ_EXHAUSTED when the SA may not send (counted), or ERR_*.
+    The caller holds sa.lock. `iv` (iv_len bytes) replaces the default IV when not NULL.
+    """
+    cdef uint64_t seq
+    cdef size_t pad, total, ptlen, i, off
+    cdef uint8_t trailer[18]
+    cdef uint8_t nonce[12]
+    cdef uint8_t aad[12]
+    cdef uint8_t mac[64]
+    cdef size_t maclen = 0
+    cdef int l = 0, aadlen
+    cdef uint8_t *ct
+    account[0] = 0
+    if sa.seq >= sa.seq_limit:
+        # Past a hard lifetime the SA is expired; otherwise the sequence space ran out.
+        return drop(sa, R_EXPIRED if sa.expired else R_SEQ_EXHAUSTED)
+    if n > MAX_PACKET:
+        return ERR_CAPACITY
+    pad = pad_len(sa, n)
+    total = 8 + sa.iv_len + n + pad + 2 + sa.icv_len
+    if cap < total:
+        return ERR_CAPACITY
+    seq = sa.seq + 1
+    ptlen = n + pad + 2
+    for i in range(pad):
+        trailer[i] = <uint8_t>(i + 1)
+    trailer[pad] = <uint8_t>pad
+    trailer[pad + 1] = <uint8_t>nh
+    put32(out, sa.spi)
+    put32(out + 4, <uint32_t>seq)
+    ct = out + 8 + sa.iv_len
+    if sa.cipher == CIPHER_GCM or sa.cipher == CIPHER_CHACHA:
+        if iv != NULL:
+            memcpy(out + 8, iv, 8)
+        else:
+            # RFC 4106 §3.1: unique per key; seq XOR a per-SA random mask, as the Python SA.
+            put64(out + 8, seq ^ sa.iv_mask)
+        memcpy(nonce, sa.salt, 4)
+        memcpy(nonce + 4, out + 8, 8)
+        if sa.esn:
+            put32(aad, sa.spi)
+            put32(aad + 4, <uint32_t>(seq >> 32))
+            put32(aad + 8, <uint32_t>seq)
+            aadlen = 12
+        else:
+            memcpy(aad, out, 8)
+            aadlen = 8
+        if EVP_CipherInit_ex(sa.ctx, NULL, NULL, NULL, nonce, 1) != 1:
+            return ERR_CRYPTO
+        if EVP_CipherUpdate(sa.ctx, NULL, &l, aad, aadlen) != 1:
+            return ERR_CRYPTO
+        if n and EVP_CipherUpdate(sa.ctx, ct, &l, payload, <int>n) != 1:
+            return ERR_CRYPTO
+        if EVP_CipherUpdate(sa.ctx, ct + n, &l, trailer, <int>(pad + 2)) != 1:
+            return ERR_CRYPTO
+        if EVP_CipherFinal_ex(sa.ctx, ct + ptlen, &l) != 1:
+            return ERR_CRYPTO
+        if EVP_CIPHER_CTX_ctrl(sa.ctx, EVP_CTRL_AEAD_GET_TAG, 16, ct + ptlen) != 1:
+            return ERR_CRYPTO
+    else:
+        if sa.cipher == CIPHER_CBC:
+            # RFC 3602: the CBC IV must be unpredictable, so it is random.
+            if iv != NULL:
+                memcpy(out + 8, iv, 16)
+            elif RAND_bytes(out + 8, 16) != 1:
+                return ERR_CRYPTO
+            if EVP_CipherInit_ex(sa.ctx, NULL, NULL, NULL, out + 8, 1) != 1:
+                return ERR_CRYPTO
+            off = 0
+            if n:
+                if EVP_CipherUpdate(sa.ctx, ct, &l, payload, <int>n) != 1:
+                    return ERR_CRYPTO
+                off = <size_t>l
+            if EVP_CipherUpdate(sa.ctx, ct + off, &l, trailer, <int>(pad + 2)) != 1:
+                return ERR_CRYPTO
+            off += <size_t>l
+            if EVP_CipherFinal_ex(sa.ctx, ct + off, &l) != 1:
+                return ERR_CRYPTO
+            if off + <size_t>l != ptlen:
+                return ERR_CRYPTO
+        else:
+            if n:
+                memcpy(ct, payload, n)
+            memcpy(ct + n, trailer, pad + 2)
+        # Encrypt, then MAC over the header, IV and ciphertext (RFC 4303 §3.3.2.1).
+        if EVP_MAC_init(sa.mac, NULL, 0, NULL) != 1:
+            return ERR_CRYPTO
+        if EVP_MAC_update(sa.mac, out, 8 + sa.iv_len + ptlen) != 1:
+            return ERR_CRYPTO
+        if sa.esn:
+            # RFC 4303 §2.2.1: the high half is authenticated as if it followed the trailer.
+            put32(aad, <uint32_t>(seq >> 32))
+            if EVP_MAC_update(sa.mac, aad, 4) != 1:
+                return ERR_CRYPTO
+        if EVP_MAC_final(sa.mac, mac, &maclen, 64) != 1 or maclen < <size_t>sa.icv_len:
+            return ERR_CRYPTO
+        memcpy(ct + ptlen, mac, sa.icv_len)
+        OPENSSL_cleanse(mac, 64)
+    # Committed only now: a library failure above sends nothing and moves nothing.
+    sa.seq = seq
+    sa.packets += 1
+    sa.bytes += n
+    out_len[0] = total
+    seq_out[0] = seq
+    if seq == sa.check_seq or sa.bytes >= sa.bytes_check:
+        account[0] = 1
+    return 0
+
+cdef int esp_open(esp_sa *sa, const uint8_t *esp, size_t n, uint8_t *out, size_t cap,
+                  size_t *out_len, uint64_t *seq_out, int *account) noexcept nogil:
+    """Check and open one received ESP packet `esp[0:n]`; the payload goes to `out`.
+
+    Returns the next header (the payload is out[0:*out_len]) or -1-DropReason (counted),
+    in the Python engine's order: length, lifetime, replay window, ICV, padding; the
+    window moves only after the ICV verified. ERR_* for a too-small `out`.
+    The caller holds sa.lock. `cap` must be at least n - sa.fixed.
+    """
+    cdef uint64_t seq = 0
+    cdef size_t ctlen, end_icv
+    cdef int64_t end
+    cdef int reason, l = 0, l2 = 0, aadlen, pad, i, nh
+    cdef uint8_t nonce[12]
+    cdef uint8_t aad[12]
+    cdef uint8_t tag[16]
+    cdef uint8_t mac[64]
+    cdef size_t maclen = 0
+    cdef size_t ptlen
+    account[0] = 0
+    # Every read below is inside esp[0:n] because n >= min_len = 8 + iv + icv + 4 (or a
+    # whole block), and the ciphertext is what lies between the IV and the ICV.
+    if n < <size_t>sa.min_len or n > MAX_PACKET or (n - sa.fixed) & (sa.block_size - 1):
+        return drop(sa, R_MALFORMED)
+    if sa.expired:
+        return drop(sa, R_EXPIRED)
+    if not win_infer(&sa.win, get32(esp + 4), &seq):
+        return drop(sa, R_TOO_OLD)
+    if seq <= sa.win.top:
+        reason = win_check(&sa.win, seq)
+        if reason >= 0:
+            return drop(sa, reason)
+    ctlen = n - sa.fixed
+    if cap < ctlen:
+        return ERR_CAPACITY
+    if sa.esn:
+        put32(aad, sa.spi)
+        put32(aad + 4, <uint32_t>(seq >> 32))
+        put32(aad + 8, <uint32_t>seq)
+        aadlen = 12
+    else:
+        memcpy(aad, esp, 8)
+        aadlen = 8
+    if sa.cipher == CIPHER_GCM or sa.cipher == CIPHER_CHACHA:
+        memcpy(nonce, sa.salt, 4)
+        memcpy(nonce + 4, esp + 8, 8)
+        memcpy(tag, esp + n - 16, 16)  # n >= 36: the tag is the last 16 bytes
+        if EVP_CipherInit_ex(sa.ctx, NULL, NULL, NULL, nonce, 0) != 1:
+            return ERR_CRYPTO
+        if EVP_CipherUpdate(sa.ctx, NULL, &l, aad, aadlen) != 1:
+            return ERR_CRYPTO
+        if EVP_CipherUpdate(sa.ctx, out, &l, esp + 16, <int>ctlen) != 1:
+            return ERR_CRYPTO
+        if EVP_CIPHER_CTX_ctrl(sa.ctx, EVP_CTRL_AEAD_SET_TAG, 16, tag) != 1:
+            return ERR_CRYPTO
+        if EVP_CipherFinal_ex(sa.ctx, out + l, &l2) <= 0:
+            return drop(sa, R_AUTH_FAILED)
+        ptlen = ctlen
+    else:
+        # Verify the HMAC first: nothing is decrypted from a forged packet.
+        end_icv = n - sa.icv_len
+        if EVP_MAC_init(sa.mac, NULL, 0, NULL) != 1:
+            return ERR_CRYPTO
+        if EVP_MAC_update(sa.mac, esp, end_icv) != 1:
+            return ERR_CRYPTO
+        if sa.esn:
+            put32(aad, <uint32_t>(seq >> 32))
+            if EVP_MAC_update(sa.mac, aad, 4) != 1:
+                return ERR_CRYPTO
+        if EVP_MAC_final(sa.mac, mac, &maclen, 64) != 1 or maclen < <size_t>sa.icv_len:
+            return ERR_CRYPTO
+        if CRYPTO_memcmp(mac, esp + end_icv, sa.icv_len) != 0:
+            return drop(sa, R_AUTH_FAILED)
+        if sa.cipher == CIPHER_CBC:
+            # The IV is esp[8:24]; the ciphertext esp[24:end_icv] is whole blocks (checked).
+            if EVP_CipherInit_ex(sa.ctx, NULL, NULL, NULL, esp + 8, 0) != 1:
+                return ERR_CRYPTO
+            if EVP_CipherUpdate(sa.ctx, out, &l, esp + 24, <int>ctlen) != 1:
+                return ERR_CRYPTO
+            if EVP_CipherFinal_ex(sa.ctx, out + l, &l2) != 1 or <size_t>(l + l2) != ctlen:
+                return ERR_CRYPTO
+        else:
+            memcpy(out, esp + 8, ctlen)
+        ptlen = ctlen
+    # ptlen >= 4 (min_len): pt[ptlen-2] and pt[ptlen-1] are inside out[0:ptlen].
+    pad = out[ptlen - 2]
+    end = <int64_t>ptlen - 2 - pad
+    if end < 0:
+        return drop(sa, R_BAD_PADDING)
+    # end >= 0 and end + pad = ptlen - 2: the padding bytes are inside out[0:ptlen].
+    for i in range(pad):
+        if out[end + i] != <uint8_t>(i + 1):
+            return drop(sa, R_BAD_PADDING)
+    win_update(&sa.win, seq)
+    sa.packets += 1
+    sa.bytes += <uint64_t>end
+    seq_out[0] = seq
+    if sa.packets >= sa.check_packets or sa.bytes >= sa.bytes_check:
+        account[0] = 1
+    nh = out[ptlen - 1]
+    if nh == NH_DUMMY:
+        return drop(sa, R_DUMMY)
+    out_len[0] = <size_t>end
+    return nh
+
+# -- bursts ------------------------------------------------------------------------------------
+
+cdef Py_ssize_t esp_seal_burst(esp_sa *sa, esp_pkt *pkts, Py_ssize_t start,
+                               Py_ssize_t count, int *account_out) noexcept nogil:
+    """Seal pkts[start:count] under the SA's lock. Returns the index after the last packet
+    done; `*account_out` is set when that packet crossed a lifetime threshold (the caller
+    runs the slow-path accounting with its `seq`, then calls again from there)."""
+    cdef Py_ssize_t i
+    cdef int account = 0
+    pthread_mutex_lock(&sa.lock)
+    i = start
+    while i < count:
+        pkts[i].result = esp_seal(sa, pkts[i].data, pkts[i].len, pkts[i].nh, pkts[i].iv,
+                                  pkts[i].out, pkts[i].cap, &pkts[i].out_len, &pkts[i].seq,
+                                  &account)
+        i += 1
+        if account:
+            break
+    pthread_mutex_unlock(&sa.lock)
+    account_out[0] = account
+    return i
+
+cdef Py_ssize_t esp_open_burst(esp_sa *sa, esp_pkt *pkts, Py_ssize_t start,
+                               Py_ssize_t count, int *account_out) noexcept nogil:
+    """Open pkts[start:count] under the SA's lock; stops as `esp_seal_burst` does."""
+    cdef Py_ssize_t i
+    cdef int account = 0
+    pthread_mutex_lock(&sa.lock)
+    i = start
+    while i < count:
+        pkts[i].result = esp_open(sa, pkts[i].data, pkts[i].len, pkts[i].out, pkts[i].cap,
+                                  &pkts[i].out_len, &pkts[i].seq, &account)
+        i += 1
+        if account:
+            break
+    pthread_mutex_unlock(&sa.lock)
+    account_out[0] = account
+    return i
+
+# -- the Python-visible SA core ----------------------------------------------------------------
+
+_CIPHERS = {"aes-gcm": CIPHER_GCM, "chacha20-poly1305": CIPHER_CHACHA,
+            "aes-cbc": CIPHER_CBC, "null": CIPHER_NULL}
+_MACS = {"aead": MAC_NONE, "hmac-sha256": MAC_SHA256, "hmac-sha1": MAC_SHA1}
+
+
+def supports(transform) -> bool:
+    """Whether the compiled core implements this `Transform` (its cipher, integrity and
+    key length)."""
+    if transform.cipher not in _CIPHERS or transform.integrity not in _MACS:
+        return False
+    if transform.cipher == "aes-gcm" or transform.cipher == "aes-cbc":
+        return transform.enc_key_len in (16, 24, 32)
+    if transform.cipher == "chacha20-poly1305":
+        return transform.enc_key_len == 32
+    return transform.enc_key_len == 0
+
+
+cdef const EVP_CIPHER *_evp_cipher(int cipher, int key_len) noexcept:
+    if cipher == CIPHER_GCM:
+        return (EVP_aes_128_gcm() if key_len == 16 else
+                EVP_aes_192_gcm() if key_len == 24 else EVP_aes_256_gcm())
+    if cipher == CIPHER_CHACHA:
+        return EVP_chacha20_poly1305()
+    if cipher == CIPHER_CBC:
+        return (EVP_aes_128_cbc() if key_len == 16 else
+                EVP_aes_192_cbc() if key_len == 24 else EVP_aes_256_cbc())
+    return NULL
+
+
+cdef class SaCore:
+    """One SA's state and crypto contexts, in C; the per-packet entry points `seal` and
+    `open`. The Python SA classes of `espswitch.datapath.fast.sa` keep their state here
+    (through properties), so one SA has one state whichever path handles a packet."""
+
+    cdef esp_sa sa
+    cdef bint _ready
+    cdef object _owner       # weakref to the Python SA, for the slow-path accounting
+    cdef object _iv_source   # None, or seq -> IV bytes (known-answer and differential tests)
+
+    def __cinit__(self):
+        memset(&self.sa, 0, sizeof(esp_sa))
+        pthread_mutex_init(&self.sa.lock, NULL)
+        self._ready = False
+
+    def __init__(self, transform, keymat, *, spi, bint outbound,
+                 owner=None, iv_source=None):
+        """Make the contexts for `transform` (an `espswitch.ipsec.Transform`) with the
+        KEYMAT `keymat` (encryption key, salt, integrity key; RFC 7296 order)."""
+        cdef const unsigned char *k
+        cdef Py_ssize_t ek, sl, ik
+        cdef const EVP_CIPHER *evp
+        cdef EVP_MAC *mac_algo
+        cdef OSSL_PARAM params[2]
+        cdef bytes digest
+        if self._ready:
+            raise RuntimeError("SaCore is initialised once")
+        if not supports(transform):
+            raise ValueError(f"the compiled fast path does not support {transform.name}")
+        km = bytes(keymat)
+        ek, sl, ik = transform.enc_key_len, transform.salt_len, transform.integ_key_len
+        if len(km) != ek + sl + ik:
+            raise ValueError(f"{transform.name} needs {ek + sl + ik} bytes of keying material")
+        if not 0 <= spi <= 0xFFFFFFFF:
+            raise ValueError("SPI must be a 32-bit number")
+        if sl not in (0, 4):
+            raise ValueError("unexpected salt length")
+        k = km
+        self.sa.spi = <uint32_t>spi
+        self.sa.outbound = outbound
+        self.sa.cipher = _CIPHERS[transform.cipher]
+        self.sa.mac_kind = _MACS[transform.integrity]
+        self.sa.esn = transform.esn
+        self.sa.iv_len = transform.iv_len
+        self.sa.icv_len = transform.icv_len
+        self.sa.block_size = transform.block_size
+        if self.sa.block_size not in (4, 16) or self.sa.icv_len > 64:
+            raise ValueError("unexpected transform geometry")
+        self.sa.fixed = 8 + self.sa.iv_len + self.sa.icv_len
+        self.sa.min_len = self.sa.fixed + max(self.sa.block_size, 4)
+        if sl:
+            memcpy(self.sa.salt, k + ek, 4)
+        self.sa.seq_limit = 0
+        self.sa.bytes_check = U64_MAX
+        self.sa.check_packets = U64_MAX
+        evp = _evp_cipher(self.sa.cipher, <int>ek)
+        if evp != NULL:
+            self.sa.ctx = EVP_CIPHER_CTX_new()
+            if self.sa.ctx == NULL:
+                raise MemoryError()
+            # The key is set once here; per packet only the IV/nonce changes.
+            if EVP_CipherInit_ex(self.sa.ctx, evp, NULL, k, NULL, 1 if outbound else 0) != 1:
+                raise ValueError("OpenSSL refused the cipher key")
+            if self.sa.cipher == CIPHER_CBC:
+                # ESP pads itself (RFC 4303 §2.4): no PKCS#7 padding from OpenSSL.
+                EVP_CIPHER_CTX_set_padding(self.sa.ctx, 0)
+        if self.sa.mac_kind != MAC_NONE:
+            mac_algo = EVP_MAC_fetch(NULL, b"HMAC", NULL)
+            if mac_algo == NULL:
+                raise ValueError("OpenSSL has no HMAC")
+            self.sa.mac = EVP_MAC_CTX_new(mac_algo)
+            EVP_MAC_free(mac_algo)  # the context keeps its own reference
+            if self.sa.mac == NULL:
+                raise MemoryError()
+            digest = b"SHA256" if self.sa.mac_kind == MAC_SHA256 else b"SHA1"
+            params[0] = OSSL_PARAM_construct_utf8_string(b"digest", <char *>digest, 0)
+            params[1] = OSSL_PARAM_construct_end()
+            if EVP_MAC_init(self.sa.mac, k + ek + sl, <size_t>ik, params) != 1:
+                raise ValueError("OpenSSL refused the integrity key")
+        self._owner = weakref.ref(owner) if owner is not None else None
+        # Null encryption has no IV: the Python SA ignores an IV source there too.
+        self._iv_source = iv_source if self.sa.iv_len else None
+        # A default window until the owner installs its own (see load_window).
+        self._alloc_window(0, transform.esn, 0, [1])
+        self._ready = True
+
+    def __dealloc__(self):
+        if self.sa.ctx != NULL:
+            EVP_CIPHER_CTX_free(self.sa.ctx)  # cleanses the key schedule
+        if self.sa.mac != NULL:
+            EVP_MAC_CTX_free(self.sa.mac)     # cleanses the HMAC key state
+        if self.sa.win.blocks != NULL:
+            free(self.sa.win.blocks)
+        pthread_mutex_destroy(&self.sa.lock)
+        OPENSSL_cleanse(&self.sa, sizeof(esp_sa))
+
+    def __repr__(self) -> str:
+        return f"<SaCore spi=0x{self.sa.spi:08x} {'out' if self.sa.outbound else 'in'}>"
+
+    def __reduce__(self):
+        raise TypeError("an SA core cannot be copied or pickled")
+
+    # -- per packet ----------------------------------------------------------------------
+
+    cdef inline void _check_ready(self) except *:
+        if not self._ready:
+            raise RuntimeError("SaCore used before it was initialised")
+
+    def seal(self, payload, int next_header):
+        """`OutboundSA.encrypt`: the ESP packet from the SPI to the ICV, as bytes.
+
+        Raises SaRefused (counted) when the SA may not send."""
+        cdef Py_buffer view
+        cdef PyObject *raw
+        cdef size_t out_len = 0
+        cdef uint64_t seq = 0
+        cdef int account = 0, r
+        cdef const uint8_t *iv = NULL
+        cdef bytes ivb
+        self._check_ready()
+        if not self.sa.outbound:
+            raise TypeError("seal needs an outbound SA")
+        if not 0 <= next_header <= 255:
+            raise ValueError("next header must be 0 to 255")
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            if <size_t>view.len > MAX_PACKET:
+                raise ValueError("payload too large")
+            if self._iv_source is not None and self.sa.seq < self.sa.seq_limit:
+                ivb = bytes(self._iv_source(self.sa.seq + 1))
+                if len(ivb) != self.sa.iv_len:
+                    raise ValueError("iv_source returned an IV of the wrong length")
+                iv = <const uint8_t *><const char *>ivb
+            raw = _bytes_new(NULL, <Py_ssize_t>esp_sealed_len(&self.sa, <size_t>view.len))
+            if raw == NULL:
+                raise MemoryError()
+            pthread_mutex_lock(&self.sa.lock)
+            r = esp_seal(&self.sa, <const uint8_t *>view.buf, <size_t>view.len, next_header,
+                         iv, <uint8_t *>_bytes_buf(raw),
+                         <size_t>esp_sealed_len(&self.sa, <size_t>view.len), &out_len, &seq,
+                         &account)
+            pthread_mutex_unlock(&self.sa.lock)
+        finally:
+            PyBuffer_Release(&view)
+        if r != 0:
+            _decref(raw)
+            if r <= ERR_CAPACITY:
+                raise RuntimeError("OpenSSL failed to seal a packet")
+            raise SaRefused(_REASONS[-1 - r])
+        out = <object>raw
+        _decref(raw)
+        if account:
+            self._account(seq)
+        return out
+
+    def open(self, esp):
+        """`InboundSA.open`: `(next_header, payload)`, or the DropReason it counted."""
+        cdef Py_buffer view
+        cdef PyObject *raw
+        cdef size_t out_len = 0, cap
+        cdef uint64_t seq = 0
+        cdef int account = 0, r
+        self._check_ready()
+        if self.sa.outbound:
+            raise TypeError("open needs an inbound SA")
+        PyObject_GetBuffer(esp, &view, PyBUF_SIMPLE)
+        try:
+            # Nothing is allocated for what esp_open will call malformed by its length.
+            cap = open_capacity(&self.sa, <size_t>view.len)
+            raw = _bytes_new(NULL, <Py_ssize_t>cap)
+            if raw == NULL:
+                raise MemoryError()
+            pthread_mutex_lock(&self.sa.lock)
+            r = esp_open(&self.sa, <const uint8_t *>view.buf, <size_t>view.len,
+                         <uint8_t *>_bytes_buf(raw), cap, &out_len, &seq, &account)
+            pthread_mutex_unlock(&self.sa.lock)
+        finally:
+            PyBuffer_Release(&view)
+        if r < 0:
+            _decref(raw)
+            if r <= ERR_CAPACITY:
+                raise RuntimeError("OpenSSL failed to open a packet")
+            if account:
+                self._account(seq)
+            return _REASONS[-1 - r]
+        if _PyBytes_Resize(&raw, <Py_ssize_t>out_len) < 0:
+            raise MemoryError()
+        out = <object>raw
+        _decref(raw)
+        if account:
+            self._account(seq)
+        return r, out
+
+    cdef _account(self, uint64_t seq):
+        """Hand up to the Python slow path: a packet crossed a lifetime threshold."""
+        owner = self._owner() if self._owner is not None else None
+        if owner is None:
+            return
+        if self.sa.outbound:
+            owner._account_slow(seq)
+        else:
+            owner._account_slow()
+
+    # -- the state the Python SA classes read and write ---------------------------------------
+    # Writes take the SA's lock: a batch may be running on another thread without the GIL.
+
+    @property
+    def spi(self) -> int:
+        return self.sa.spi
+
+    @property
+    def outbound(self) -> bool:
+        return bool(self.sa.outbound)
+
+    @property
+    def packets(self) -> int:
+        return self.sa.packets
+
+    @packets.setter
+    def packets(self, uint64_t v):
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            self.sa.packets = v
+            pthread_mutex_unlock(&self.sa.lock)
+
+    @property
+    def bytes(self) -> int:
+        return self.sa.bytes
+
+    @bytes.setter
+    def bytes(self, uint64_t v):
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            self.sa.bytes = v
+            pthread_mutex_unlock(&self.sa.lock)
+
+    @property
+    def expired(self) -> bool:
+        return bool(self.sa.expired)
+
+    @expired.setter
+    def expired(self, bint v):
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            self.sa.expired = v
+            pthread_mutex_unlock(&self.sa.lock)
+
+    @property
+    def seq(self) -> int:
+        return self.sa.seq
+
+    @seq.setter
+    def seq(self, uint64_t v):
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            self.sa.seq = v
+            pthread_mutex_unlock(&self.sa.lock)
+
+    @property
+    def seq_limit(self) -> int:
+        return self.sa.seq_limit
+
+    @seq_limit.setter
+    def seq_limit(self, uint64_t v):
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            self.sa.seq_limit = v
+            pthread_mutex_unlock(&self.sa.lock)
+
+    @property
+    def check_seq(self) -> int:
+        """The Python SA's `_check_seq`: -1 for none."""
+        return -1 if self.sa.check_seq == 0 else self.sa.check_seq
+
+    @check_seq.setter
+    def check_seq(self, v):
+        # Sequence numbers start at 1, so 0 can stand for "none"; a value past the
+        # 64-bit space is never reached, so it is "none" too.
+        cdef uint64_t c = 0 if v < 0 or v > U64_MAX else v
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            self.sa.check_seq = c
+            pthread_mutex_unlock(&self.sa.lock)
+
+    @property
+    def bytes_check(self):
+        """The Python SA's `_bytes_check`: math.inf for none."""
+        return float("inf") if self.sa.bytes_check == U64_MAX else self.sa.bytes_check
+
+    @bytes_check.setter
+    def bytes_check(self, v):
+        cdef uint64_t c = U64_MAX if v >= U64_MAX else <uint64_t>max(v, 0)
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            self.sa.bytes_check = c
+            pthread_mutex_unlock(&self.sa.lock)
+
+    @property
+    def check_packets(self):
+        """The Python SA's `_check_packets`: math.inf for none."""
+        return float("inf") if self.sa.check_packets == U64_MAX else self.sa.check_packets
+
+    @check_packets.setter
+    def check_packets(self, v):
+        cdef uint64_t c = U64_MAX if v >= U64_MAX else <uint64_t>max(v, 0)
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            self.sa.check_packets = c
+            pthread_mutex_unlock(&self.sa.lock)
+
+    @property
+    def iv_mask(self) -> int:
+        return self.sa.iv_mask
+
+    @iv_mask.setter
+    def iv_mask(self, uint64_t v):
+        self.sa.iv_mask = v
+
+    def drop_count(self, int reason) -> int:
+        if not 0 <= reason < N_REASONS:
+            raise IndexError(reason)
+        return self.sa.drops[reason]
+
+    def set_drop_count(self, int reason, uint64_t value) -> None:
+        if not 0 <= reason < N_REASONS:
+            raise IndexError(reason)
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            self.sa.drops[reason] = value
+            pthread_mutex_unlock(&self.sa.lock)
+
+    def drop_counts(self) -> list:
+        return [self.sa.drops[i] for i in range(N_REASONS)]
+
+    # -- the replay window ------------------------------------------------------------------
+
+    cdef _alloc_window(self, uint64_t size, bint esn, uint64_t top, blocks):
+        cdef Py_ssize_t nb = len(blocks), i
+        cdef uint64_t *mem
+        if nb < 2 and size:
+            raise ValueError("replay window needs at least two blocks")
+        if nb < 1 or nb & (nb - 1) or size > MAX_WINDOW or <uint64_t>(nb - 1) * 64 < size:
+            raise ValueError("replay window blocks must be a power of two covering the size")
+        mem = <uint64_t *>calloc(nb, sizeof(uint64_t))
+        if mem == NULL:
+            raise MemoryError()
+        for i in range(nb):
+            mem[i] = blocks[i]
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            if self.sa.win.blocks != NULL:
+                free(self.sa.win.blocks)
+            self.sa.win.blocks = mem
+            self.sa.win.nblocks = <uint64_t>nb
+            self.sa.win.bmask = <uint64_t>(nb - 1)
+            self.sa.win.size = size
+            self.sa.win.esn = esn
+            self.sa.win.top = top
+            pthread_mutex_unlock(&self.sa.lock)
+
+    def load_window(self, window) -> None:
+        """Take the whole state of an `espswitch.ipsec.replay.ReplayWindow`."""
+        self._alloc_window(window.size, window.esn, window.top, window.blocks)
+
+    @property
+    def win_top(self) -> int:
+        return self.sa.win.top
+
+    @win_top.setter
+    def win_top(self, uint64_t v):
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            self.sa.win.top = v
+            pthread_mutex_unlock(&self.sa.lock)
+
+    @property
+    def win_size(self) -> int:
+        return self.sa.win.size
+
+    @property
+    def win_esn(self) -> bool:
+        return bool(self.sa.win.esn)
+
+    @property
+    def win_nblocks(self) -> int:
+        return self.sa.win.nblocks
+
+    def win_block(self, Py_ssize_t i) -> int:
+        if not 0 <= i < <Py_ssize_t>self.sa.win.nblocks:
+            raise IndexError(i)
+        return self.sa.win.blocks[i]
+
+    def set_win_block(self, Py_ssize_t i, uint64_t v) -> None:
+        if not 0 <= i < <Py_ssize_t>self.sa.win.nblocks:
+            raise IndexError(i)
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            self.sa.win.blocks[i] = v
+            pthread_mutex_unlock(&self.sa.lock)
+
+    def win_blocks(self) -> list:
+        return [self.sa.win.blocks[i] for i in range(self.sa.win.nblocks)]
+
+    def win_infer(self, uint32_t seq_low) -> int:
+        """`ReplayWindow.infer`: -1 when the guess falls outside the 64-bit space."""
+        cdef uint64_t seq = 0
+        if not win_infer(&self.sa.win, seq_low, &seq):
+            return -1
+        return seq
+
+    def win_check(self, seq):
+        """`ReplayWindow.check`: None, or the DropReason."""
+        cdef int r
+        if seq < 0:
+            return _REASONS[R_TOO_OLD]
+        if seq > U64_MAX:
+            return None
+        r = win_check(&self.sa.win, <uint64_t>seq)
+        return None if r < 0 else _REASONS[r]
+
+    def win_update(self, uint64_t seq) -> None:
+        """`ReplayWindow.update`."""
+        with nogil:
+            pthread_mutex_lock(&self.sa.lock)
+            win_update(&self.sa.win, seq)
+            pthread_mutex_unlock(&self.sa.lock)
+
+# -- batches -----------------------------------------------------------------------------------
+
+cdef class _Burst:
+    """One batch call's descriptors, input buffer views and output objects (owned
+    references, or NULL), released whatever happens."""
+    cdef esp_pkt *pkts
+    cdef Py_buffer *views
+    cdef PyObject **outs
+    cdef Py_ssize_t n
+    cdef Py_ssize_t nviews
+
+    def __cinit__(self, Py_ssize_t n):
+        self.n = n
+        self.nviews = 0
+        self.pkts = <esp_pkt *>calloc(n if n else 1, sizeof(esp_pkt))
+        self.views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
+        self.outs = <PyObject **>calloc(n if n else 1, sizeof(PyObject *))
+        if self.pkts == NULL or self.views == NULL or self.outs == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.views != NULL:
+            for i in range(self.nviews):
+                PyBuffer_Release(&self.views[i])
+        if self.outs != NULL:
+            for i in range(self.n):
+                if self.outs[i] != NULL:
+                    _decref(self.outs[i])
+        free(self.pkts)
+        free(self.views)
+        free(self.outs)
+
+    cdef int take_input(self, Py_ssize_t i, obj) except -1:
+        PyObject_GetBuffer(obj, &self.views[i], PyBUF_SIMPLE)
+        self.nviews = i + 1
+        self.pkts[i].data = <const uint8_t *>self.views[i].buf
+        self.pkts[i].len = <size_t>self.views[i].len
+        return 0
+
+    cdef int make_output(self, Py_ssize_t i, size_t size) except -1:
+        # A new bytes object nobody else sees yet: written in place, then handed out.
+        self.outs[i] = _bytes_new(NULL, <Py_ssize_t>size)
+        if self.outs[i] == NULL:
+            raise MemoryError()
+        self.pkts[i].out = <uint8_t *>_bytes_buf(self.outs[i]) if size else NULL
+        self.pkts[i].cap = size
+        return 0
+
+    cdef object hand_out(self, Py_ssize_t i, size_t size):
+        """The i-th output, shrunk to `size` bytes; the burst no longer owns it."""
+        cdef PyObject *raw = self.outs[i]
+        self.outs[i] = NULL
+        if <Py_ssize_t>size != <Py_ssize_t>(self.pkts[i].cap):
+            if _PyBytes_Resize(&raw, <Py_ssize_t>size) < 0:
+                raise MemoryError()
+        out = <object>raw
+        _decref(raw)
+        return out
+
+
+cdef SaCore _core_of(sa):
+    core = getattr(sa, "_core", sa)
+    if not isinstance(core, SaCore):
+        raise TypeError("needs a compiled SA (espswitch.datapath.fast) or its SaCore")
+    return <SaCore>core
+
+
+def seal_batch(sa, payloads, int next_header) -> list:
+    """Seal every payload with one outbound SA; the GIL is released around the loop.
+
+    Returns one entry per payload: the ESP packet (bytes), or the DropReason when the SA
+    refused it (counted, as `encrypt` raising SaRefused). The output bytes objects are
+    made before the loop and written in place; nothing Python is touched inside it. A
+    packet that crosses a lifetime threshold ends the loop for a moment: the Python
+    accounting runs (with the GIL), then the loop goes on.
+    """
+    cdef SaCore core = _core_of(sa)
+    cdef Py_ssize_t n = len(payloads), i, done
+    cdef _Burst burst
+    cdef list outs, ivs = None
+    cdef esp_sa *s = &core.sa
+    cdef int account = 0, r
+    core._check_ready()
+    if not s.outbound:
+        raise TypeError("seal_batch needs an outbound SA")
+    if not 0 <= next_header <= 255:
+        raise ValueError("next header must be 0 to 255")
+    burst = _Burst(n)
+    if core._iv_source is not None:
+        # Only for tests: the IVs of the sequence numbers this batch would use.
+        ivs = []
+        for i in range(n):
+            if s.seq + <uint64_t>i >= s.seq_limit:
+                break
+            ivb = bytes(core._iv_source(s.seq + 1 + i))
+            if len(ivb) != s.iv_len:
+                raise ValueError("iv_source returned an IV of the wrong length")
+            ivs.append(ivb)
+    for i in range(n):
+        burst.take_input(i, payloads[i])
+        if burst.pkts[i].len > MAX_PACKET:
+            raise ValueError("payload too large")
+        burst.make_output(i, esp_sealed_len(s, burst.pkts[i].len))
+        burst.pkts[i].nh = next_header
+        if ivs is not None and i < len(ivs):
+            burst.pkts[i].iv = <const uint8_t *><const char *>ivs[i]
+    i = 0
+    while i < n:
+        with nogil:
+            done = esp_seal_burst(s, burst.pkts, i, n, &account)
+        if account:
+            core._account(burst.pkts[done - 1].seq)
+        i = done
+    outs = [None] * n
+    for i in range(n):
+        r = burst.pkts[i].result
+        if r == 0:
+            outs[i] = burst.hand_out(i, burst.pkts[i].out_len)
+        elif r <= ERR_CAPACITY:
+            raise RuntimeError("OpenSSL failed to seal a packet")
+        else:
+            outs[i] = _REASONS[-1 - r]
+    return outs
+
+
+def open_batch(sa, packets) -> list:
+    """Open every ESP packet with one inbound SA; the GIL is released around the loop.
+
+    Returns one entry per packet, as `open`: `(next_header, payload)` or the DropReason.
+    """
+    cdef SaCore core = _core_of(sa)
+    cdef Py_ssize_t n = len(packets), i, done
+    cdef _Burst burst
+    cdef list outs
+    cdef esp_sa *s = &core.sa
+    cdef int account = 0, r
+    core._check_ready()
+    if s.outbound:
+        raise TypeError("open_batch needs an inbound SA")
+    burst = _Burst(n)
+    for i in range(n):
+        burst.take_input(i, packets[i])
+        burst.make_output(i, open_capacity(s, burst.pkts[i].len))
+    i = 0
+    while i < n:
+        with nogil:
+            done = esp_open_burst(s, burst.pkts, i, n, &account)
+        if account:
+            core._account(burst.pkts[done - 1].seq)
+        i = done
+    outs = [None] * n
+    for i in range(n):
+        r = burst.pkts[i].result
+        if r >= 0:
+            outs[i] = (r, burst.hand_out(i, burst.pkts[i].out_len))
+        elif r <= ERR_CAPACITY:
+            raise RuntimeError("OpenSSL failed to open a packet")
+        else:
+            outs[i] = _REASONS[-1 - r]
+    return outs
+
+
+# -- the honest floor, for the benchmark -------------------------------------------------------
+
+def bare_evp_round_trip(bytes key, bytes salt, Py_ssize_t size, Py_ssize_t n,
+                        str cipher="aes-gcm") -> None:
+    """Run `n` AEAD encrypt+decrypt round trips of a `size`-byte plaintext with OpenSSL EVP
+    in C, one context per direction made once, no ESP framing: what compiled code costs
+    before ESP does anything. For `espswitch bench esp`; raises on a failure."""
+    cdef EVP_CIPHER_CTX *enc = EVP_CIPHER_CTX_new()
+    cdef EVP_CIPHER_CTX *dec = EVP_CIPHER_CTX_new()
+    cdef const EVP_CIPHER *evp
+    cdef uint8_t *pt
+    cdef uint8_t *ct
+    cdef uint8_t nonce[12]
+    cdef uint8_t aad[8]
+    cdef uint8_t tag[16]
+    cdef int l = 0, ok = 1
+    cdef Py_ssize_t i
+    evp = _evp_cipher(CIPHER_CHACHA if cipher == "chacha20-poly1305" else CIPHER_GCM,
+                      <int>len(key))
+    pt = <uint8_t *>calloc(size + 1, 1)
+    ct = <uint8_t *>calloc(size + 1, 1)
+    try:
+        if enc == NULL or dec == NULL or pt == NULL or ct == NULL or len(salt) != 4:
+            raise MemoryError()
+        memcpy(nonce, <const char *>salt, 4)
+        memset(nonce + 4, 1, 8)
+        memset(aad, 2, 8)
+        if (EVP_CipherInit_ex(enc, evp, NULL, key, NULL, 1) != 1
+                or EVP_CipherInit_ex(dec, evp, NULL, key, NULL, 0) != 1):
+            raise ValueError("bad key")
+        with nogil:
+            for i in range(n):
+                nonce[11] = <uint8_t>i
+                ok &= EVP_CipherInit_ex(enc, NULL, NULL, NULL, nonce, 1)
+                ok &= EVP_CipherUpdate(enc, NULL, &l, aad, 8)
+                ok &= EVP_CipherUpdate(enc, ct, &l, pt, <int>size)
+                ok &= EVP_CipherFinal_ex(enc, ct + size, &l)
+                ok &= EVP_CIPHER_CTX_ctrl(enc, EVP_CTRL_AEAD_GET_TAG, 16, tag)
+                ok &= EVP_CipherInit_ex(dec, NULL, NULL, NULL, nonce, 0)
+                ok &= EVP_CipherUpdate(dec, NULL, &l, aad, 8)
+                ok &= EVP_CipherUpdate(dec, pt, &l, ct, <int>size)
+                ok &= EVP_CIPHER_CTX_ctrl(dec, EVP_CTRL_AEAD_SET_TAG, 16, tag)
+                ok &= EVP_CipherFinal_ex(dec, pt + size, &l)
+        if ok != 1:
+            raise RuntimeError("OpenSSL failed in the bare loop")
+    finally:
+        EVP_CIPHER_CTX_free(enc)
+        EVP_CIPHER_CTX_free(dec)
+        free(pt)
+        free(ct)
