@@ -154,7 +154,9 @@ def test_tshark_cannot_decode_with_a_wrong_encryption_key(tmp_path, name):
     wrong = bytes(b ^ 0x5A for b in sa.enc_key)
     rows = tshark_rows(pcap, uat(sa, "transport", enc_key=wrong))
     for row in rows:
-        assert int(row["esp.spi"], 16) == sa.spi, row
+        # With CBC and random IVs the garbage's "next header" is 50 once in 256 packets:
+        # tshark then dissects the garbage as ESP again, and the last SPI is the garbage's.
+        assert int(row["esp.spi"], 16) == sa.spi or int(row["esp.protocol"], 0) == 50, row
         assert row["vxlan.vni"] == "", row
         assert row["icmp.type"] == "", row
         if sa is GCM:  # GCM's tag depends on the key; CBC's ICV only on the integrity key
