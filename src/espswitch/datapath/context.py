@@ -40,6 +40,11 @@ class PortContext:
         """The datapath's clock (monotonic seconds), as of the current batch."""
         return self._dp.now
 
+    @property
+    def fast_path(self) -> bool:
+        """Whether new SAs go to the compiled fast path (`other_config:fast-path`)."""
+        return self._dp.fast_path
+
     def port(self, name: str) -> Port | None:
         """The port called `name`, if any (a patch port looks for its peer)."""
         return self._dp.ports.get(name)

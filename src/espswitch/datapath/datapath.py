@@ -9,7 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-from espswitch.datapath import tunnel_port  # noqa: F401  (registers the tunnel types)
+from espswitch.datapath import (
+    fast,
+    tunnel_port,  # noqa: F401  (registers the tunnel types)
+)
 from espswitch.datapath.bridge import Bridge
 from espswitch.datapath.context import PortContext
 from espswitch.datapath.devices import LinuxDevices
@@ -47,6 +50,9 @@ class Datapath:
         self.log_rl = log_rl or self._log
         self._drop_log_at = -1.0
         self.ctx = PortContext(self)  # what ports may use of this datapath
+        # SAs installed from now on use the compiled fast path when it is built (and
+        # other_config:fast-path is not false); the Python engine otherwise.
+        self.fast_path = fast.AVAILABLE
 
     def drop_log_due(self) -> bool:
         """Whether a per-packet drop may be logged now: at most one per 0.1 s of `now`, so

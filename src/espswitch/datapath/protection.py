@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from espswitch.datapath.counters import Counters
 from espswitch.datapath.errors import PortError
+from espswitch.datapath.fast import is_compiled, make_inbound_sa, make_outbound_sa
 from espswitch.datapath.tunnel import ip4_str
 from espswitch.ipsec.config import IPSEC_OPTIONS, IkeKeying, ManualKeying, parse_ipsec_options
 from espswitch.ipsec.errors import DropReason, IpsecConfigError, SaRefused
@@ -305,9 +306,11 @@ class EspProtection:
         self._layer = IpsecLayer.of(self.ctx)
         if isinstance(keying, ManualKeying):
             start = self._layer.seq_marks.start_for(ip4_str(remote_ip), keying.outbound)
-            self.sa_out: OutboundSA | None = OutboundSA(keying.outbound, now=self.ctx.now,
-                                                        seq_start=start)
-            self.sa_in: InboundSA | None = InboundSA(keying.inbound, now=self.ctx.now)
+            fast = self.ctx.fast_path
+            self.sa_out: OutboundSA | None = make_outbound_sa(
+                keying.outbound, now=self.ctx.now, seq_start=start, fast=fast)
+            self.sa_in: InboundSA | None = make_inbound_sa(keying.inbound, now=self.ctx.now,
+                                                           fast=fast)
         else:
             self.sa_out = self.sa_in = None
         # UDP destination port of encapsulated ESP: 4500, or the port a NAT in front of the
@@ -388,9 +391,10 @@ class EspProtection:
         if self.ike is None:
             raise PortError(f"interface {self.port.name} is keyed manually")
         now = self.ctx.now
-        sa_in = InboundSA(inbound, now=now)
+        fast = self.ctx.fast_path
+        sa_in = make_inbound_sa(inbound, now=now, fast=fast)
         self._layer.add(self, sa_in)
-        sa_out = OutboundSA(outbound, now=now)
+        sa_out = make_outbound_sa(outbound, now=now, fast=fast)
         self.pairs.append((sa_out, sa_in))
         self._in_by_spi[sa_in.spi] = sa_in
         if rekey and self.sa_out is not None and not self.sa_out.expired:
@@ -624,8 +628,17 @@ class EspProtection:
                 st["ike_error"] = self.ike_error
         return st
 
+    def engine(self) -> str:
+        """Which ESP engine the tunnel's SAs use: "compiled" (the fast path's, OpenSSL EVP)
+        or "python" (cryptography); "none" before IKE installed any."""
+        sa = self.keyer.sa_out
+        if sa is None:
+            return "none"
+        return "compiled" if is_compiled(sa) else "python"
+
     def describe(self) -> list[str]:
-        return [f"esp={self.transform.proposal}", f"mode={self.mode}"]
+        return [f"esp={self.transform.proposal}", f"mode={self.mode}",
+                f"esp_engine={self.engine()}"]
 
     def sa_rows(self) -> list[dict[str, object]]:
         """Every SA of this tunnel for ipsec/show: no key material, ever."""

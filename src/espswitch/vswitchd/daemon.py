@@ -10,7 +10,7 @@ import time
 import ovs.db.idl
 import ovs.vlog
 
-from espswitch.datapath import Datapath, PortError
+from espswitch.datapath import Datapath, PortError, fast
 from espswitch.datapath.loop import EventLoop
 from espswitch.datapath.protection import IpsecLayer
 from espswitch.vswitchd import appctl, dirs, ike
@@ -130,6 +130,8 @@ class Switchd:
         self.next_routes = 0.0
         self._cep = None
         self.bugs = 0
+        self._fast_path_text = "true"
+        self._fast_path_said: tuple[bool, bool] | None = None
         self._bug_rl = RateLimit(vlog.err, interval=60.0, burst=3)
         appctl.register(self)
         self.ike = ike.attach(self)  # IKEv2 for vxlanipsec tunnels keyed with psk/certs
@@ -152,10 +154,44 @@ class Switchd:
         self.applied_cfg = next_cfg
         return desired
 
+    def other_config(self) -> dict[str, str]:
+        """The Open_vSwitch row's other_config (empty before the first snapshot)."""
+        for row in self.idl.tables["Open_vSwitch"].rows.values():
+            with contextlib.suppress(AttributeError):
+                return dict(row.other_config)
+        return {}
+
+    def apply_fast_path(self) -> None:
+        """`other_config:fast-path` (true by default): whether SAs installed from now on use
+        the compiled fast path. Logged once per change; a value that is not true or false
+        is warned about and the default kept."""
+        text = self.other_config().get("fast-path", "true").strip().lower()
+        if text not in ("true", "false"):
+            if text != self._fast_path_text:
+                vlog.warn(f"other_config:fast-path must be true or false, got {text!r}: "
+                          "true is used")
+            want = True
+        else:
+            want = text == "true"
+        self._fast_path_text = text
+        usable = want and fast.AVAILABLE
+        if (want, usable) != self._fast_path_said:
+            self._fast_path_said = (want, usable)
+            if usable:
+                vlog.info("fast path: on (compiled ESP over OpenSSL EVP) for SAs installed "
+                          "from now on")
+            elif want:
+                vlog.warn(f"fast path: off: {fast.REASON}")
+            else:
+                vlog.info("fast path: off (other_config:fast-path=false): the Python ESP "
+                          "engine is used for SAs installed from now on")
+        self.dp.fast_path = usable
+
     def reconcile(self, desired: Desired) -> None:
         dp = self.dp
         t0 = time.monotonic()
         self.applied = desired
+        self.apply_fast_path()
         desired = self.ike.screen(desired)  # unusable certificates: Interface.error
         p = plan(desired, self.current, set(dp.bridges))
         for name in p.del_ports:
