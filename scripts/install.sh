@@ -12,7 +12,8 @@ fi
 apt_pkgs=(tshark tcpdump iproute2 iputils-ping iperf3 procps kmod nftables
           openvswitch-switch openvswitch-common
           strongswan strongswan-swanctl charon-systemd libcharon-extra-plugins
-          libstrongswan-extra-plugins libcharon-extauth-plugins)
+          libstrongswan-extra-plugins libcharon-extauth-plugins libstrongswan-standard-plugins
+          strongswan-pki)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
