@@ -136,6 +136,7 @@ class IkeSaInfo:
     spi_i: bytes
     spi_r: bytes
     children: tuple[ChildInfo, ...]
+    remote_id: str = ""  # the identity the peer authenticated as, shown as text
 
 
 class _Request:
@@ -311,7 +312,7 @@ class IkeCore:
                          for c in sa.children)
             out.append(IkeSaInfo(ike_id=sa.uid, peer=sa.peer.name, state=str(sa.state),
                                  initiator=sa.initiator, spi_i=sa.spi_i, spi_r=sa.spi_r,
-                                 children=kids))
+                                 children=kids, remote_id=str(sa.remote_identity or "")))
         return out
 
     def next_deadline(self) -> float | None:
@@ -764,8 +765,7 @@ class IkeCore:
         octets = signed_octets(message=sa.init_request, peer_nonce=sa.nr, prf_id=sa.chosen.prf,
                                sk_p=sa.keys.sk_pi, id_payload=idi)
         payloads: list[Payload] = [idi]
-        if creds.uses_certs:
-            payloads.append(creds.cert_payload())
+        payloads += creds.cert_payloads()
         if not any(o.uid != sa.uid and o.peer is cfg for o in self._all_sas()):
             # §2.4: our first IKE SA with this peer; whatever it still holds of ours is stale.
             payloads.append(NotifyPayload(notify=Notify.INITIAL_CONTACT))
@@ -851,9 +851,10 @@ class IkeCore:
                            their_init: bytes, our_nonce: bytes, sk_p: bytes) -> None:
         cfg = sa.peer
         ident = Identity.from_payload(idp)
-        if cfg.remote_id is not None and ident != cfg.remote_id:
-            raise ProtocolError(f"peer identity {ident} is not the configured one",
-                                notify=Notify.AUTHENTICATION_FAILED)
+        # Names compared as RFC 5280 §7.1 and RFC 4518 say, not as bytes (identity.py).
+        if cfg.remote_id is not None and not cfg.remote_id.matches(ident):
+            raise ProtocolError(f"peer identity {ident} is not the configured "
+                                f"{cfg.remote_id}", notify=Notify.AUTHENTICATION_FAILED)
         cert = None
         if cfg.credentials.uses_certs:
             certs = [c.data for c in msg.all(CertPayload)
@@ -878,9 +879,7 @@ class IkeCore:
         idr = cfg.local_id.payload(initiator=False)
         octets = signed_octets(message=sa.init_response, peer_nonce=sa.ni,
                                prf_id=sa.chosen.prf, sk_p=sa.keys.sk_pr, id_payload=idr)
-        out: list[Payload] = [idr]
-        if creds.uses_certs:
-            out.append(creds.cert_payload())
+        out: list[Payload] = [idr, *creds.cert_payloads()]
         out.append(make_auth(creds, octets, sa.chosen.prf, sa.peer_hashes))
         sa.state = transition(sa.state, Trigger.AUTH_REQUEST)
         self._drop_half_open(sa)
@@ -906,7 +905,8 @@ class IkeCore:
         if msg.notify(Notify.INITIAL_CONTACT) is None:
             return
         for other in self._all_sas():
-            if other is not sa and other.remote_identity == sa.remote_identity and \
+            if other is not sa and other.remote_identity is not None and \
+                    other.remote_identity.equivalent(sa.remote_identity) and \
                     other.state in (IkeState.ESTABLISHED, IkeState.REKEYED, IkeState.DELETING):
                 # Tell it too, once: should the peer still hold this SA after all, it goes.
                 self._send_delete_once(other, now)
