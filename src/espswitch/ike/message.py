@@ -588,8 +588,15 @@ def parse_message(data: bytes, sk: SkCodec | None = None,
     """
     try:
         h = header or parse_header(data)
-        payloads, sk_first, sk_off = _decode_chain(data, h.next_payload, HEADER_LEN, h.length,
-                                                   True)
+        try:
+            payloads, sk_first, sk_off = _decode_chain(data, h.next_payload, HEADER_LEN,
+                                                       h.length, True)
+        except ProtocolError as e:
+            if sk is None:
+                raise
+            # Outside the SK payload nothing is authenticated: such a message is dropped,
+            # never answered (RFC 7296 §2.21.2), or anyone could end an exchange.
+            raise ProtocolError(str(e)) from None
         encrypted = sk_first is not None
         if encrypted:
             if sk is None:
