@@ -415,3 +415,29 @@ def test_corrupted_copies_of_fragments_never_raise_nor_hold_state():
         assert len(link.installed(a)) >= 1, (a.errors, b.errors)
         link.advance(40.0, step=5.0)
         assert a._frags.held == b._frags.held == 0
+
+
+def test_fragmented_ike_auth_response_with_a_spoofed_init_response_first():
+    """A corrupted copy of the IKE_SA_INIT response arrives first and is taken; the real one
+    then gets its own IKE_AUTH (§2.4). The responder's fragmented IKE_AUTH response goes to
+    the candidate whose keys open its fragments, and that one comes up."""
+    for pos in range(40, 300, 13):
+        a, b = cores()
+        link = Link(a, b)
+        state = {"done": False}
+
+        def drop(data, sender, a=a, link=link, state=state, pos=pos):
+            if sender is not a and data[18] == 34 and not state["done"]:
+                state["done"] = True
+                bad = bytearray(data)
+                bad[pos % len(bad)] ^= 0x5A
+                a.receive_datagram(bytes(bad), src=(B_ADDR, 500), dst=(A_ADDR, 500),
+                                   now=link.now)
+            return False
+
+        link.drop = drop
+        a.initiate("b", 0.0)
+        link.run()
+        assert [s.state for s in a.ike_sas()] == ["established"], (pos, list(a.errors))
+        assert len(link.installed(a)) == len(link.installed(b)) == 1, pos
+        assert a.counters["fragments_reassembled"] >= 1 and a._frags.held == 0, pos

@@ -801,8 +801,10 @@ class IkeCore:
                         now: float) -> tuple[_IkeSa, Message | None]:
         """The IKE SA (of `sa` and its candidates) whose keys open this IKE_AUTH response
         and whose IKE_SA_INIT response the peer's AUTH signs, with the message; the others
-        are dropped. A fragment is kept with the candidate whose keys open it, and (cand,
+        are dropped. A fragment is kept with every candidate whose keys open it (copies
+        that differ outside the key exchange give several the same keys), and (candidate,
         None) returned until its message is complete."""
+        pending = None
         for cand in (sa, *sa.candidates):
             req = cand.outstanding
             if cand.spi_r != h.spi_r or req is None or req.mid != h.mid:
@@ -812,7 +814,8 @@ class IkeCore:
                     open_fragment(h, data, cand.sk_in)  # not this one's fragment: raises
                 msg = self._open(cand, h, data, now)
                 if msg is None:
-                    return cand, None
+                    pending = cand
+                    continue
                 idr, auth = msg.get(IdPayload, initiator=False), msg.get(AuthPayload)
                 if idr is not None and auth is not None:
                     self._authenticate_peer(cand, msg, idr, auth, cand.init_response,
@@ -825,6 +828,8 @@ class IkeCore:
             sa.candidates = []
             self._sas[cand.spi_i] = cand
             return cand, msg
+        if pending is not None:
+            return pending, None
         raise ProtocolError("IKE_AUTH response that no IKE_SA_INIT response taken opens")
 
     # == IKE_AUTH ============================================================================
