@@ -417,3 +417,29 @@ def test_without_ike_fragmentation_the_underlay_drops_ike_auth(topo):
     assert status(a).get("ipsec_state") == "connecting"
     assert ike_counters(a)["fragments_sent"] == 0
     print(f"\nIP fragments dropped by the router: {fragments_dropped(r)}")
+
+
+def test_wrong_remote_name_is_reported_as_text(topo):
+    """charon initiates as its subject; espswitch expects another name: the refusal names
+    both, as text, in status:ike_error and in espswitchd's log (never DER in hex)."""
+    p = Pki(topo["dir"] / "pki", "ecdsa")
+    charon, a = topo["charon"], topo["a"]
+    charon.start(p, swanctl_conf(p))
+    wanted = f"C=CH, O={O}, CN=someone else"
+    configure_espswitch(a, p, wanted)
+    charon.swanctl("--initiate", "--child", "vxlan", "--timeout", "30", check=False)
+    expected = f"peer identity {subject(p.sw)} is not the configured {wanted}"
+
+    seen: list[str] = []
+
+    def reported() -> bool:
+        seen.append(status(a).get("ike_error", ""))
+        return expected in seen[-1]
+
+    assert wait_until(reported, 30, 0.25) is not None, diagnostics(topo)
+    err = seen[-1]
+    log = (Path(a.dir) / "espswitchd.log").read_text(errors="replace")
+    assert expected in log, log[-3000:]
+    for text in (err, log, a.appctl("ike/show").stdout):
+        assert "DER_ASN1_DN" not in text and not re.search(r"3[01]0?[0-9a-f]{40}", text)
+    assert f"ids {subject(p.es)} <-> {wanted}" in a.appctl("ike/show").stdout
