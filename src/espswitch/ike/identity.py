@@ -316,7 +316,9 @@ def parse_dn_text(text: str) -> list[list[tuple[str, str]]]:
     of (dotted OID, value). RFC 4514 escapes (`\\,`, `\\2C`) and `"quoted"` values are
     understood; `+` joins the attributes of a multi-valued RDN when an attribute name
     follows it. Raises IkeConfigError naming what is wrong."""
-    s = text.strip()
+    s = text.lstrip()
+    while s[-1:].isspace() and not s.endswith("\\" + s[-1:]):  # "\ " is a value's space
+        s = s[:-1]
     sep = ","
     if s.startswith("/"):
         sep, s = "/", s[1:]
@@ -435,7 +437,8 @@ class Identity:
             except ValueError:
                 pass
         if "=" in s:
-            return cls(id_type=IdType.DER_ASN1_DN, data=encode_dn(parse_dn_text(s)))
+            # The text as given: an escaped space at its end belongs to the last value.
+            return cls(id_type=IdType.DER_ASN1_DN, data=encode_dn(parse_dn_text(text)))
         if s.startswith("@"):
             if len(s) == 1:
                 raise IkeConfigError("empty identity")
