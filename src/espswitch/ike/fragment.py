@@ -10,7 +10,9 @@ so that no IP fragmentation is needed on the way (`fragment_message`).
 - each fragment is authenticated (its ICV checked with the IKE SA's keys, RFC 7383 §2.6)
   before it changes any state, so forged fragments are counted and dropped, never kept;
 - a message has at most `max_fragments` fragments and `max_message` bytes, and every
-  message being reassembled together holds at most `max_held` bytes;
+  message being reassembled together holds at most `max_held` bytes (what a fragment and a
+  message cost in memory beside their content counted too, so that tiny fragments are no
+  way around the bound);
 - a message not complete within `timeout` seconds is dropped (its sender retransmits all
   its fragments, which fills the gaps of a message still held);
 - one message per IKE SA and direction: a fragment of a newer message (or of the same one
@@ -55,6 +57,10 @@ _IPV4_UDP = 20 + 8
 _NON_ESP_MARKER = 4
 _SKF = struct.Struct("!BBHHH")  # next payload, flags, length, fragment number, total
 _SKF_LEN = _SKF.size
+# What Python spends on a held fragment and a held message beside the content (roughly: a
+# bytes object and its dict entry; the message object and its dict).
+_FRAGMENT_COST = 96
+_MESSAGE_COST = 256
 
 COUNTERS = ("fragments_sent", "fragments_received", "fragments_reassembled",
             "fragments_forged", "fragments_invalid", "fragments_duplicate", "fragments_stale",
@@ -143,13 +149,14 @@ class FragmentLimits:
 class _Message:
     """One message being reassembled."""
 
-    __slots__ = ("first", "held", "mid", "parts", "started", "total")
+    __slots__ = ("cost", "first", "mid", "parts", "size", "started", "total")
 
     def __init__(self, mid: int, total: int, started: float) -> None:
         self.mid, self.total, self.started = mid, total, started
         self.parts: dict[int, bytes] = {}
         self.first = PayloadType.NONE
-        self.held = 0
+        self.size = 0  # bytes of content
+        self.cost = _MESSAGE_COST  # memory counted against max_held
 
 
 class Reassembler:
@@ -162,7 +169,7 @@ class Reassembler:
         for name in COUNTERS:
             counters.setdefault(name, 0)
         self._msgs: dict[Hashable, _Message] = {}
-        self.held = 0  # bytes of decrypted content held, over every message
+        self.held = 0  # bytes held (content and overhead), over every message
 
     def add(self, key: Hashable, h: Header, data: bytes, sk: SkCodec,
             now: float) -> tuple[int, bytes] | None:
@@ -199,28 +206,30 @@ class Reassembler:
         # This fragment starts a message (a newer one, or the same in more fragments,
         # which supersedes what is held) or adds to the one held.
         fresh = not same or fh.total > cur.total
-        if (0 if fresh else cur.held) + len(content) > self.limits.max_message:
+        if (0 if fresh else cur.size) + len(content) > self.limits.max_message:
             if not fresh:
                 self._drop(key, "fragments_over_limit")
             c["fragments_over_limit"] += 1
             raise ProtocolError(f"fragmented IKE message longer than "
                                 f"{self.limits.max_message} bytes")
-        freed = cur.held if fresh and cur is not None else 0
-        if self.held - freed + len(content) > self.limits.max_held:
+        freed = cur.cost if fresh and cur is not None else 0
+        cost = len(content) + _FRAGMENT_COST + (_MESSAGE_COST if fresh else 0)
+        if self.held - freed + cost > self.limits.max_held:
             c["fragments_over_limit"] += 1
             raise ProtocolError("too many bytes of IKE fragments held")
         if fresh:
             self._drop(key, "fragments_stale")
             cur = self._msgs[key] = _Message(h.mid, fh.total, now)
         cur.parts[fh.number] = content
-        cur.held += len(content)
-        self.held += len(content)
+        cur.size += len(content)
+        cur.cost += len(content) + _FRAGMENT_COST
+        self.held += cost
         if fh.number == 1:
             cur.first = fh.first_payload
         if len(cur.parts) < cur.total:
             return None
         del self._msgs[key]
-        self.held -= cur.held
+        self.held -= cur.cost
         c["fragments_reassembled"] += 1
         return cur.first, b"".join(cur.parts[n] for n in range(1, cur.total + 1))
 
@@ -249,7 +258,7 @@ class Reassembler:
         """Forget the message held under `key`, counting its fragments under `why`."""
         old = self._msgs.pop(key, None)
         if old is not None:
-            self.held -= old.held
+            self.held -= old.cost
             self.counters[why] += len(old.parts)
 
     def discard(self, *keys: Hashable) -> None:
