@@ -210,6 +210,7 @@ def test_ike_auth_with_a_certificate_chain_goes_in_fragments_that_fit():
         init = parse_message(link.wire[0])
         assert init.notify(Notify.IKEV2_FRAGMENTATION_SUPPORTED) is not None
         assert parse_message(link.wire[1]).notify(Notify.IKEV2_FRAGMENTATION_SUPPORTED)
+        assert [s.fragmentation for s in a.ike_sas() + b.ike_sas()] == [True, True]
         # Every datagram fits `size` bytes of IPv4 (20) and UDP (8).
         assert max(len(d) for d in link.wire) <= size - 28
         frags = [d for d in link.wire if parse_header(d).next_payload == PayloadType.SKF]
@@ -231,6 +232,7 @@ def test_without_the_peers_support_nothing_is_fragmented():
         link.run()
         assert len(link.installed(a)) == 1
         assert a.counters["fragments_sent"] == b.counters["fragments_sent"] == 0
+        assert [s.fragmentation for s in a.ike_sas() + b.ike_sas()] == [False, False]
         assert max(len(d) for d in link.wire) > 1252  # left to IP fragmentation
         if not fb:
             assert parse_message(link.wire[1]).notify(

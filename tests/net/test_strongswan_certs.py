@@ -330,7 +330,7 @@ def check_tunnel(t, sas: str, p: Pki, peer_id: str | None = None) -> None:
     assert received(back) == N_PINGS, back.stdout + diagnostics(t)
     # Identities as strongSwan and pki write them, never DER in hex.
     show = a.appctl("ike/show").stdout
-    assert f"peer id {peer_id or subject(p.sw)}" in show, show
+    assert f"peer id {peer_id or subject(p.sw)}, IKE fragmentation" in show, show
     assert f"ids {subject(p.es)} <-> " in show, show
     # charon split its IKE_AUTH and reassembled ours; so did espswitch, the other way.
     log = charon.log()

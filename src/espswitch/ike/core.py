@@ -151,6 +151,7 @@ class IkeSaInfo:
     spi_r: bytes
     children: tuple[ChildInfo, ...]
     remote_id: str = ""  # the identity the peer authenticated as, shown as text
+    fragmentation: bool = False  # both ends announced IKE fragmentation (RFC 7383)
 
 
 class _Request:
@@ -329,7 +330,8 @@ class IkeCore:
                          for c in sa.children)
             out.append(IkeSaInfo(ike_id=sa.uid, peer=sa.peer.name, state=str(sa.state),
                                  initiator=sa.initiator, spi_i=sa.spi_i, spi_r=sa.spi_r,
-                                 children=kids, remote_id=str(sa.remote_identity or "")))
+                                 children=kids, remote_id=str(sa.remote_identity or ""),
+                                 fragmentation=sa.frag_ok))
         return out
 
     def next_deadline(self) -> float | None:

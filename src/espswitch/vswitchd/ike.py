@@ -565,7 +565,7 @@ class IkeManager:
                     "ike_id": s.ike_id, "state": s.state,
                     "role": "initiator" if s.initiator else "responder",
                     "spi_i": s.spi_i.hex(), "spi_r": s.spi_r.hex(),
-                    "peer_id": s.remote_id,
+                    "peer_id": s.remote_id, "fragmentation": s.fragmentation,
                     "children": [{"name": c.name, "state": c.state,
                                   "spi_in": f"0x{c.spi_in:08x}", "spi_out": f"0x{c.spi_out:08x}",
                                   "esp": c.transform, "mode": c.mode} for c in s.children],
@@ -755,7 +755,8 @@ def _format(rows: list[dict[str, object]]) -> str:
         for s in r["ike_sas"]:
             lines.append(f"  IKE SA #{s['ike_id']} {s['state']} ({s['role']}), "
                          f"spi_i {s['spi_i']} spi_r {s['spi_r']}"
-                         + (f", peer id {s['peer_id']}" if s["peer_id"] else ""))
+                         + (f", peer id {s['peer_id']}" if s["peer_id"] else "")
+                         + (", IKE fragmentation" if s["fragmentation"] else ""))
             for c in s["children"]:
                 lines.append(f"    CHILD_SA {c['name']} {c['state']}: spi_in {c['spi_in']} "
                              f"spi_out {c['spi_out']}, {c['esp']} {c['mode']}")
