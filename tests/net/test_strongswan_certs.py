@@ -443,3 +443,59 @@ def test_wrong_remote_name_is_reported_as_text(topo):
     for text in (err, log, a.appctl("ike/show").stdout):
         assert "DER_ASN1_DN" not in text and not re.search(r"3[01]0?[0-9a-f]{40}", text)
     assert f"ids {subject(p.es)} <-> {wanted}" in a.appctl("ike/show").stdout
+
+
+FRAGMENT_FLOOD = r"""
+import os, socket, struct, sys, time
+dst, spi_i, spi_r = sys.argv[1], bytes.fromhex(sys.argv[2]), bytes.fromhex(sys.argv[3])
+def frag(mid, num, total, body=200, np=0, length=None, flags=0x00):
+    n = 28 + 8 + body
+    hdr = spi_i + spi_r + bytes([53, 0x20, 37, flags]) + struct.pack("!II", mid, length or n)
+    return hdr + struct.pack("!BBHHH", np, 0, 8 + body, num, total) + os.urandom(body)
+msgs = []
+for mid in range(4):
+    for flags in (0x00, 0x20):
+        msgs += [frag(mid, n % 3 + 1, 3, flags=flags) for n in range(150)]  # forged
+        msgs += [frag(mid, 1, 65535, flags=flags), frag(mid, 0, 2, flags=flags),
+                 frag(mid, 3, 2, flags=flags), frag(mid, 1, 0, flags=flags)]  # misnumbered
+        msgs.append(frag(mid, 1, 2, flags=flags, length=5000))  # lying length
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for m in msgs:
+    s.sendto(b"\0\0\0\0" + m, (dst, 4500))
+    s.sendto(m, (dst, 500))
+    time.sleep(0.0003)  # a flood, but not one that overruns the daemon's socket buffer
+print(2 * len(msgs))
+"""
+
+
+def rss_kb(hv) -> int:
+    with open(f"/proc/{hv.pid()}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def test_hostile_fragments_at_the_daemon(topo):
+    """Forged, misnumbered and lying fragments with the live IKE SA's SPIs, to both IKE
+    ports: counted in ike/show, nothing kept, the SA and the traffic untouched."""
+    p = Pki(topo["dir"] / "pki", "ecdsa")
+    a, charon = topo["a"], topo["charon"]
+    charon.start(p, swanctl_conf(p))
+    configure_espswitch(a, p, subject(p.sw))
+    wait_established(topo)
+    before, spi_before, rss_before = ike_counters(a), status(a)["spi_out"], rss_kb(a)
+    m = re.search(r"spi_i ([0-9a-f]{16}) spi_r ([0-9a-f]{16})", a.appctl("ike/show").stdout)
+    assert m
+    out = run(["python3", "-c", FRAGMENT_FLOOD, A_IP, *m.groups()], topo["b"])
+    sent = int(out.stdout)
+    assert wait_until(lambda: ike_counters(a)["received"] - before["received"] >= sent * 0.9,
+                      20, 0.25) is not None, (sent, ike_counters(a))
+    c = ike_counters(a)
+    delta = {k: c[k] - before.get(k, 0) for k in c}
+    # The SA expects a request with ID 0 from charon: those fragments were opened and are
+    # forged; the rest were refused before that (unexpected ID, numbering, length).
+    assert delta["fragments_forged"] >= 150 and delta["fragments_invalid"] >= 4, delta
+    assert delta["fragments_reassembled"] == 0 and delta["dropped"] >= sent * 0.9, delta
+    assert status(a)["spi_out"] == spi_before and status(a)["ipsec_state"] == "established"
+    assert "ESTABLISHED" in charon.list_sas()
+    assert received(topo["vm"].ping(B_VX, count=N_PINGS, interval=0.05, wait=2)) == N_PINGS
+    assert rss_kb(a) - rss_before < 8 * 1024, (rss_before, rss_kb(a))
+    print(f"\n{sent} hostile fragments: {delta}")
