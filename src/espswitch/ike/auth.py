@@ -36,6 +36,7 @@ MAX_PEER_CERTS = 8
 
 _KEY_PAD = b"Key Pad for IKEv2"
 
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Credentials:
     """How we authenticate and how we check the peer: a PSK, or certificates.

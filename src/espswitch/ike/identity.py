@@ -40,6 +40,7 @@ __all__ = [
     "Dn",
     "Identity",
     "dn_equal",
+    "encode_dn",
     "format_dn",
     "parse_dn_der",
     "parse_dn_text",
