@@ -12,7 +12,8 @@ fi
 apt_pkgs=(tshark tcpdump iproute2 iputils-ping iperf3 procps kmod nftables
           openvswitch-switch openvswitch-common
           strongswan strongswan-swanctl charon-systemd libcharon-extra-plugins
-          libstrongswan-extra-plugins libcharon-extauth-plugins
+          libstrongswan-extra-plugins libcharon-extauth-plugins libstrongswan-standard-plugins
+          strongswan-pki
           # the compiled fast path: C compiler (and libasan/libubsan for
           # scripts/asan-fuzz.sh), Python and OpenSSL headers
           build-essential python3-dev libssl-dev)

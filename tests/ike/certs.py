@@ -21,26 +21,31 @@ def _name(cn: str) -> x509.Name:
 
 
 class Ca:
-    """A self-signed CA (ECDSA P-256) that issues certificates."""
+    """A CA (ECDSA P-256 unless `rsa_bits`) that issues certificates: self-signed, or an
+    intermediate issued by `parent`."""
 
-    def __init__(self, cn: str = "espswitch test CA") -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
+    def __init__(self, cn: str = "espswitch test CA", *, parent: Ca | None = None,
+                 rsa_bits: int | None = None, path_length: int | None = None,
+                 ca: bool = True, days: int = 30) -> None:
+        self.key = (rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
+                    if rsa_bits else ec.generate_private_key(ec.SECP256R1()))
         self.name = _name(cn)
-        self.cert = (x509.CertificateBuilder().subject_name(self.name).issuer_name(self.name)
+        issuer_name, issuer_key = (parent.name, parent.key) if parent else (self.name, self.key)
+        self.cert = (x509.CertificateBuilder().subject_name(self.name).issuer_name(issuer_name)
                      .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
                      .not_valid_before(_NOW - datetime.timedelta(days=1))
-                     .not_valid_after(_NOW + datetime.timedelta(days=30))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-                     .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                                  crl_sign=True, content_commitment=False,
+                     .not_valid_after(_NOW + datetime.timedelta(days=days))
+                     .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), True)
+                     .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=ca,
+                                                  crl_sign=ca, content_commitment=False,
                                                   key_encipherment=False,
                                                   data_encipherment=False, key_agreement=False,
                                                   encipher_only=False, decipher_only=False),
                                     True)
-                     .sign(self.key, hashes.SHA256()))
+                     .sign(issuer_key, hashes.SHA256()))
 
     def issue(self, cn: str, *, kind: str = "ecdsa", dns: str | None = None,
-              email: str | None = None, ip: str | None = None):
+              email: str | None = None, ip: str | None = None, days: int = 10):
         """(certificate, private key) for `cn`, with the subjectAltNames given."""
         key = (rsa.generate_private_key(public_exponent=65537, key_size=2048)
                if kind == "rsa" else ec.generate_private_key(
@@ -55,7 +60,7 @@ class Ca:
         b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(self.name)
              .public_key(key.public_key()).serial_number(x509.random_serial_number())
              .not_valid_before(_NOW - datetime.timedelta(days=1))
-             .not_valid_after(_NOW + datetime.timedelta(days=10)))
+             .not_valid_after(_NOW + datetime.timedelta(days=days)))
         if sans:
             b = b.add_extension(x509.SubjectAlternativeName(sans), False)
         return b.sign(self.key, hashes.SHA256()), key

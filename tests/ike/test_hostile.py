@@ -198,3 +198,25 @@ def test_mutated_messages_into_a_live_sa_never_raise():
         assert len(b.ike_sas()) <= 2
         ok += bool(link.installed(a))
     assert ok > 100  # most runs still come up despite the corrupted copies
+
+
+def test_unauthenticated_malformed_message_gets_no_answer():
+    """A message with the IKE SA's SPIs and the next message ID, malformed outside its SK
+    payload (nothing authenticated), is dropped unanswered: answering it (INVALID_SYNTAX)
+    would use up the message ID and the real IKE_AUTH would then fail."""
+    a, b, link = pair()
+    a.initiate("b", 0.0)
+    init = a.datagrams_to_send()
+    for d in init:
+        b.receive_datagram(d.data, src=d.src, dst=d.dst, now=0.0)
+    for d in b.datagrams_to_send():
+        a.receive_datagram(d.data, src=d.src, dst=d.dst, now=0.0)
+    auth = a.datagrams_to_send()
+    real = auth[0].data
+    forged = real[:16] + bytes([200]) + real[17:]  # first payload: unknown, then garbage
+    b.receive_datagram(forged, src=auth[0].src, dst=auth[0].dst, now=0.1)
+    assert b.datagrams_to_send() == [] and b.counters["dropped"] == 1
+    for d in auth:
+        b.receive_datagram(d.data, src=d.src, dst=d.dst, now=0.2)
+    link.run()
+    assert link.installed(b) and link.installed(a)

@@ -1,14 +1,15 @@
-"""Identities, credentials and the AUTH payload (RFC 7296 §2.15, RFC 7427).
+"""Credentials and the AUTH payload (RFC 7296 §2.15, RFC 7427).
 
-`Identity` parses strongSwan-style identities (`moon.example`, `@moon`, `user@example`,
-`192.0.2.1`, `C=CH, O=Example, CN=moon`). `Credentials` holds a PSK or a certificate,
-private key and trusted CAs; `make_auth`/`check_auth` build and verify AUTH payloads.
+`Credentials` holds a PSK or a certificate (with the intermediate CA certificates sent
+after it), private key and trusted CAs; `make_auth`/`check_auth` build and verify AUTH
+payloads, and `verify_peer_cert` checks the peer's certificates (`espswitch.ike.chain`).
+Identities and their matching live in `espswitch.ike.identity` (`Identity` is re-exported
+here).
 """
 
 from __future__ import annotations
 
 import datetime
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,101 +19,31 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.constant_time import bytes_eq
-from cryptography.x509.oid import NameOID
 
-from espswitch.ike.consts import AuthMethod, CertEncoding, HashAlg, IdType, Notify
+from espswitch.ike.chain import PathError, verify_path
+from espswitch.ike.consts import AuthMethod, CertEncoding, HashAlg, Notify
 from espswitch.ike.crypto import prf
 from espswitch.ike.errors import IkeConfigError, ProtocolError
+from espswitch.ike.identity import Identity
 from espswitch.ike.message import AuthPayload, CertPayload, CertReqPayload, IdPayload
 
-__all__ = ["Credentials", "Identity", "check_auth", "make_auth", "signed_octets"]
+__all__ = ["Credentials", "Identity", "check_auth", "make_auth", "signed_octets",
+           "verify_peer_cert"]
+
+# CERT payloads of the peer looked at: its certificate and this many minus one
+# intermediates (strongSwan accepts 8 too).
+MAX_PEER_CERTS = 8
 
 _KEY_PAD = b"Key Pad for IKEv2"
-
-_ATTR = {
-    "C": NameOID.COUNTRY_NAME, "ST": NameOID.STATE_OR_PROVINCE_NAME, "L": NameOID.LOCALITY_NAME,
-    "O": NameOID.ORGANIZATION_NAME, "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
-    "CN": NameOID.COMMON_NAME, "E": NameOID.EMAIL_ADDRESS,
-    "EMAIL": NameOID.EMAIL_ADDRESS, "SN": NameOID.SERIAL_NUMBER,
-}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Identity:
-    """An IKE identity: ID type and its wire data."""
-
-    id_type: int
-    data: bytes
-
-    @classmethod
-    def parse(cls, text: str) -> Identity:
-        """Parse strongSwan's identity syntax; IkeConfigError when it cannot."""
-        s = text.strip()
-        if not s:
-            raise IkeConfigError("empty identity")
-        try:
-            return cls(id_type=IdType.IPV4_ADDR, data=ipaddress.IPv4Address(s).packed)
-        except ValueError:
-            pass
-        if "=" in s:
-            rdns = []
-            for part in s.split(","):
-                k, _, v = part.strip().partition("=")
-                oid = _ATTR.get(k.strip().upper())
-                if oid is None or not v.strip():
-                    raise IkeConfigError(f"bad distinguished name {text!r}")
-                rdns.append(x509.RelativeDistinguishedName([x509.NameAttribute(oid, v.strip())]))
-            return cls(id_type=IdType.DER_ASN1_DN, data=x509.Name(rdns).public_bytes())
-        if s.startswith("@"):
-            return cls(id_type=IdType.FQDN, data=s[1:].encode())
-        if "@" in s:
-            return cls(id_type=IdType.RFC822_ADDR, data=s.encode())
-        return cls(id_type=IdType.FQDN, data=s.encode())
-
-    @classmethod
-    def from_payload(cls, p: IdPayload) -> Identity:
-        """The identity an ID payload carries."""
-        return cls(id_type=p.id_type, data=p.data)
-
-    def payload(self, initiator: bool) -> IdPayload:
-        """As an IDi (`initiator`) or IDr payload."""
-        return IdPayload(id_type=self.id_type, data=self.data, initiator=initiator)
-
-    def __str__(self) -> str:
-        if self.id_type == IdType.IPV4_ADDR and len(self.data) == 4:
-            return str(ipaddress.IPv4Address(self.data))
-        if self.id_type in (IdType.FQDN, IdType.RFC822_ADDR):
-            return self.data.decode("utf-8", "replace")
-        return f"{IdType(self.id_type).name if self.id_type in IdType._value2member_map_ else self.id_type}:{self.data.hex()}"  # noqa: E501
-
-    def matched_by_cert(self, cert: x509.Certificate) -> bool:
-        """True when the certificate vouches for this identity (subject or subjectAltName)."""
-        if self.id_type == IdType.DER_ASN1_DN:
-            return bytes_eq(cert.subject.public_bytes(), self.data)
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            san = None
-        if self.id_type == IdType.FQDN:
-            name = self.data.decode("ascii", "replace").lower()
-            return san is not None and name in [
-                n.lower() for n in san.get_values_for_type(x509.DNSName)]
-        if self.id_type == IdType.RFC822_ADDR:
-            name = self.data.decode("ascii", "replace").lower()
-            return san is not None and name in [
-                n.lower() for n in san.get_values_for_type(x509.RFC822Name)]
-        if self.id_type == IdType.IPV4_ADDR and len(self.data) == 4:
-            return san is not None and ipaddress.IPv4Address(self.data) in \
-                san.get_values_for_type(x509.IPAddress)
-        return False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Credentials:
     """How we authenticate and how we check the peer: a PSK, or certificates.
 
-    With certificates, `cert`/`key` are ours and `cas` are the trust anchors for the peer's
-    certificate; `rsa_pss` makes RSA keys sign with PSS instead of PKCS#1 v1.5.
+    With certificates, `cert`/`key` are ours, `chain` the intermediate CA certificates sent
+    after ours (so the peer can reach its trust anchor), and `cas` the trust anchors for
+    the peer's certificate; `rsa_pss` makes RSA keys sign with PSS instead of PKCS#1 v1.5.
     """
 
     psk: bytes | None = field(default=None, repr=False)
@@ -120,6 +51,7 @@ class Credentials:
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
     cas: tuple[x509.Certificate, ...] = ()
     rsa_pss: bool = False
+    chain: tuple[x509.Certificate, ...] = ()
 
     def __post_init__(self) -> None:
         if self.psk is None and (self.cert is None or self.key is None):
@@ -147,12 +79,13 @@ class Credentials:
             data += h.finalize()
         return CertReqPayload(encoding=CertEncoding.X509_SIGNATURE, data=data)
 
-    def cert_payload(self) -> CertPayload | None:
-        """Our certificate as a CERT payload, or None with a PSK."""
+    def cert_payloads(self) -> list[CertPayload]:
+        """Our certificate, then the intermediates, as CERT payloads (none with a PSK)."""
         if self.cert is None or not self.uses_certs:
-            return None
-        return CertPayload(encoding=CertEncoding.X509_SIGNATURE,
-                           data=self.cert.public_bytes(serialization.Encoding.DER))
+            return []
+        return [CertPayload(encoding=CertEncoding.X509_SIGNATURE,
+                            data=c.public_bytes(serialization.Encoding.DER))
+                for c in (self.cert, *self.chain)]
 
 
 def signed_octets(*, message: bytes, peer_nonce: bytes, prf_id: int, sk_p: bytes,
@@ -259,26 +192,26 @@ def _auth_failed(why: str) -> ProtocolError:
 
 def verify_peer_cert(creds: Credentials, certs: list[bytes],
                      wallclock: Callable[[], datetime.datetime] | None) -> x509.Certificate:
-    """The peer's end-entity certificate, checked against our CAs (one level)."""
+    """The peer's end-entity certificate (the first CERT payload), with a certification
+    path through the intermediates it sent to one of our CAs (`espswitch.ike.chain`)."""
     if not certs:
         raise _auth_failed("peer sent no certificate")
     try:
         cert = x509.load_der_x509_certificate(certs[0])
     except ValueError:
         raise _auth_failed("peer certificate does not parse") from None
-    for ca in creds.cas:
-        if cert.issuer != ca.subject:
-            continue
+    intermediates = []
+    for der in certs[1:MAX_PEER_CERTS]:
         try:
-            cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-            continue
-        if wallclock is not None:
-            now = wallclock()
-            if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-                raise _auth_failed("peer certificate is not valid now")
-        return cert
-    raise _auth_failed("peer certificate is not issued by a trusted CA")
+            intermediates.append(x509.load_der_x509_certificate(der))
+        except ValueError:
+            continue  # an unusable extra certificate is simply not used
+    try:
+        verify_path(cert, intermediates, creds.cas,
+                    wallclock() if wallclock is not None else None)
+    except PathError as e:
+        raise _auth_failed(str(e)) from None
+    return cert
 
 
 def check_auth(creds: Credentials, auth: AuthPayload, octets: bytes, prf_id: int,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from espswitch.ike.auth import Credentials, Identity
 from espswitch.ike.consts import Protocol
 from espswitch.ike.errors import IkeConfigError
+from espswitch.ike.fragment import DEFAULT_FRAGMENT_SIZE, MIN_FRAGMENT_SIZE, FragmentLimits
 from espswitch.ike.message import TrafficSelector
 from espswitch.ike.proposals import ProposalSpec, parse_proposals
 from espswitch.ike.ts import parse_ts
@@ -69,6 +70,10 @@ class PeerConfig:
     A liveness check (DPD) goes out after `dpd_delay` seconds without a message from the
     peer. It is retransmitted like any request; the peer is declared dead (its SAs closed)
     when the retransmissions give up, or after `dpd_timeout` seconds when that is set.
+
+    `fragmentation` announces IKE fragmentation (RFC 7383); when the peer does too,
+    messages after IKE_SA_INIT that would make an IP datagram longer than `fragment_size`
+    bytes go as fragments of at most that size.
     """
 
     name: str
@@ -88,6 +93,8 @@ class PeerConfig:
     retransmit_base: float = 1.8
     retransmit_tries: int = 5
     keepalive_interval: float = 20.0
+    fragmentation: bool = True
+    fragment_size: int = DEFAULT_FRAGMENT_SIZE
     ike: tuple[ProposalSpec, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +124,8 @@ class PeerConfig:
             raise IkeConfigError("retransmit_tries must be at least 1")
         if self.dpd_timeout is not None and self.dpd_timeout <= 0:
             raise IkeConfigError("dpd_timeout must be positive")
+        if not MIN_FRAGMENT_SIZE <= self.fragment_size <= 65535:
+            raise IkeConfigError(f"fragment_size must be {MIN_FRAGMENT_SIZE} to 65535 bytes")
 
     def child(self, name: str) -> ChildConfig:
         """The CHILD_SA configuration called `name`."""
@@ -129,12 +138,14 @@ class PeerConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoreSettings:
     """Limits of the responder: cookies above `cookie_threshold` half-open SAs (RFC 7296
-    §2.6), at most `max_half_open` of them, each dropped after `half_open_timeout`."""
+    §2.6), at most `max_half_open` of them, each dropped after `half_open_timeout`; and of
+    IKE fragment reassembly (`fragments`, RFC 7383)."""
 
     cookie_threshold: int = 32
     max_half_open: int = 1024
     half_open_timeout: float = 30.0
     max_ike_sas: int = 4096
+    fragments: FragmentLimits = field(default_factory=FragmentLimits)
 
     def __post_init__(self) -> None:
         if self.cookie_threshold < 0 or self.max_half_open < 1 or self.max_ike_sas < 1:

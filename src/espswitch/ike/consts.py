@@ -48,6 +48,7 @@ class PayloadType(enum.IntEnum):
     SK = 46
     CP = 47
     EAP = 48
+    SKF = 53  # Encrypted Fragment (RFC 7383)
 
 
 class Protocol(enum.IntEnum):

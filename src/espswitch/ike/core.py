@@ -17,6 +17,12 @@ time. IKE_SA_INIT responses are unprotected: one that fails its checks is droppe
 when several differing ones arrive, each gets its own IKE_AUTH and the authenticated
 IKE_AUTH response decides. INITIAL_CONTACT is sent when we hold no other IKE SA with the
 peer, and on receipt the other IKE SAs with that identity are deleted at once.
+
+IKE fragmentation (RFC 7383) is announced in IKE_SA_INIT; when both ends did, encrypted
+messages too large for the peer's `fragment_size` leave as Encrypted Fragment messages and
+fragments received are reassembled under the core's `FragmentLimits` (`espswitch.ike.
+fragment` does both; here only which message IDs are expected, and the answer to a
+retransmitted fragmented request, which is sent for its first fragment only, §2.6.1).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from espswitch.ike.consts import (
     Group,
     HashAlg,
     Notify,
+    PayloadType,
     Protocol,
 )
 from espswitch.ike.crypto import (
@@ -66,6 +73,12 @@ from espswitch.ike.events import (
     IkeSaDown,
     IkeSaUp,
 )
+from espswitch.ike.fragment import (
+    Reassembler,
+    fragment_message,
+    max_message_len,
+    open_fragment,
+)
 from espswitch.ike.message import (
     AuthPayload,
     CertPayload,
@@ -82,6 +95,7 @@ from espswitch.ike.message import (
     TsPayload,
     encode_message,
     parse_header,
+    parse_inner,
     parse_message,
 )
 from espswitch.ike.proposals import Chosen, choose
@@ -136,6 +150,8 @@ class IkeSaInfo:
     spi_i: bytes
     spi_r: bytes
     children: tuple[ChildInfo, ...]
+    remote_id: str = ""  # the identity the peer authenticated as, shown as text
+    fragmentation: bool = False  # both ends announced IKE fragmentation (RFC 7383)
 
 
 class _Request:
@@ -143,7 +159,8 @@ class _Request:
 
     __slots__ = ("ctx", "data", "deadline", "handler", "kind", "mid", "sent_at", "tries")
 
-    def __init__(self, kind: str, mid: int, data: bytes, handler: Callable, ctx: Any,
+    def __init__(self, kind: str, mid: int, data: bytes | tuple[bytes, ...],
+                 handler: Callable, ctx: Any,
                  deadline: float, sent_at: float) -> None:
         self.kind, self.mid, self.data = kind, mid, data
         self.handler, self.ctx = handler, ctx
@@ -204,11 +221,12 @@ class _IkeSa:
         self.next_mid = 0
         self.expect_mid = 0
         self.last_resp_mid = -1
-        self.last_resp: bytes | None = None
+        self.last_resp: bytes | tuple[bytes, ...] | None = None  # a tuple: fragments
         self.outstanding: _Request | None = None
         self.queue: deque[tuple[str, Any]] = deque()
         self.children: list[_Child] = []
         self.nat_local = self.nat_remote = False
+        self.frag_ok = False  # both announced IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383)
         self.peer_hashes: frozenset[int] = frozenset()
         self.remote_identity: Identity | None = None
         self.rekey_at = 0.0
@@ -266,6 +284,7 @@ class IkeCore:
             "received": 0, "dropped": 0, "cookies_sent": 0, "retransmits": 0,
             "responses_resent": 0, "half_open_refused": 0,
         }
+        self._frags = Reassembler(self.settings.fragments, self.counters)
 
     # == outputs =============================================================================
 
@@ -311,12 +330,16 @@ class IkeCore:
                          for c in sa.children)
             out.append(IkeSaInfo(ike_id=sa.uid, peer=sa.peer.name, state=str(sa.state),
                                  initiator=sa.initiator, spi_i=sa.spi_i, spi_r=sa.spi_r,
-                                 children=kids))
+                                 children=kids, remote_id=str(sa.remote_identity or ""),
+                                 fragmentation=sa.frag_ok))
         return out
 
     def next_deadline(self) -> float | None:
         """When `on_timer` must run next, or None when nothing is scheduled."""
         times = [t for sa in self._all_sas() for t in self._sa_deadlines(sa)]
+        frag = self._frags.next_deadline()
+        if frag is not None:
+            times.append(frag)
         return min(times, default=None)
 
     # == commands ============================================================================
@@ -380,6 +403,7 @@ class IkeCore:
     def on_timer(self, now: float) -> None:
         """Run everything due at `now`: retransmissions, DPD, rekeys, expiries, keepalives."""
         self._now = now
+        self._frags.expire(now)
         for sa in list(self._all_sas()):
             if sa.state is IkeState.CLOSED:
                 continue
@@ -466,20 +490,27 @@ class IkeCore:
         sa = self._sas.get(our_spi)
         if sa is None or sa.state is IkeState.CLOSED:
             raise ProtocolError("message for an unknown IKE SA")
+        msg = None
         if sa.candidates and h.is_response:
-            sa = self._pick_candidate(sa, h, data)
+            sa, msg = self._pick_candidate(sa, h, data, now)
+            if msg is None:
+                return  # a fragment, kept with the candidate whose keys open it
         if h.from_initiator == sa.initiator or (
                 (sa.spi_i if h.from_initiator else sa.spi_r)
                 != (h.spi_i if h.from_initiator else h.spi_r)):
             raise ProtocolError("IKE SPIs or roles do not match the SA")
-        try:
-            msg = parse_message(data, sa.sk_in, h)
-        except ProtocolError as e:
-            # Authenticated but malformed requests get an answer (§2.21.2); others nothing.
-            if e.notify and not h.is_response and h.mid == sa.expect_mid and sa.sk_out:
-                self._respond(sa, h.exchange, h.mid,
-                              [NotifyPayload(notify=e.notify, data=e.data)], now)
-            raise
+        if msg is None:
+            try:
+                msg = self._open(sa, h, data, now)
+            except ProtocolError as e:
+                # Authenticated but malformed requests get an answer (§2.21.2); others
+                # nothing.
+                if e.notify and not h.is_response and h.mid == sa.expect_mid and sa.sk_out:
+                    self._respond(sa, h.exchange, h.mid,
+                                  [NotifyPayload(notify=e.notify, data=e.data)], now)
+                raise
+            if msg is None:
+                return  # a fragment: the rest of its message is still to come
         if not msg.encrypted:
             raise ProtocolError("unencrypted message after IKE_SA_INIT")
         sa.last_recv = now
@@ -495,6 +526,31 @@ class IkeCore:
                 raise
             return
         self._on_request(sa, msg, src, dst, now)
+
+    def _open(self, sa: _IkeSa, h: Header, data: bytes, now: float) -> Message | None:
+        """The message `data` carries, decrypted with `sa`'s keys; None for a fragment of a
+        message that is not complete yet."""
+        if h.next_payload != PayloadType.SKF:
+            return parse_message(data, sa.sk_in, h)
+        if not sa.frag_ok or sa.sk_in is None:
+            raise ProtocolError("IKE fragment, but fragmentation was not negotiated")
+        if h.is_response:
+            if sa.outstanding is None or h.mid != sa.outstanding.mid:
+                raise ProtocolError("IKE fragment of a response to no outstanding request")
+        elif h.mid == sa.last_resp_mid and sa.last_resp is not None:
+            # A retransmitted request: its first fragment, once authentic, has the response
+            # sent again; the other fragments nothing (RFC 7383 §2.6.1).
+            last = sa.last_resp[0] if isinstance(sa.last_resp, tuple) else sa.last_resp
+            if h.exchange != last[18]:  # IKE_SA_INIT (never fragmented) or a forgery
+                raise ProtocolError("IKE fragment of another exchange than the one answered")
+            if self._frags.retransmitted(h, data, sa.sk_in):
+                self.counters["responses_resent"] += 1
+                self._emit(sa, sa.last_resp, now)
+            return None
+        elif h.mid != sa.expect_mid:
+            raise ProtocolError("IKE fragment with an unexpected message ID")
+        done = self._frags.add((sa, h.is_response), h, data, sa.sk_in, now)
+        return parse_inner(h, *done) if done is not None else None
 
     # == IKE_SA_INIT ========================================================================
 
@@ -513,6 +569,8 @@ class IkeCore:
         if cfg.credentials.uses_certs:
             payloads.append(NotifyPayload(notify=Notify.SIGNATURE_HASH_ALGORITHMS,
                                           data=_SIG_HASHES))
+        if cfg.fragmentation:
+            payloads.append(NotifyPayload(notify=Notify.IKEV2_FRAGMENTATION_SUPPORTED))
         msg = Message(spi_i=sa.spi_i, spi_r=_ZERO_SPI, exchange=Exchange.IKE_SA_INIT,
                       flags=Flag.INITIATOR, mid=0, payloads=tuple(payloads))
         data = encode_message(msg)
@@ -620,6 +678,10 @@ class IkeCore:
             payloads.append(cr)
             payloads.append(NotifyPayload(notify=Notify.SIGNATURE_HASH_ALGORITHMS,
                                           data=_SIG_HASHES))
+        sa.frag_ok = peer.fragmentation and \
+            msg.notify(Notify.IKEV2_FRAGMENTATION_SUPPORTED) is not None
+        if sa.frag_ok:
+            payloads.append(NotifyPayload(notify=Notify.IKEV2_FRAGMENTATION_SUPPORTED))
         resp = encode_message(Message(spi_i=sa.spi_i, spi_r=sa.spi_r,
                                       exchange=Exchange.IKE_SA_INIT, flags=Flag.RESPONSE,
                                       mid=0, payloads=tuple(payloads)))
@@ -707,6 +769,8 @@ class IkeCore:
         self._check_nat(sa, msg, sa.remote, sa.local)
         if msg.notify(Notify.SIGNATURE_HASH_ALGORITHMS):
             sa.peer_hashes = _parse_hashes(msg.notify(Notify.SIGNATURE_HASH_ALGORITHMS).data)
+        sa.frag_ok = cfg.fragmentation and \
+            msg.notify(Notify.IKEV2_FRAGMENTATION_SUPPORTED) is not None
         if sa.encap and sa.local[1] != NAT_T_PORT:
             # RFC 7296 §2.23: with a NAT on the way, IKE_AUTH moves to port 4500.
             sa.local = (sa.local[0], NAT_T_PORT)
@@ -735,25 +799,40 @@ class IkeCore:
         self._take_init_response(alt, h, msg, data, now, sa.first_child.spi_in)
         sa.candidates.append(alt)
 
-    def _pick_candidate(self, sa: _IkeSa, h: Header, data: bytes) -> _IkeSa:
+    def _pick_candidate(self, sa: _IkeSa, h: Header, data: bytes,
+                        now: float) -> tuple[_IkeSa, Message | None]:
         """The IKE SA (of `sa` and its candidates) whose keys open this IKE_AUTH response
-        and whose IKE_SA_INIT response the peer's AUTH signs; the others are dropped."""
+        and whose IKE_SA_INIT response the peer's AUTH signs, with the message; the others
+        are dropped. A fragment is kept with every candidate whose keys open it (copies
+        that differ outside the key exchange give several the same keys), and (candidate,
+        None) returned until its message is complete."""
+        pending = None
         for cand in (sa, *sa.candidates):
             req = cand.outstanding
             if cand.spi_r != h.spi_r or req is None or req.mid != h.mid:
                 continue
             try:
-                msg = parse_message(data, cand.sk_in, h)
+                if h.next_payload == PayloadType.SKF:
+                    open_fragment(h, data, cand.sk_in)  # not this one's fragment: raises
+                msg = self._open(cand, h, data, now)
+                if msg is None:
+                    pending = cand
+                    continue
                 idr, auth = msg.get(IdPayload, initiator=False), msg.get(AuthPayload)
                 if idr is not None and auth is not None:
                     self._authenticate_peer(cand, msg, idr, auth, cand.init_response,
                                             cand.ni, cand.keys.sk_pr)
             except ProtocolError:
                 continue
+            for other in (sa, *sa.candidates):
+                if other is not cand:
+                    self._frags.discard((other, True), (other, False))
             sa.candidates = []
             self._sas[cand.spi_i] = cand
-            return cand
-        return sa
+            return cand, msg
+        if pending is not None:
+            return pending, None
+        raise ProtocolError("IKE_AUTH response that no IKE_SA_INIT response taken opens")
 
     # == IKE_AUTH ============================================================================
 
@@ -764,8 +843,7 @@ class IkeCore:
         octets = signed_octets(message=sa.init_request, peer_nonce=sa.nr, prf_id=sa.chosen.prf,
                                sk_p=sa.keys.sk_pi, id_payload=idi)
         payloads: list[Payload] = [idi]
-        if creds.uses_certs:
-            payloads.append(creds.cert_payload())
+        payloads += creds.cert_payloads()
         if not any(o.uid != sa.uid and o.peer is cfg for o in self._all_sas()):
             # §2.4: our first IKE SA with this peer; whatever it still holds of ours is stale.
             payloads.append(NotifyPayload(notify=Notify.INITIAL_CONTACT))
@@ -851,9 +929,10 @@ class IkeCore:
                            their_init: bytes, our_nonce: bytes, sk_p: bytes) -> None:
         cfg = sa.peer
         ident = Identity.from_payload(idp)
-        if cfg.remote_id is not None and ident != cfg.remote_id:
-            raise ProtocolError(f"peer identity {ident} is not the configured one",
-                                notify=Notify.AUTHENTICATION_FAILED)
+        # Names compared as RFC 5280 §7.1 and RFC 4518 say, not as bytes (identity.py).
+        if cfg.remote_id is not None and not cfg.remote_id.matches(ident):
+            raise ProtocolError(f"peer identity {ident} is not the configured "
+                                f"{cfg.remote_id}", notify=Notify.AUTHENTICATION_FAILED)
         cert = None
         if cfg.credentials.uses_certs:
             certs = [c.data for c in msg.all(CertPayload)
@@ -878,9 +957,7 @@ class IkeCore:
         idr = cfg.local_id.payload(initiator=False)
         octets = signed_octets(message=sa.init_response, peer_nonce=sa.ni,
                                prf_id=sa.chosen.prf, sk_p=sa.keys.sk_pr, id_payload=idr)
-        out: list[Payload] = [idr]
-        if creds.uses_certs:
-            out.append(creds.cert_payload())
+        out: list[Payload] = [idr, *creds.cert_payloads()]
         out.append(make_auth(creds, octets, sa.chosen.prf, sa.peer_hashes))
         sa.state = transition(sa.state, Trigger.AUTH_REQUEST)
         self._drop_half_open(sa)
@@ -906,7 +983,8 @@ class IkeCore:
         if msg.notify(Notify.INITIAL_CONTACT) is None:
             return
         for other in self._all_sas():
-            if other is not sa and other.remote_identity == sa.remote_identity and \
+            if other is not sa and other.remote_identity is not None and \
+                    other.remote_identity.equivalent(sa.remote_identity) and \
                     other.state in (IkeState.ESTABLISHED, IkeState.REKEYED, IkeState.DELETING):
                 # Tell it too, once: should the peer still hold this SA after all, it goes.
                 self._send_delete_once(other, now)
@@ -1158,6 +1236,7 @@ class IkeCore:
         new = self._new_sa(old.peer, initiator=initiator, now=now)
         new.local, new.remote = old.local, old.remote
         new.nat_local, new.nat_remote = old.nat_local, old.nat_remote
+        new.frag_ok = old.frag_ok  # negotiated once, in IKE_SA_INIT
         new.peer_hashes, new.remote_identity = old.peer_hashes, old.remote_identity
         new.spi_i, new.spi_r, new.ni, new.nr, new.chosen = spi_i, spi_r, ni, nr, chosen
         self._set_keys(new, derive_ike_keys(
@@ -1438,17 +1517,27 @@ class IkeCore:
         self._emit(sa, data, now)
 
     def _encode(self, sa: _IkeSa, exchange: int, mid: int, payloads: list[Payload], *,
-                response: bool) -> bytes:
+                response: bool) -> bytes | tuple[bytes, ...]:
+        """The message as one datagram, or as a tuple of fragments (RFC 7383) when both
+        ends support them and it does not fit the peer's `fragment_size`."""
         flags = (Flag.INITIATOR if sa.initiator else 0) | (Flag.RESPONSE if response else 0)
-        return encode_message(Message(spi_i=sa.spi_i, spi_r=sa.spi_r, exchange=exchange,
-                                      flags=flags, mid=mid, payloads=tuple(payloads),
-                                      encrypted=True), sa.sk_out)
+        msg = Message(spi_i=sa.spi_i, spi_r=sa.spi_r, exchange=exchange, flags=flags, mid=mid,
+                      payloads=tuple(payloads), encrypted=True)
+        if sa.frag_ok:
+            frags = fragment_message(msg, sa.sk_out, max_message_len(
+                sa.peer.fragment_size, nat_t=sa.local[1] == NAT_T_PORT))
+            if frags is not None:
+                return frags
+        return encode_message(msg, sa.sk_out)
 
-    def _emit(self, sa: _IkeSa, data: bytes, now: float) -> None:
-        if sa.local[1] == NAT_T_PORT:
-            data = NON_ESP_MARKER + data
+    def _emit(self, sa: _IkeSa, data: bytes | tuple[bytes, ...], now: float) -> None:
+        if isinstance(data, tuple):
+            self.counters["fragments_sent"] += len(data)
+        for d in (data if isinstance(data, tuple) else (data,)):
+            if sa.local[1] == NAT_T_PORT:
+                d = NON_ESP_MARKER + d
+            self._out.append(Datagram(data=d, src=sa.local, dst=sa.remote))
         sa.last_sent = now
-        self._out.append(Datagram(data=data, src=sa.local, dst=sa.remote))
 
     # == SA bookkeeping =====================================================================
 
@@ -1496,6 +1585,7 @@ class IkeCore:
         for c in list(sa.children):
             self._remove_child(sa, c, reason)
         self._drop_half_open(sa)
+        self._frags.discard((sa, True), (sa, False))
         for spi in (sa.spi_i, sa.spi_r):
             if self._sas.get(spi) is sa:
                 del self._sas[spi]

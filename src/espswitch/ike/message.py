@@ -48,7 +48,10 @@ __all__ = [
     "TsPayload",
     "VendorPayload",
     "encode_message",
+    "encode_payloads",
+    "pack_header",
     "parse_header",
+    "parse_inner",
     "parse_message",
 ]
 
@@ -101,6 +104,12 @@ def parse_header(data: bytes) -> Header:
         raise _bad("length field does not match the datagram")
     return Header(spi_i=spi_i, spi_r=spi_r, next_payload=np, exchange=exch, flags=flags,
                   mid=mid, length=length)
+
+
+def pack_header(*, spi_i: bytes, spi_r: bytes, next_payload: int, exchange: int, flags: int,
+                mid: int, length: int) -> bytes:
+    """The fixed IKE header's 28 bytes."""
+    return _HDR.pack(spi_i, spi_r, next_payload, IKE_VERSION, exchange, flags, mid, length)
 
 
 # -- payloads ----------------------------------------------------------------------------
@@ -579,6 +588,20 @@ def encode_message(msg: Message, sk: SkCodec | None = None) -> bytes:
                      msg.mid, total) + body
 
 
+def parse_inner(header: Header, first_payload: int, inner: bytes) -> Message:
+    """The encrypted message whose decrypted payload chain is `inner` (starting with a
+    payload of type `first_payload`), as reassembled from fragments (RFC 7383)."""
+    try:
+        payloads, _, _ = _decode_chain(inner, first_payload, 0, len(inner), False)
+    except ProtocolError:
+        raise
+    except (struct.error, ValueError, IndexError, TypeError) as e:
+        raise _bad(type(e).__name__) from None
+    return Message(spi_i=header.spi_i, spi_r=header.spi_r, exchange=header.exchange,
+                   flags=header.flags, mid=header.mid, payloads=tuple(payloads),
+                   encrypted=True)
+
+
 def parse_message(data: bytes, sk: SkCodec | None = None,
                   header: Header | None = None) -> Message:
     """Parse a whole IKE message; an SK payload is opened with `sk` (the peer's keys).
@@ -588,8 +611,15 @@ def parse_message(data: bytes, sk: SkCodec | None = None,
     """
     try:
         h = header or parse_header(data)
-        payloads, sk_first, sk_off = _decode_chain(data, h.next_payload, HEADER_LEN, h.length,
-                                                   True)
+        try:
+            payloads, sk_first, sk_off = _decode_chain(data, h.next_payload, HEADER_LEN,
+                                                       h.length, True)
+        except ProtocolError as e:
+            if sk is None:
+                raise
+            # Outside the SK payload nothing is authenticated: such a message is dropped,
+            # never answered (RFC 7296 §2.21.2), or anyone could end an exchange.
+            raise ProtocolError(str(e)) from None
         encrypted = sk_first is not None
         if encrypted:
             if sk is None:

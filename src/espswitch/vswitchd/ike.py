@@ -22,6 +22,7 @@ running (a socket, a negotiation, a dead peer) stays in `status:ike_error`.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -52,7 +53,6 @@ from espswitch.ike import (
     IkeSaUp,
     PeerConfig,
 )
-from espswitch.ike.consts import IdType
 from espswitch.ike.ts import single_host
 from espswitch.ipsec.config import IkeKeying, parse_ipsec_options
 from espswitch.ipsec.errors import IpsecConfigError
@@ -117,7 +117,8 @@ class IkeManager:
                  other_config: Callable[[], dict[str, str]] | None = None,
                  on_stale: Callable[[], None] | None = None) -> None:
         self.dp = dp
-        self.core = IkeCore([])
+        # Certificates are checked against the wall clock (their validity periods).
+        self.core = IkeCore([], wallclock=lambda: datetime.datetime.now(datetime.UTC))
         self.peers: dict[str, _Peer] = {}
         self.sockets: dict[int, socket.socket] = {}
         self.on_change = on_change or (lambda: None)
@@ -564,6 +565,7 @@ class IkeManager:
                     "ike_id": s.ike_id, "state": s.state,
                     "role": "initiator" if s.initiator else "responder",
                     "spi_i": s.spi_i.hex(), "spi_r": s.spi_r.hex(),
+                    "peer_id": s.remote_id, "fragmentation": s.fragmentation,
                     "children": [{"name": c.name, "state": c.state,
                                   "spi_in": f"0x{c.spi_in:08x}", "spi_out": f"0x{c.spi_out:08x}",
                                   "esp": c.transform, "mode": c.mode} for c in s.children],
@@ -634,7 +636,7 @@ def _ipv4_host(selectors) -> bytes | None:
 
 def _subject_of(cert) -> Identity:
     """The certificate's subject as an ID_DER_ASN1_DN identity."""
-    return Identity(id_type=IdType.DER_ASN1_DN, data=cert.subject.public_bytes())
+    return Identity.of_subject(cert)
 
 
 def _certificate_keyed(cfg: IfaceConfig) -> tuple[bool, str | None]:
@@ -679,20 +681,29 @@ def _read_pem(path: str, what: str) -> bytes:
         raise PortError(f"cannot read {what} {_shown(path)}: {e.strerror or e}") from None
 
 
-def _load_cert(path: str, what: str):
+def _load_certs(path: str, what: str) -> list:
+    """Every certificate of a PEM file (at least one), in the file's order."""
     from cryptography import x509
 
     try:
-        return x509.load_pem_x509_certificate(_read_pem(path, what))
+        return x509.load_pem_x509_certificates(_read_pem(path, what))
     except ValueError:
         raise PortError(f"{what} {_shown(path)} is not a PEM certificate") from None
 
 
+def _load_cert(path: str, what: str):
+    return _load_certs(path, what)[0]
+
+
 def load_certificates(oc: dict[str, str],
                       remote_cert: str | None) -> tuple[Credentials, Identity | None]:
-    """Our certificate and key and the trusted CA (Open_vSwitch other_config), and the
+    """Our certificate and key and the trusted CAs (Open_vSwitch other_config), and the
     subject of options:remote_cert, if given. Raises PortError: one sentence naming the
-    option and the path, never the files' contents."""
+    option and the path, never the files' contents.
+
+    The certificate file may hold, after our certificate, the intermediate CA certificates
+    between it and the peer's trust anchor (a full chain, as many CAs hand it out): they
+    are sent along with ours. Every certificate of the ca_cert file is a trust anchor."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -707,7 +718,7 @@ def load_certificates(oc: dict[str, str],
         raise PortError("options:remote_name needs Open_vSwitch other_config:ca_cert "
                         "(or options:remote_cert)")
     cert_path, key_path = oc["certificate"], oc["private_key"]
-    mine = _load_cert(cert_path, "other_config:certificate")
+    mine, *chain = _load_certs(cert_path, "other_config:certificate")
     try:
         key = serialization.load_pem_private_key(
             _read_pem(key_path, "other_config:private_key"), None)
@@ -722,11 +733,11 @@ def load_certificates(oc: dict[str, str],
         raise PortError(f"other_config:private_key {_shown(key_path)} is not the key of "
                         f"other_config:certificate {_shown(cert_path)}")
     what = "other_config:ca_cert" if oc.get("ca_cert") else "options:remote_cert"
-    cas = (_load_cert(ca_path, what),)
+    cas = tuple(_load_certs(ca_path, what))
     remote_subject = None
     if remote_cert:
         remote_subject = _subject_of(_load_cert(remote_cert, "options:remote_cert"))
-    return Credentials(cert=mine, key=key, cas=cas), remote_subject
+    return Credentials(cert=mine, key=key, cas=cas, chain=tuple(chain)), remote_subject
 
 
 def _format(rows: list[dict[str, object]]) -> str:
@@ -743,7 +754,9 @@ def _format(rows: list[dict[str, object]]) -> str:
             lines.append(f"  no IKE SA; last error: {r['last_error'] or 'none'}")
         for s in r["ike_sas"]:
             lines.append(f"  IKE SA #{s['ike_id']} {s['state']} ({s['role']}), "
-                         f"spi_i {s['spi_i']} spi_r {s['spi_r']}")
+                         f"spi_i {s['spi_i']} spi_r {s['spi_r']}"
+                         + (f", peer id {s['peer_id']}" if s["peer_id"] else "")
+                         + (", IKE fragmentation" if s["fragmentation"] else ""))
             for c in s["children"]:
                 lines.append(f"    CHILD_SA {c['name']} {c['state']}: spi_in {c['spi_in']} "
                              f"spi_out {c['spi_out']}, {c['esp']} {c['mode']}")
