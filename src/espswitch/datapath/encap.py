@@ -93,21 +93,43 @@ def register_encapsulation(cls: type[Encapsulation]) -> type[Encapsulation]:
     return cls
 
 
-@register_encapsulation
-class Vxlan(Encapsulation):
-    """VXLAN (RFC 7348): UDP to `dst_port` (4789), an 8-byte header with the VNI (`key`)."""
+def _udp_port(name: str, options: Mapping[str, str], default: int) -> int:
+    port = parse_option_int(name, "dst_port", options.get("dst_port", str(default)), 1, 65535)
+    if port in RESERVED_UDP_PORTS:
+        raise PortError(
+            f"interface {name}: options:dst_port {port} is {RESERVED_UDP_PORTS[port]}'s "
+            f"port; choose another (the default is {default})")
+    return port
 
-    NAME = "vxlan"
+
+class _UdpWithVni(Encapsulation):
+    """What VXLAN and Geneve share: UDP to `dst_port`, a 24-bit VNI (`key`), 16 bytes of
+    headers (UDP 8, their own 8, no options sent)."""
+
     OPTIONS = frozenset({"key", "dst_port"})
-    DEFAULT_PORT = VXLAN_PORT
 
     __slots__ = ("_vni_word", "dst_port", "key", "overhead")
 
     def __init__(self, name: str, options: Mapping[str, str]) -> None:
         self.key = parse_option_int(name, "key", options.get("key", "0"), 0, (1 << 24) - 1)
         self.dst_port = _udp_port(name, options, self.DEFAULT_PORT)
-        self.overhead = 16  # UDP 8 + VXLAN 8
+        self.overhead = 16
         self._vni_word = self.key << 8
+
+    def describe(self) -> list[str]:
+        words = [f"key={self.key}"] if self.key else []
+        if self.dst_port != self.DEFAULT_PORT:
+            words.append(f"dst_port={self.dst_port}")
+        return words
+
+
+@register_encapsulation
+class Vxlan(_UdpWithVni):
+    """VXLAN (RFC 7348): UDP to `dst_port` (4789), an 8-byte header with the VNI (`key`)."""
+
+    NAME = "vxlan"
+    DEFAULT_PORT = VXLAN_PORT
+    __slots__ = ()
 
     def push(self, frame: bytes) -> bytes:
         return _UDP_VXLAN.pack(flow_port(frame), self.dst_port, len(frame) + 16, 0, 0x08000000,
@@ -124,40 +146,17 @@ class Vxlan(Encapsulation):
             return "malformed"
         return (buf[l4 + 12] << 16) | (buf[l4 + 13] << 8) | buf[l4 + 14], l4 + 16, udp_end
 
-    def describe(self) -> list[str]:
-        words = [f"key={self.key}"] if self.key else []
-        if self.dst_port != self.DEFAULT_PORT:
-            words.append(f"dst_port={self.dst_port}")
-        return words
-
-
-def _udp_port(name: str, options: Mapping[str, str], default: int) -> int:
-    port = parse_option_int(name, "dst_port", options.get("dst_port", str(default)), 1, 65535)
-    if port in RESERVED_UDP_PORTS:
-        raise PortError(
-            f"interface {name}: options:dst_port {port} is {RESERVED_UDP_PORTS[port]}'s "
-            f"port; choose another (the default is {default})")
-    return port
-
 
 @register_encapsulation
-class Geneve(Encapsulation):
+class Geneve(_UdpWithVni):
     """Geneve (RFC 8926): UDP to `dst_port` (6081), an 8-byte header with the VNI (`key`)
     and options. We send none; received options are skipped, but a packet with the
     critical bit (options we would have to understand) or the control bit (OAM, never
     forwarded) is dropped and counted (§3.4, §3.5)."""
 
     NAME = "geneve"
-    OPTIONS = frozenset({"key", "dst_port"})
     DEFAULT_PORT = GENEVE_PORT
-
-    __slots__ = ("_vni_word", "dst_port", "key", "overhead")
-
-    def __init__(self, name: str, options: Mapping[str, str]) -> None:
-        self.key = parse_option_int(name, "key", options.get("key", "0"), 0, (1 << 24) - 1)
-        self.dst_port = _udp_port(name, options, self.DEFAULT_PORT)
-        self.overhead = 16  # UDP 8 + Geneve 8 (no options)
-        self._vni_word = self.key << 8
+    __slots__ = ()
 
     def push(self, frame: bytes) -> bytes:
         return _UDP_GENEVE.pack(flow_port(frame), self.dst_port, len(frame) + 16, 0, 0, 0,
@@ -181,12 +180,6 @@ class Geneve(Encapsulation):
         if flags & 0x80:
             return "control"
         return (buf[g + 4] << 16) | (buf[g + 5] << 8) | buf[g + 6], start, udp_end
-
-    def describe(self) -> list[str]:
-        words = [f"key={self.key}"] if self.key else []
-        if self.dst_port != self.DEFAULT_PORT:
-            words.append(f"dst_port={self.dst_port}")
-        return words
 
 
 def _gre_key(name: str, options: Mapping[str, str]) -> int | None:
