@@ -22,7 +22,16 @@ SCRIPT = textwrap.dedent("""
     sealed = fast.seal_batch(out, [b"a", b"bb"], 17)
     assert fast.open_batch(inb, sealed + [sealed[0]]) == [
         (17, b"a"), (17, b"bb"), DropReason.REPLAYED]
-    import espswitch.datapath.vxlanipsec, espswitch.vswitchd  # the switch imports
+    import espswitch.vswitchd.daemon  # the switch imports
+    from espswitch.datapath import Datapath
+    from espswitch.datapath.devices import MemoryDevices
+    dp = Datapath(MemoryDevices())
+    assert dp.fast_path is False
+    dp.add_bridge("br0")
+    tun = dp.add_port("br0", "t0", "vxlanipsec", {
+        "remote_ip": "10.0.0.2", "spi_out": "0x1001", "spi_in": "0x1002",
+        "esp_key_out": "11" * 20, "esp_key_in": "22" * 20})
+    assert type(tun.esp.sa_out) is OutboundSA and "esp_engine=python" in tun.describe()
     print("fallback ok:", fast.REASON)
 """)
 
