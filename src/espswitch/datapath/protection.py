@@ -66,6 +66,9 @@ class Clear:
     def run(self, now: float) -> None:
         pass
 
+    def rebuild(self) -> None:
+        """The route changed: nothing of a clear tunnel depends on it."""
+
     def overhead(self, l4_len: int) -> int:
         """Bytes this protection adds to `l4_len` bytes of encapsulated frame."""
         return 0

@@ -61,8 +61,9 @@ class TunnelPort(Port):
         else:
             self.protection = Clear(self)
 
-    @classmethod
-    def options_for(cls, protected: bool, encap: str) -> frozenset[str]:
+    @staticmethod
+    def options_for(protected: bool, encap: str) -> frozenset[str]:
+        """Every option a tunnel of this encapsulation and protection takes."""
         extra = EspProtection.OPTIONS if protected else frozenset()
         return Ipv4Underlay.OPTIONS | ENCAPSULATIONS[encap].OPTIONS | extra
 
@@ -90,8 +91,7 @@ class TunnelPort(Port):
     def resolve(self) -> None:
         """Find the route again, then what depends on it (selectors, MTU)."""
         self.underlay.resolve()
-        if self.esp is not None:
-            self.esp.rebuild()
+        self.protection.rebuild()
         egress = self.underlay.egress_port
         if egress is not None:
             self.underlay_mtu = device_mtu(egress.name) or DEFAULT_UNDERLAY_MTU
