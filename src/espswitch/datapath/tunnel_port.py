@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from espswitch.datapath.context import PortContext
     from espswitch.ipsec.config import IkeKeying
     from espswitch.ipsec.sa import InboundSA, Mode, OutboundSA, SaParams
-    from espswitch.ipsec.transforms import Transform
 
 DEFAULT_UNDERLAY_MTU = 1500
 ETH_IPV4 = b"\x08\x00"
@@ -270,10 +269,6 @@ class IpsecTunnelPort(TunnelPort):
         return self.esp.pairs
 
     @property
-    def transform(self) -> Transform:
-        return self.esp.transform
-
-    @property
     def mode(self) -> Mode:
         return self.esp.mode
 
@@ -292,11 +287,6 @@ class IpsecTunnelPort(TunnelPort):
     @followers.setter
     def followers(self, value: dict[int, TunnelPort]) -> None:
         self.esp.followers = value
-
-    @property
-    def keyer(self) -> TunnelPort:
-        """The tunnel whose SAs protect this one: its leader, or itself."""
-        return self.esp.leader if self.esp.leader is not None else self
 
     def install_child(self, outbound: SaParams, inbound: SaParams, **kw: Any) -> None:
         self.esp.install_child(outbound, inbound, **kw)
