@@ -22,7 +22,11 @@ SCRIPT = textwrap.dedent("""
     sealed = fast.seal_batch(out, [b"a", b"bb"], 17)
     assert fast.open_batch(inb, sealed + [sealed[0]]) == [
         (17, b"a"), (17, b"bb"), DropReason.REPLAYED]
-    import espswitch.datapath.vxlanipsec, espswitch.vswitchd  # the switch imports
+    import espswitch.datapath.tunnel_port, espswitch.vswitchd  # the switch imports
+    from espswitch.datapath import Datapath
+    from espswitch.datapath.devices import MemoryDevices
+    dp = Datapath(MemoryDevices())
+    assert not dp.fast_path and "fast-path: disabled (compiled" in dp.show(), dp.show()
     print("fallback ok:", fast.REASON)
 """)
 
