@@ -1574,11 +1574,11 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
     """Run frames received on port index `in_port` (of bridge index `in_bridge`) through
     `table`; the GIL is released for the per-packet work.
 
-    Returns `(kinds, hits, upcalls, drops, src_entries, inner_entries)`: `kinds` one byte
-    per frame (0 miss, 1 drop, 2 upcall, 3 hit); `hits` a list of (out port index, tunnel
-    port index, inner frame); `upcalls` of (frame index, spi index, next header, payload); `drops` of
-    (frame index, spi index, DropReason); the MAC entry indices whose age to refresh
-    (outer sources of every frame not missed, inner sources of hits).
+    Returns `(kinds, outputs, tunnel_rx, upcalls, drops, entries)`: `kinds` one byte
+    per frame (0 miss, 1 drop, 2 upcall, 3 hit); `outputs` {out port index: [inner frame,
+    ...]} in arrival order; `tunnel_rx` {tunnel port index: [packets, bytes]} delivered; `upcalls` of (frame index, spi index, next header, payload); `drops` of
+    (frame index, spi index, DropReason); `entries` the set of MAC entry indices whose age
+    to refresh (outer sources of every frame not missed, inner sources of hits).
     """
     cdef Py_ssize_t n = len(frames), i, done
     cdef rx_pkt *pkts
@@ -1589,7 +1589,11 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
     cdef int account = 0, cut = 0
     cdef size_t cap
     cdef bytearray kinds = bytearray(n)
-    cdef list hits = [], upcalls = [], drops = [], srcs = [], inners = []
+    cdef list upcalls = [], drops = [], lst
+    cdef dict outputs = {}, tunnel_rx = {}
+    cdef set entries = set()
+    cdef int tunnel
+    cdef object frame
     pkts = <rx_pkt *>calloc(n if n else 1, sizeof(rx_pkt))
     views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
     outs = <PyObject **>calloc(n if n else 1, sizeof(PyObject *))
@@ -1629,17 +1633,28 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
             if p.kind == RX_MISS:
                 continue
             if p.src_entry >= 0:
-                srcs.append(p.src_entry)
+                entries.add(p.src_entry)
             if p.kind == RX_DROP:
                 drops.append((i, p.spi_idx, _REASONS[-1 - p.result]))
             elif p.kind == RX_UPCALL:
                 upcalls.append((i, p.spi_idx, p.result, _hand_out(outs, i, p.out_len)))
             else:
                 if p.inner_entry >= 0:
-                    inners.append(p.inner_entry)
-                hits.append((p.out_port, table.spis[p.spi_idx].target,
-                             _hand_out(outs, i, p.stop - p.start)))
-        return kinds, hits, upcalls, drops, srcs, inners
+                    entries.add(p.inner_entry)
+                frame = _hand_out(outs, i, p.stop - p.start)
+                lst = outputs.get(p.out_port)
+                if lst is None:
+                    outputs[p.out_port] = [frame]
+                else:
+                    lst.append(frame)
+                tunnel = table.spis[p.spi_idx].target
+                rx = tunnel_rx.get(tunnel)
+                if rx is None:
+                    tunnel_rx[tunnel] = [1, p.stop - p.start]
+                else:
+                    rx[0] += 1
+                    rx[1] += p.stop - p.start
+        return kinds, outputs, tunnel_rx, upcalls, drops, entries
     finally:
         for i in range(nviews):
             PyBuffer_Release(&views[i])

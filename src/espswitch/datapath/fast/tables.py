@@ -141,57 +141,45 @@ class FastTables:
         where = self.rx_ports.get(port)
         if where is None:  # not a NIC port on a tunnel's egress bridge
             return frames
-        kinds, hits, upcalls, drops, srcs, inners = _fastpath.rx_burst(
+        kinds, outputs, tunnel_rx, upcalls, drops, touched = _fastpath.rx_burst(
             self.table, frames, where[0], where[1])
         dp = self.dp
-        now = dp.now
         entries = self.entries
         # What the port's bridge counted and learned for every frame it would have seen.
-        missed = [f for f, k in zip(frames, kinds, strict=True) if not k]
+        if kinds.count(0):
+            missed = [f for f, k in zip(frames, kinds, strict=True) if not k]
+            nbytes = sum(map(len, frames)) - sum(map(len, missed))
+        else:
+            missed = []
+            nbytes = sum(map(len, frames))
         taken = len(frames) - len(missed)
         if taken:
             st = port.stats
             st["rx_packets"] += taken
-            st["rx_bytes"] += sum(map(len, frames)) - sum(map(len, missed))
-            for e in srcs:
+            st["rx_bytes"] += nbytes
+            now = dp.now
+            for e in touched:
                 entries[e][1] = now
         self.misses += len(missed)
         self.drops += len(drops)
         self.upcalls += len(upcalls)
-        self.hits += len(hits)
+        self.hits += taken - len(drops) - len(upcalls)
         spis = self.spis
         for i, s, reason in drops:
             spis[s][0].count_open_drop(reason, frames[i][26:30])
-        if hits:
-            for e in inners:
-                entries[e][1] = now
-            self._output(hits)
+        ports = self.ports
+        if outputs:
+            # Counted as the tunnel port's bridge counts what it forwards, then sent
+            # through each port's own `send` (TAP GRO, counters), one batch per port.
+            for t, (n, b) in tunnel_rx.items():
+                st = ports[t].stats
+                st["rx_packets"] += n
+                st["rx_bytes"] += b
+            transmit = dp.transmit
+            for out, lst in outputs.items():
+                transmit(ports[out], lst)
         for i, s, nh, payload in upcalls:
             esp, sa = spis[s]
             f = frames[i]
             esp.input_opened(sa, bytes(f[26:30]), bytes(f[30:34]), nh, payload)
         return missed
-
-    def _output(self, hits: list[tuple[int, int, bytes]]) -> None:
-        """Send the delivered inner frames, one batch per output port in arrival order,
-        counting what each tunnel port's bridge would have counted for them."""
-        ports = self.ports
-        by_port: dict[int, list[bytes]] = {}
-        by_tunnel: dict[int, list[int]] = {}
-        for out, tunnel, frame in hits:
-            lst = by_port.get(out)
-            if lst is None:
-                lst = by_port[out] = []
-            lst.append(frame)
-            rx = by_tunnel.get(tunnel)
-            if rx is None:
-                rx = by_tunnel[tunnel] = [0, 0]
-            rx[0] += 1
-            rx[1] += len(frame)
-        for tunnel, (n, nbytes) in by_tunnel.items():
-            st = ports[tunnel].stats
-            st["rx_packets"] += n
-            st["rx_bytes"] += nbytes
-        transmit = self.dp.transmit
-        for out, lst in by_port.items():
-            transmit(ports[out], lst)
