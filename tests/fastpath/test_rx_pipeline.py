@@ -9,6 +9,7 @@ frame says.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from datapath.helpers import BCAST, Hypervisor, arp, eth, ipv4, mac, udp, vxlan
 from espswitch.datapath import fast
 from espswitch.ipsec import OutboundSA, SaParams, parse_transform
+from espswitch.ipsec.sa import Lifetime
 
 LOCAL, REMOTE = "10.0.0.2", "10.0.0.1"
 SPI_IN, SPI_OUT = 0x2001, 0x1001
@@ -30,7 +32,7 @@ def inner(dst: bytes = VM_MAC, src: bytes = PEER_VM, size: int = 64, tag: int = 
     return eth(dst, src, ipv4("192.168.1.1", "192.168.1.2", 1, bytes([tag]) * size))
 
 
-def hypervisor(fast_path: bool) -> Hypervisor:
+def hypervisor(fast_path: bool, **params: object) -> Hypervisor:
     """A hypervisor whose tunnel opens with a compiled SA, the VM's MAC already learned."""
     hv = Hypervisor(LOCAL, REMOTE, vni=VNI, tun_type="vxlanipsec", tun_options={
         "esp": "aes128gcm16", "spi_in": hex(SPI_IN), "spi_out": hex(SPI_OUT),
@@ -39,7 +41,8 @@ def hypervisor(fast_path: bool) -> Hypervisor:
     # The lead wires the SA factory into protection.py; until then the test installs it.
     layer = esp._layer
     layer.remove(esp.sa_in)
-    esp.sa_in = fast.make_inbound_sa(esp.sa_in.params, now=hv.dp.now)
+    esp.sa_in = fast.make_inbound_sa(dataclasses.replace(esp.sa_in.params, **params),
+                                     now=hv.dp.now)
     layer.add(esp, esp.sa_in)
     assert fast.is_compiled(esp.sa_in)
     esp.sa_out._iv_mask = 0  # what the tunnel sends is compared too: the same IVs
@@ -162,9 +165,10 @@ def state(hv: Hypervisor) -> dict:
     }
 
 
-def run_both(batches: list[list[str]]) -> tuple[Hypervisor, Hypervisor]:
-    """The same batches through a fast and a Python hypervisor; asserts they agree."""
-    on, off = hypervisor(True), hypervisor(False)
+def run_both(batches: list[list[str]], **params: object) -> tuple[Hypervisor, Hypervisor]:
+    """The same batches through a fast and a Python hypervisor; asserts they agree.
+    `params` change the inbound SA's parameters (lifetimes, replay window)."""
+    on, off = hypervisor(True, **params), hypervisor(False, **params)
     peer = Peer()
     assert on.dev("br-phy").mac == off.dev("br-phy").mac
     for batch in batches:
@@ -267,11 +271,36 @@ def test_a_miss_ends_the_fast_batch_only_if_python_may_touch_an_sa() -> None:
     assert (f.hits, f.upcalls, f.misses) == (1 + 1, 1, 1 + 2)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.lists(st.sampled_from(KINDS + ("valid",) * 6), min_size=1, max_size=8),
                 min_size=1, max_size=8))
 def test_random_batches_match_the_python_path(batches: list[list[str]]) -> None:
     run_both([["valid"], ["valid"], *batches])
+
+
+def test_lifetimes_cross_in_the_fast_path_as_in_the_python_path() -> None:
+    """The soft lifetime's event and the hard lifetime's expiry happen at the same packet:
+    rx_burst hands the accounting up to the SA's Python code mid-batch."""
+    on, off = run_both([["valid"], ["valid"], ["valid"] * 5, ["valid"] * 6, ["valid"]],
+                       soft=Lifetime(packets=6), hard=Lifetime(packets=10))
+    assert on.dp._fast.hits >= 8
+    for hv in (on, off):
+        sa = hv.tun.esp.sa_in
+        assert sa.expired and sa.packets == 10
+    events = [[(e.hard, e.spi) for e in hv.tun.esp.sa_in.take_events()] for hv in (on, off)]
+    assert events[0] == events[1] and len(events[0]) == 2
+    assert on.tun.stats["esp_expired_drops"] == 14 - 10
+
+
+def test_a_small_replay_window_out_of_order() -> None:
+    on, off = hypervisor(True, replay_window=32), hypervisor(False, replay_window=32)
+    peer = Peer()
+    frames = [peer.make(on, "valid") for _ in range(80)]
+    for batch in (frames[:2], frames[40:72], frames[2:40], frames[72:]):
+        on.inject("eth0", *batch)
+        off.inject("eth0", *batch)
+        assert state(on) == state(off)
+    assert on.tun.stats["esp_replay_drops"] > 0
 
 
 def test_hits_keep_the_macs_alive_as_the_python_path_does() -> None:
