@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from datapath.helpers import BCAST, Hypervisor, arp, eth, ipv4, mac, udp, vxlan
 from espswitch.datapath import fast
+from espswitch.datapath.fast import tables
 from espswitch.ipsec import OutboundSA, SaParams, parse_transform
 from espswitch.ipsec.sa import Lifetime
 
@@ -317,3 +318,27 @@ def test_hits_keep_the_macs_alive_as_the_python_path_does() -> None:
     assert state(on) == state(off)
     assert (0, PEER_VM) in on.dp.bridges["br-int"].macs
     assert (0, ROUTER) in on.dp.bridges["br-phy"].macs
+
+
+def test_a_mac_flood_does_not_rebuild_large_tables_on_every_batch() -> None:
+    """Frames from ever new source MACs move the generation on every batch: past
+    REBUILD_FREE entries the tables are rebuilt at most every REBUILD_GAP seconds, and the
+    batches in between are misses, still exact."""
+    on, off = run_both([["valid"], ["valid"]])
+    flood = [eth(BCAST, bytes([0x02, 0, 0, n >> 8, n & 0xFF, 1]), b"\0" * 46, et=0x0806)
+             for n in range(tables.REBUILD_FREE + 64)]
+    peer = Peer()
+    peer.sa.seq = 2
+    for hv in (on, off):
+        hv.inject("eth0", *flood)
+    f = on.dp._fast
+    f.ensure()
+    assert f._size > tables.REBUILD_FREE
+    rebuilds = f.rebuilds
+    for i in range(20):
+        frames = [eth(BCAST, bytes([0x02, 1, 0, 0, i, 1]), b"\0" * 46, et=0x0806),
+                  peer.make(on, "valid")]
+        for hv in (on, off):
+            hv.inject("eth0", *frames)
+        assert state(on) == state(off)
+    assert f.rebuilds - rebuilds < 20

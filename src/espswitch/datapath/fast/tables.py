@@ -28,6 +28,7 @@ Import only when `espswitch.datapath.fast.AVAILABLE` is true.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from espswitch.datapath.encap import UDP, Vxlan
@@ -43,6 +44,13 @@ if TYPE_CHECKING:
 
 __all__ = ["FastTables"]
 
+# A flood of new source MACs moves the generation on every batch. Rebuilding a large table
+# each time would make the flood cost more than the Python path it bypasses: past
+# REBUILD_FREE entries, tables are rebuilt at most once every REBUILD_GAP seconds, and
+# batches in between go to the Python path whole (misses: exact, only slower).
+REBUILD_FREE = 512
+REBUILD_GAP = 0.005
+
 
 class FastTables:
     """The receive tables of one datapath, rebuilt when its generation number moved."""
@@ -56,6 +64,8 @@ class FastTables:
         self.entries: list[list] = []  # MAC entry index -> the bridge's [port, last_seen]
         self.spis: list[tuple[EspProtection, InboundSA]] = []  # SPI index -> (ESP, SA)
         self.rebuilds = 0
+        self._built_at = -1.0
+        self._size = 0  # SPIs + MAC entries last installed
         #: frames delivered by the compiled pipeline
         self.hits = 0
         #: frames it dropped (an ESP failure, counted where the Python path counts it)
@@ -67,10 +77,16 @@ class FastTables:
 
     # -- tables ------------------------------------------------------------------------------
 
-    def ensure(self) -> None:
-        """Rebuild the tables if anything changed since they were built."""
+    def ensure(self) -> bool:
+        """Rebuild the tables if anything changed since they were built; False when they
+        are out of date and may not be rebuilt yet (see REBUILD_GAP)."""
         if self.gen != self.dp.fast_gen:
+            if self._size > REBUILD_FREE:
+                t = time.monotonic()
+                if t - self._built_at < REBUILD_GAP:
+                    return False
             self.rebuild()
+        return True
 
     def rebuild(self) -> None:
         """Install everything the slow path knows that the fast path can execute."""
@@ -102,6 +118,8 @@ class FastTables:
         out_ok = [isinstance(p, DevicePort) and p.tag is None and p.trunks is None
                   for p in ports]
         self.table.set(spis, macs, out_ok)
+        self._size = len(spis) + len(macs)
+        self._built_at = time.monotonic()
         self.ports, self.entries, self.spis = ports, entries, owners
         # A patch port could carry a miss to a VM ahead of a hit: such bridges stay slow.
         patched = {p.bridge for p in ports if isinstance(p, PatchPort)}
@@ -137,7 +155,10 @@ class FastTables:
         """Run a batch received on `port` through the compiled pipeline; returns the frames
         it did not touch (all of them when `port` is not a fast NIC port), for the
         Python path."""
-        self.ensure()
+        if not self.ensure():
+            if port in self.rx_ports:
+                self.misses += len(frames)
+            return frames
         where = self.rx_ports.get(port)
         if where is None:  # not a NIC port on a tunnel's egress bridge
             return frames
