@@ -197,6 +197,7 @@ def test_first_packets_are_misses_then_hits() -> None:
     assert on.tun.stats["rx_packets"] == 6
     assert on.dev("vm").take() == []  # (taken by run_both)
     assert "hits=5" in on.dp.show()
+    assert "eth0 1: (system) fast-rx" in on.dp.show()
 
 
 def test_every_kind_alone_matches_the_python_path() -> None:

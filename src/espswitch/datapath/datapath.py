@@ -264,5 +264,6 @@ class Datapath:
                     vlan = f" tag={p.tag}"
                 elif p.trunks:
                     vlan = f" trunks={','.join(map(str, sorted(p.trunks)))}"
-                lines.append(f"    {p.name} {p.ofport}: ({p.describe()}){vlan}")
+                path = " fast-rx" if f is not None and p in f.rx_ports else ""
+                lines.append(f"    {p.name} {p.ofport}: ({p.describe()}){vlan}{path}")
         return "\n".join(lines) + "\n"
