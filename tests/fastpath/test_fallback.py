@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     from espswitch.datapath import Datapath
     from espswitch.datapath.devices import MemoryDevices
     dp = Datapath(MemoryDevices())
-    assert dp.fast_path is False
+    assert not dp.fast_path and "fast-path: disabled (compiled" in dp.show(), dp.show()
     dp.add_bridge("br0")
     tun = dp.add_port("br0", "t0", "vxlanipsec", {
         "remote_ip": "10.0.0.2", "spi_out": "0x1001", "spi_in": "0x1002",

@@ -46,6 +46,7 @@ class Bridge:
     def flush_port(self, port: Port) -> None:
         for key in [k for k, e in self.macs.items() if e[0] is port]:
             del self.macs[key]
+        self.dp.fast_changed()
 
     def local_port(self) -> Port | None:
         for p in self.ports:
@@ -56,8 +57,11 @@ class Bridge:
     # --- housekeeping -----------------------------------------------------------------------
     def run(self, now: float) -> None:
         limit = now - self.mac_age
-        for key in [k for k, e in self.macs.items() if e[1] < limit]:
+        aged = [k for k, e in self.macs.items() if e[1] < limit]
+        for key in aged:
             del self.macs[key]
+        if aged:
+            self.dp.fast_changed()
 
     def fdb(self, now: float) -> list[tuple[Port, int, str, int]]:
         """(port, vlan, mac, age in seconds) for every learned MAC."""
@@ -118,8 +122,12 @@ class Bridge:
                 if entry is None:
                     if len(macs) < MAC_MAX:
                         macs[key] = [in_port, now]
-                else:
+                        dp.fast_gen += 1  # the fast path's MAC table is out of date
+                elif entry[0] is not in_port:
                     entry[0] = in_port
+                    entry[1] = now
+                    dp.fast_gen += 1
+                else:
                     entry[1] = now
             if et == ETH_IPV4:
                 if (
@@ -179,10 +187,13 @@ class Bridge:
         src = frames[0][6:12]
         learned = self.macs.get((vid, src))
         if learned is not None:
-            learned[0] = in_port
+            if learned[0] is not in_port:
+                learned[0] = in_port
+                self.dp.fast_changed()
             learned[1] = self.dp.now
         elif len(self.macs) < MAC_MAX:
             self.macs[(vid, src)] = [in_port, self.dp.now]
+            self.dp.fast_changed()
         out = entry[0]
         if out is in_port:
             return

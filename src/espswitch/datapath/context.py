@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 class PortContext:
     """The datapath as a port sees it."""
 
-    __slots__ = ("_dp", "count_drop", "defer_rx", "devices", "drop_log_due", "log_rl",
-                 "neigh", "receive", "routes", "tunnels")
+    __slots__ = ("_dp", "count_drop", "defer_rx", "devices", "drop_log_due", "fast_changed",
+                 "log_rl", "neigh", "receive", "routes", "tunnels")
 
     def __init__(self, dp: Datapath) -> None:
         self._dp = dp
@@ -34,6 +34,7 @@ class PortContext:
         self.count_drop = dp.count_drop
         self.log_rl = dp.log_rl
         self.drop_log_due = dp.drop_log_due
+        self.fast_changed = dp.fast_changed
 
     @property
     def now(self) -> float:

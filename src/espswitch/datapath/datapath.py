@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-from espswitch.datapath import (
-    fast,
-    tunnel_port,  # noqa: F401  (registers the tunnel types)
-)
+from espswitch.datapath import fast, tunnel_port  # noqa: F401  (tunnel_port registers types)
 from espswitch.datapath.bridge import Bridge
 from espswitch.datapath.context import PortContext
 from espswitch.datapath.devices import LinuxDevices
@@ -20,6 +18,9 @@ from espswitch.datapath.errors import PortError
 from espswitch.datapath.ports import InternalPort, Port, port_class
 from espswitch.datapath.tunnel import NeighborCache, RouteTable
 from espswitch.datapath.tunnel_layer import TunnelLayer
+
+if TYPE_CHECKING:
+    from espswitch.datapath.fast.tables import FastTables
 
 OFPP_LOCAL = 65534
 OFPP_MAX = 65279
@@ -49,10 +50,36 @@ class Datapath:
         self._log = log or (lambda msg: None)
         self.log_rl = log_rl or self._log
         self._drop_log_at = -1.0
+        #: bumped on every change the fast path's tables depend on (fast/tables.py)
+        self.fast_gen = 0
+        self._fast: FastTables | None = None
         self.ctx = PortContext(self)  # what ports may use of this datapath
-        # SAs installed from now on use the compiled fast path when it is built (and
-        # other_config:fast-path is not false); the Python engine otherwise.
+        # The compiled fast path when it is built (and other_config:fast-path is not
+        # false): NIC batches through the receive pipeline, compiled SAs for the SAs
+        # installed from now on; the Python path and engine otherwise.
         self.fast_path = fast.AVAILABLE
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether NIC batches go through the compiled receive pipeline first (default:
+        when the module is built). Off: everything takes the Python path."""
+        return self._fast is not None
+
+    @fast_path.setter
+    def fast_path(self, on: bool) -> None:
+        if on and not fast.AVAILABLE:
+            raise ValueError(fast.REASON)
+        if on and self._fast is None:
+            from espswitch.datapath.fast.tables import FastTables
+
+            self._fast = FastTables(self)
+        elif not on:
+            self._fast = None
+
+    def fast_changed(self) -> None:
+        """Something the fast path's tables are built from changed: rebuild before the
+        next batch."""
+        self.fast_gen += 1
 
     def drop_log_due(self) -> bool:
         """Whether a per-packet drop may be logged now: at most one per 0.1 s of `now`, so
@@ -79,6 +106,7 @@ class Datapath:
             self.del_port(p.name)
         del self.bridges[name]
         self.tunnels.route_seq = -1  # tunnels routed through it must resolve again
+        self.fast_gen += 1
 
     def add_port(
         self,
@@ -108,6 +136,7 @@ class Datapath:
             self.fd_seq += 1
         if isinstance(port, InternalPort):
             self.tunnels.route_seq = -1  # an egress bridge may have appeared
+        self.fast_gen += 1
         return port
 
     def _pick_ofport(self, b: Bridge, port: Port, wanted: int | None) -> int:
@@ -133,6 +162,7 @@ class Datapath:
         self._rx_deferred = [e for e in self._rx_deferred if e[0] is not port]
         if isinstance(port, InternalPort):
             self.tunnels.route_seq = -1
+        self.fast_gen += 1
 
     def internal_port(self, dev: str) -> tuple[Bridge, Port] | None:
         """The bridge and internal port behind the kernel device `dev`, if it is one."""
@@ -147,10 +177,17 @@ class Datapath:
 
     # --- frames --------------------------------------------------------------------------
     def receive(self, port: Port, frames: list[bytes]) -> None:
-        """A batch arrived on `port`: forward it through the port's bridge."""
+        """A batch arrived on `port`: forward it through the port's bridge.
+
+        With the fast path on, a batch from outside (not one the datapath itself passes
+        on) goes through the compiled receive pipeline first; only its misses take the
+        Python path."""
         self._depth += 1
         try:
-            port.bridge.process(port, frames)
+            if self._fast is not None and self._depth == 1:
+                frames = self._fast.receive(port, frames)
+            if frames:
+                port.bridge.process(port, frames)
         finally:
             self._depth -= 1
         if self._depth == 0:
@@ -211,6 +248,13 @@ class Datapath:
     # --- show ----------------------------------------------------------------------------
     def show(self) -> str:
         lines = ["espswitch@netdev:"]
+        f = self._fast
+        if f is not None:
+            lines.append(f"  fast-path: enabled, hits={f.hits} esp_drops={f.drops} "
+                         f"upcalls={f.upcalls} misses={f.misses} rebuilds={f.rebuilds}")
+        else:
+            why = "off" if fast.AVAILABLE else fast.REASON
+            lines.append(f"  fast-path: disabled ({why})")
         if self.drops:
             drops = ", ".join(f"{k}={v}" for k, v in sorted(self.drops.items()))
             lines.append(f"  drops: {drops}")
@@ -223,5 +267,6 @@ class Datapath:
                     vlan = f" tag={p.tag}"
                 elif p.trunks:
                     vlan = f" trunks={','.join(map(str, sorted(p.trunks)))}"
-                lines.append(f"    {p.name} {p.ofport}: ({p.describe()}){vlan}")
+                path = " fast-rx" if f is not None and p in f.rx_ports else ""
+                lines.append(f"    {p.name} {p.ofport}: ({p.describe()}){vlan}{path}")
         return "\n".join(lines) + "\n"

@@ -120,6 +120,7 @@ class Port:
     def set_vlan(self, tag: int | None, trunks: frozenset[int] | None) -> None:
         self.tag = tag
         self.trunks = trunks or None
+        self.ctx.fast_changed()
 
 
 def format_mac(mac: bytes) -> str:

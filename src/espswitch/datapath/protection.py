@@ -210,6 +210,7 @@ class IpsecLayer:
                 f"interface {other}"
             ) from None
         self.protections[sa.spi] = esp
+        self.ctx.fast_changed()
         if len(self.protections) == 1:
             self.tunnels.register_udp_handler(NAT_T_PORT, self._nat_t_input,
                                               "UDP-encapsulated ESP")
@@ -232,6 +233,7 @@ class IpsecLayer:
     def remove(self, sa: InboundSA) -> None:
         if self.protections.pop(sa.spi, None) is not None:
             self.sad.remove(sa.spi)
+            self.ctx.fast_changed()
         if not self.protections:
             self.tunnels.unregister_udp_handler(NAT_T_PORT)
 
@@ -366,6 +368,7 @@ class EspProtection:
                 sa_in.expire("deleted")
                 self._in_by_spi.pop(sa_in.spi, None)
                 self._layer.remove(sa_in)
+                self.ctx.fast_changed()
             self._lingering = [e for e in self._lingering if e[0] > now]
 
     def rebuild(self) -> None:
@@ -377,6 +380,7 @@ class EspProtection:
             peer = self.inner_remote  # the inner header names the peer as it names itself
         enc = self.port.encapsulation
         self.selector = Selector(src=peer, dst=src, proto=enc.PROTO, dport=enc.dst_port)
+        self.ctx.fast_changed()
 
     # -- IKE-keyed SAs (driven by espswitch.vswitchd.ike) ----------------------------------------
 
@@ -416,11 +420,13 @@ class EspProtection:
         self.ike_error = None
         for follower in self.followers.values():
             follower.esp.follow(self.port)
+        self.ctx.fast_changed()  # which inbound SA switches sending over may have changed
 
     def follow(self, leader: TunnelPort | None) -> None:
         """Share `leader`'s SAs, sending as it does (UDP encapsulation and port, the peer's
         inner address, which a NAT may have set); None: key this tunnel by itself."""
         self.leader = leader
+        self.ctx.fast_changed()
         if leader is None:
             return
         lead = leader.esp
@@ -443,6 +449,7 @@ class EspProtection:
             if pair[1].spi == spi_in:
                 self.pairs.remove(pair)
                 self._in_by_spi.pop(spi_in, None)
+                self.ctx.fast_changed()
                 if self.sa_in is pair[1]:
                     self.sa_out, self.sa_in = self.pairs[-1] if self.pairs else (None, None)
                 return pair
@@ -467,6 +474,7 @@ class EspProtection:
                 if self.sa_out is sa_out or self.sa_in is sa_in:
                     self.sa_out, self.sa_in = self.pairs[-1] if self.pairs else (None, None)
                     self._switch_on = None
+                self.ctx.fast_changed()
                 return True
         return False
 
@@ -476,6 +484,7 @@ class EspProtection:
             if pair[1] is sa_in:
                 self.sa_out, self.sa_in = pair
         self._switch_on = None
+        self.ctx.fast_changed()  # the switching SA may now go through the fast path
 
     def remove_all_children(self, keep: frozenset[int] = frozenset()) -> list[int]:
         """Remove every CHILD_SA pair but those whose inbound SPI is in `keep` (the IKE SA
@@ -555,16 +564,28 @@ class EspProtection:
                 return
         result = sa.open(esp)
         if type(result) is not tuple:
-            counter = _RX_COUNTER.get(result)
-            if counter is not None:  # a dummy packet (RFC 4303 §2.6) is not an error
-                st.drop(counter)
-                if self.ctx.drop_log_due():
-                    self.ctx.log_rl(
-                        f"{port.name}: ESP from {ip4_str(src)} dropped: {result.description}")
+            self.count_open_drop(result, src)
             return
+        self.input_opened(sa, src, dst, result[0], result[1])
+
+    def count_open_drop(self, result: DropReason, src: bytes) -> None:
+        """Count a packet its inbound SA did not open (the SA counted it already)."""
+        port = self.port
+        counter = _RX_COUNTER.get(result)
+        if counter is not None:  # a dummy packet (RFC 4303 §2.6) is not an error
+            port.stats.drop(counter)
+            if self.ctx.drop_log_due():
+                self.ctx.log_rl(
+                    f"{port.name}: ESP from {ip4_str(src)} dropped: {result.description}")
+
+    def input_opened(self, sa: InboundSA, src: bytes, dst: bytes, nh: int,
+                     payload: bytes) -> None:
+        """What `input_esp` does once `sa` opened a packet: selectors, then decapsulation.
+        The compiled receive pipeline hands up here what it opened but does not finish."""
+        port = self.port
+        st = port.stats
         if sa is self._switch_on:
             self._use_pair_of(sa)
-        nh, payload = result
         sel = self.selector
         if self.mode is Mode.TUNNEL:
             if nh != NH_IPV4 or not sel.match_tunnel(payload):
@@ -600,6 +621,17 @@ class EspProtection:
         if self.ctx.drop_log_due():
             self.ctx.log_rl(f"{self.port.name}: plaintext from "
                             f"{ip4_str(self.port.underlay.remote_ip)} dropped")
+
+    def fast_inbound(self, spi: int) -> InboundSA | None:
+        """The inbound SA `input_esp` opens packets with SPI `spi` with, if the compiled
+        receive pipeline may open them in its place: not the SA whose first packet
+        switches sending over (`_use_pair_of` is the slow path's), not in tunnel mode."""
+        if self.mode is Mode.TUNNEL:
+            return None
+        sa = self.sa_in if self.ike is None else self._in_by_spi.get(spi)
+        if sa is None or sa is self._switch_on or sa.spi != spi:
+            return None
+        return sa
 
     # -- state for the database and ovs-appctl ----------------------------------------------------
 

@@ -144,6 +144,7 @@ class TunnelLayer:
                 per_bridge.setdefault(u.egress_bridge.name, set()).add(u.local_ip)
         for b in self.dp.bridges.values():
             b.local_ips = frozenset(per_bridge.get(b.name, ()))
+        self.dp.fast_changed()
 
     # --- inbound ------------------------------------------------------------------------
     def receive(self, bridge: Bridge, in_port: Port, frame: bytes) -> bool:

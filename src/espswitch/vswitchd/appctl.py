@@ -38,6 +38,7 @@ def register(sw: Switchd) -> None:
             return
         for b in bridges:
             b.macs.clear()
+        dp.fast_changed()  # the fast path forgets what it installed from them
         conn.reply("table successfully flushed\n")
 
     def neigh_show(conn, argv, aux):

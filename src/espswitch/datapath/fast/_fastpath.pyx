@@ -1253,3 +1253,426 @@ def bare_evp_round_trip(bytes key, bytes salt, Py_ssize_t size, Py_ssize_t n,
         EVP_CIPHER_CTX_free(dec)
         free(pt)
         free(ct)
+
+
+# -- the receive pipeline: NIC -> VM (issue 10, first slice) -----------------------------------
+#
+# `RxTable` holds what the Python slow path installed (`espswitch.datapath.fast.tables`):
+# inbound SPIs with their tunnel descriptors and the bridges' learned MAC entries. `rx_burst`
+# runs a batch of frames received on one NIC port through it without the GIL and sorts each
+# frame into one of four outcomes (the Python side turns them into exactly the side effects
+# the Python path would have had):
+#
+#   MISS   nothing was touched: the frame goes to the Python path unchanged;
+#   DROP   the ESP core dropped it (counted in the SA, shared state); the port counts it;
+#   UPCALL opened, but something after ESP is not for the fast path: the payload goes to
+#          the tunnel's Python code right after its `open`;
+#   HIT    the inner frame, for one output port.
+#
+# A frame is a MISS unless everything the C code checks before the ESP open holds, so that
+# nothing is counted twice: after the open, the packet never goes back to the start.
+
+cdef enum:
+    RX_MISS = 0
+    RX_DROP = 1
+    RX_UPCALL = 2
+    RX_HIT = 3
+    RX_CANDIDATE = 4
+
+cdef struct rx_spi:
+    uint32_t spi
+    esp_sa *sa
+    uint32_t remote      # the selector's source (the peer), big-endian bytes as a number
+    uint32_t local       # the selector's destination (our endpoint)
+    uint32_t dport       # the encapsulation's UDP port
+    uint32_t vni
+    int target           # port index of the tunnel
+    int target_bridge
+    int phy_bridge       # the bridge the ESP must arrive on (the tunnel's egress bridge)
+
+cdef struct rx_mac:
+    uint64_t key         # 0: empty; else (bridge + 1) << 48 | MAC
+    int port
+    int entry            # index of the entry, for refreshing its age in Python
+
+cdef struct rx_pkt:
+    const uint8_t *data
+    size_t len
+    uint8_t *out
+    size_t cap
+    size_t out_len
+    int kind
+    int spi_idx
+    int result           # esp_open's result
+    int out_port
+    int src_entry        # the outer source MAC's entry, or -1
+    int inner_entry      # the inner source MAC's entry, or -1
+    int cuts             # a miss the Python path may open with an SA (see rx_run)
+    size_t start
+    size_t stop
+    uint64_t seq
+
+
+cdef inline uint64_t mac_key(int bridge, const uint8_t *m) noexcept nogil:
+    return ((<uint64_t>(bridge + 1)) << 48) | (<uint64_t>m[0] << 40) | (<uint64_t>m[1] << 32) \
+        | (<uint64_t>m[2] << 24) | (<uint64_t>m[3] << 16) | (<uint64_t>m[4] << 8) | m[5]
+
+
+cdef class RxTable:
+    """The fast path's receive tables, filled by the slow path (never by a packet).
+
+    `set(spis, macs, out_ok)`: `spis` is a list of (spi, compiled inbound SA or SaCore,
+    remote, local, dst_port, vni, target port index, target bridge index, egress bridge
+    index); `macs` a list of (bridge index, MAC, port index), position = entry index;
+    `out_ok[i]` whether port index i may be a fast output. The table keeps the SAs' cores
+    alive while installed.
+    """
+    cdef rx_spi *spis
+    cdef int nspis
+    cdef rx_mac *macs
+    cdef uint64_t mask
+    cdef uint8_t *out_ok
+    cdef int nports
+    cdef list _cores
+
+    def __cinit__(self):
+        self.spis = NULL
+        self.macs = NULL
+        self.out_ok = NULL
+        self.nspis = 0
+        self.nports = 0
+        self.mask = 0
+        self._cores = []
+
+    def __dealloc__(self):
+        free(self.spis)
+        free(self.macs)
+        free(self.out_ok)
+
+    def set(self, spis, macs, out_ok) -> None:
+        cdef Py_ssize_t i, n = len(spis), m = len(macs), cap = 4
+        cdef rx_spi *s
+        cdef rx_mac *t
+        cdef uint8_t *ok
+        cdef uint64_t k, h, mask
+        cdef SaCore core
+        cdef bytes mac
+        cores = []
+        s = <rx_spi *>calloc(n if n else 1, sizeof(rx_spi))
+        while cap < 2 * m + 2:
+            cap *= 2
+        t = <rx_mac *>calloc(cap, sizeof(rx_mac))
+        ok = <uint8_t *>calloc(len(out_ok) if len(out_ok) else 1, 1)
+        if s == NULL or t == NULL or ok == NULL:
+            free(s)
+            free(t)
+            free(ok)
+            raise MemoryError()
+        try:
+            for i in range(n):
+                spi, sa, remote, local, dport, vni, target, tbridge, pbridge = spis[i]
+                core = _core_of(sa)
+                if core.sa.outbound or len(remote) != 4 or len(local) != 4:
+                    raise ValueError("an inbound compiled SA and IPv4 addresses are needed")
+                core._check_ready()
+                cores.append(core)
+                s[i].spi = spi
+                s[i].sa = &core.sa
+                s[i].remote = get32(<const uint8_t *><const char *>remote)
+                s[i].local = get32(<const uint8_t *><const char *>local)
+                s[i].dport = dport
+                s[i].vni = vni
+                s[i].target = target
+                s[i].target_bridge = tbridge
+                s[i].phy_bridge = pbridge
+            mask = <uint64_t>(cap - 1)
+            for i in range(m):
+                bridge, mac, port = macs[i]
+                if len(mac) != 6:
+                    raise ValueError("a MAC is 6 bytes")
+                k = mac_key(bridge, <const uint8_t *><const char *>mac)
+                h = (k * <uint64_t>0x9E3779B97F4A7C15) >> 40
+                while t[h & mask].key != 0 and t[h & mask].key != k:
+                    h += 1
+                t[h & mask].key = k
+                t[h & mask].port = port
+                t[h & mask].entry = <int>i
+            for i in range(len(out_ok)):
+                ok[i] = 1 if out_ok[i] else 0
+        except BaseException:
+            free(s)
+            free(t)
+            free(ok)
+            raise
+        free(self.spis)
+        free(self.macs)
+        free(self.out_ok)
+        self.spis, self.nspis = s, <int>n
+        self.macs, self.mask = t, mask
+        self.out_ok, self.nports = ok, <int>len(out_ok)
+        self._cores = cores
+
+    @property
+    def nspi(self) -> int:
+        return self.nspis
+
+    cdef inline int lookup(self, int bridge, const uint8_t *m, int *entry) noexcept nogil:
+        """The port index of `m` learned on `bridge` (entry index in `*entry`), or -1."""
+        cdef uint64_t k = mac_key(bridge, m)
+        cdef uint64_t h = (k * <uint64_t>0x9E3779B97F4A7C15) >> 40
+        # The table is at most half full: a probe always meets an empty slot.
+        while self.macs[h & self.mask].key != 0:
+            if self.macs[h & self.mask].key == k:
+                entry[0] = self.macs[h & self.mask].entry
+                return self.macs[h & self.mask].port
+            h += 1
+        return -1
+
+    cdef inline int find_spi(self, uint32_t spi) noexcept nogil:
+        cdef int i
+        # A handful of SAs per host: a scan beats a hash at this size.
+        for i in range(self.nspis):
+            if self.spis[i].spi == spi:
+                return i
+        return -1
+
+
+cdef void rx_classify(RxTable t, rx_pkt *p, int in_port, int in_bridge) noexcept nogil:
+    """What can be decided before the ESP open, without touching any state: sets
+    p.kind to RX_CANDIDATE (with spi_idx) or RX_MISS."""
+    cdef const uint8_t *f = p.data
+    cdef size_t n = p.len, total
+    cdef int e = -1, i
+    cdef rx_spi *s
+    p.kind = RX_MISS
+    p.src_entry = -1
+    p.inner_entry = -1
+    # IPv4 (tagged or not) carrying ESP or UDP (ESP in UDP, clear tunnels): if it stays a
+    # miss, the Python path may open it with an installed SA or deliver to a tunnel.
+    p.cuts = 0
+    if n >= 14 + 20 and f[12] == 0x08 and f[13] == 0x00:
+        p.cuts = f[23] == 50 or f[23] == 17
+    elif n >= 18 + 20 and f[12] == 0x81 and f[13] == 0x00 and f[16] == 0x08 and f[17] == 0:
+        p.cuts = f[27] == 50 or f[27] == 17
+    # Ethernet + a 20-byte IPv4 header + SPI and sequence number.
+    if n < 14 + 20 + 8:
+        return
+    if f[12] != 0x08 or f[13] != 0x00 or f[14] != 0x45 or f[23] != 50:
+        return  # not IPv4 (or VLAN-tagged), IP options, not ESP
+    if (f[20] & 0x3F) or f[21]:
+        return  # a fragment: reassembled by the Python path
+    total = (<size_t>f[16] << 8) | f[17]
+    if total < 20 + 8 or 14 + total > n:
+        return  # malformed: counted by the Python path
+    i = t.find_spi(get32(f + 34))
+    if i < 0:
+        return
+    s = &t.spis[i]
+    if s.phy_bridge != in_bridge or get32(f + 30) != s.local or get32(f + 26) != s.remote:
+        return
+    if not (f[6] & 1):
+        # The bridge learns the sender: only an entry already on this port is a no-op.
+        if t.lookup(in_bridge, f + 6, &e) != in_port:
+            return
+        p.src_entry = e
+    p.spi_idx = i
+    p.start = 34                      # the ESP packet is f[34:14 + total]
+    p.stop = 14 + total
+    p.kind = RX_CANDIDATE
+
+
+cdef void rx_after_open(RxTable t, rx_pkt *p) noexcept nogil:
+    """The payload p.out[0:p.out_len] of an opened packet: selector, VXLAN pop, VNI and
+    MACs; sets HIT (the inner frame at p.out[p.start:p.stop], p.out_port) or UPCALL."""
+    cdef rx_spi *s = &t.spis[p.spi_idx]
+    cdef const uint8_t *pl = p.out
+    cdef size_t end = p.out_len, udp_end
+    cdef const uint8_t *inner
+    cdef int e = -1, out
+    p.kind = RX_UPCALL
+    # Selector (transport mode): next header UDP, UDP to the tunnel's port; the outer
+    # addresses were matched before the open.
+    if p.result != 17 or end < 8 or ((<uint32_t>pl[2] << 8) | pl[3]) != s.dport:
+        return
+    # encap.Vxlan.pop: the UDP length holds VXLAN and an Ethernet header, within the payload.
+    if end < 8 + 8 + 14:
+        return
+    udp_end = (<size_t>pl[4] << 8) | pl[5]
+    if udp_end < 8 + 8 + 14 or udp_end > end or not (pl[8] & 0x08):
+        return
+    if ((<uint32_t>pl[12] << 16) | (<uint32_t>pl[13] << 8) | pl[14]) != s.vni:
+        return
+    inner = pl + 16                   # inner[0:udp_end - 16], at least 14 bytes
+    if inner[12] == 0x81 and inner[13] == 0x00:
+        return
+    if not (inner[6] & 1):
+        if t.lookup(s.target_bridge, inner + 6, &e) != s.target:
+            return
+        p.inner_entry = e
+    if inner[0] & 1:
+        return                        # broadcast, multicast: flooded by the Python path
+    out = t.lookup(s.target_bridge, inner, &e)
+    if out < 0 or out == s.target or out >= t.nports or not t.out_ok[out]:
+        return
+    p.out_port = out
+    p.start = 16
+    p.stop = udp_end
+    p.kind = RX_HIT
+
+
+cdef Py_ssize_t rx_run(RxTable t, rx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
+                       int *account, int *cut) noexcept nogil:
+    """Open and finish the candidates of pkts[i:n] in order; stops after a packet whose SA
+    needs the slow path's lifetime accounting (`*account` set), as the bursts do.
+
+    Exactness across a batch: the Python path handles a batch in order, the fast path's
+    misses after its hits. So after the first miss that the Python path may open with an
+    SA or deliver through a tunnel (`cuts`), and after the first upcall (which may learn a
+    MAC, and is delivered later than a hit), every later frame of the batch is a miss
+    too (`*cut`): the side effects on SAs, MAC tables and each port's output stay in
+    arrival order."""
+    cdef rx_pkt *p
+    cdef esp_sa *sa
+    account[0] = 0
+    while i < n:
+        p = &pkts[i]
+        i += 1
+        if cut[0]:
+            p.kind = RX_MISS
+            continue
+        if p.kind != RX_CANDIDATE:
+            if p.cuts:
+                cut[0] = 1
+            continue
+        sa = t.spis[p.spi_idx].sa
+        pthread_mutex_lock(&sa.lock)
+        p.result = esp_open(sa, p.data + p.start, p.stop - p.start, p.out, p.cap,
+                            &p.out_len, &p.seq, account)
+        pthread_mutex_unlock(&sa.lock)
+        if p.result <= ERR_CAPACITY:
+            p.kind = RX_MISS              # nothing moved; the Python path meets it again
+            cut[0] = 1
+        elif p.result < 0:
+            p.kind = RX_DROP
+        else:
+            rx_after_open(t, p)
+            if p.kind == RX_UPCALL:
+                cut[0] = 1
+            elif p.kind == RX_HIT:
+                # The inner frame to the front of its buffer: handed out as it is.
+                memmove(p.out, p.out + p.start, p.stop - p.start)
+        if account[0]:
+            break
+    return i
+
+
+cdef extern from "string.h" nogil:
+    void *memmove(void *dst, const void *src, size_t n)
+
+
+def rx_burst(RxTable table, frames, int in_port, int in_bridge):
+    """Run frames received on port index `in_port` (of bridge index `in_bridge`) through
+    `table`; the GIL is released for the per-packet work.
+
+    Returns `(kinds, outputs, tunnel_rx, upcalls, drops, entries)`: `kinds` one byte
+    per frame (0 miss, 1 drop, 2 upcall, 3 hit); `outputs` {out port index: [inner frame,
+    ...]} in arrival order; `tunnel_rx` {tunnel port index: [packets, bytes]} delivered; `upcalls` of (frame index, spi index, next header, payload); `drops` of
+    (frame index, spi index, DropReason); `entries` the set of MAC entry indices whose age
+    to refresh (outer sources of every frame not missed, inner sources of hits).
+    """
+    cdef Py_ssize_t n = len(frames), i, done
+    cdef rx_pkt *pkts
+    cdef Py_buffer *views
+    cdef Py_ssize_t nviews = 0
+    cdef PyObject **outs
+    cdef rx_pkt *p
+    cdef int account = 0, cut = 0
+    cdef size_t cap
+    cdef bytearray kinds = bytearray(n)
+    cdef list upcalls = [], drops = [], lst
+    cdef dict outputs = {}, tunnel_rx = {}
+    cdef set entries = set()
+    cdef int tunnel
+    cdef object frame
+    pkts = <rx_pkt *>calloc(n if n else 1, sizeof(rx_pkt))
+    views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
+    outs = <PyObject **>calloc(n if n else 1, sizeof(PyObject *))
+    try:
+        if pkts == NULL or views == NULL or outs == NULL:
+            raise MemoryError()
+        for i in range(n):
+            PyObject_GetBuffer(frames[i], &views[i], PyBUF_SIMPLE)
+            nviews = i + 1
+            pkts[i].data = <const uint8_t *>views[i].buf
+            pkts[i].len = <size_t>views[i].len
+        with nogil:
+            for i in range(n):
+                rx_classify(table, &pkts[i], in_port, in_bridge)
+        for i in range(n):
+            p = &pkts[i]
+            if p.kind != RX_CANDIDATE:
+                continue
+            # A new bytes object per candidate, written in place (the ring-slot zero-copy
+            # is for later).
+            cap = open_capacity(table.spis[p.spi_idx].sa, p.stop - p.start)
+            outs[i] = _bytes_new(NULL, <Py_ssize_t>cap)
+            if outs[i] == NULL:
+                raise MemoryError()
+            p.out = <uint8_t *>_bytes_buf(outs[i]) if cap else NULL
+            p.cap = cap
+        i = 0
+        while i < n:
+            with nogil:
+                done = rx_run(table, pkts, i, n, &account, &cut)
+            if account:
+                (<SaCore>table._cores[pkts[done - 1].spi_idx])._account(pkts[done - 1].seq)
+            i = done
+        for i in range(n):
+            p = &pkts[i]
+            kinds[i] = p.kind
+            if p.kind == RX_MISS:
+                continue
+            if p.src_entry >= 0:
+                entries.add(p.src_entry)
+            if p.kind == RX_DROP:
+                drops.append((i, p.spi_idx, _REASONS[-1 - p.result]))
+            elif p.kind == RX_UPCALL:
+                upcalls.append((i, p.spi_idx, p.result, _hand_out(outs, i, p.out_len)))
+            else:
+                if p.inner_entry >= 0:
+                    entries.add(p.inner_entry)
+                frame = _hand_out(outs, i, p.stop - p.start)
+                lst = outputs.get(p.out_port)
+                if lst is None:
+                    outputs[p.out_port] = [frame]
+                else:
+                    lst.append(frame)
+                tunnel = table.spis[p.spi_idx].target
+                rx = tunnel_rx.get(tunnel)
+                if rx is None:
+                    tunnel_rx[tunnel] = [1, p.stop - p.start]
+                else:
+                    rx[0] += 1
+                    rx[1] += p.stop - p.start
+        return kinds, outputs, tunnel_rx, upcalls, drops, entries
+    finally:
+        for i in range(nviews):
+            PyBuffer_Release(&views[i])
+        if outs != NULL:
+            for i in range(n):
+                if outs[i] != NULL:
+                    _decref(outs[i])
+        free(pkts)
+        free(views)
+        free(outs)
+
+
+cdef object _hand_out(PyObject **outs, Py_ssize_t i, size_t size):
+    """outs[i] shrunk to `size` bytes; the caller no longer owns it."""
+    cdef PyObject *raw = outs[i]
+    outs[i] = NULL
+    if _PyBytes_Resize(&raw, <Py_ssize_t>size) < 0:
+        raise MemoryError()
+    out = <object>raw
+    _decref(raw)
+    return out
