@@ -80,14 +80,22 @@ def daemon_logs(lab: Lab) -> str:
 
 
 def test_psk_100_pings_established_and_sas_shown(lab):
-    st1, st2 = configure(lab, psk=PSK, ipsec_encapsulation="no")
+    configure(lab, psk=PSK, ipsec_encapsulation="no")
     ping = lab.ping(N_PINGS, 0.01)
     assert received(ping) == N_PINGS, ping.stdout
-    # The two sides agree on the SA pair.
-    assert st1["spi_out"] == st2["spi_in"] and st1["spi_in"] == st2["spi_out"], (st1, st2)
+
+    def settled() -> tuple[dict, dict, str] | None:
+        # Crossing initiations install a second pair and delete one of them; status is
+        # written within about a second of that: read both sides and the SAs once they agree.
+        st1, st2, show = status(lab, 0), status(lab, 1), ipsec_show(lab, 0)
+        agree = st1.get("spi_out") == st2.get("spi_in") and st1.get("spi_in") == st2.get(
+            "spi_out") and st1.get("spi_out", "?") in show and st1.get("spi_in", "?") in show
+        return (st1, st2, show) if agree else None
+
+    found = wait_for(settled, 10)
+    assert found, (status(lab, 0), status(lab, 1), ipsec_show(lab, 0))
+    st1, st2, show = found
     assert st1["ipsec_keying"] == "ikev2"
-    show = ipsec_show(lab, 0)
-    assert st1["spi_out"] in show and st1["spi_in"] in show, show
     ike = lab.appctl(lab.hvs[0], "ike/show").stdout
     assert "established" in ike and st1["spi_in"] in ike, ike
     for text in (show, ike, str(st1), str(st2), daemon_logs(lab)):
