@@ -15,10 +15,11 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from espswitch.cli.lab import Lab, run
+from espswitch.cli.lab import Lab, LabError, run, start_charon, stop_charon
 from espswitch.ipsec import parse_transform
 
 SPI_1TO2, SPI_2TO1 = 0x1001, 0x2001  # hv1 -> hv2 and hv2 -> hv1
@@ -301,3 +302,55 @@ def tshark_rows(pcap: str, keys: Keys, fields: Sequence[str],
     assert r.returncode == 0, r.stderr
     return [dict(zip(fields, line.split("\t"), strict=True))
             for line in r.stdout.splitlines()]
+
+
+# -- strongSwan as a peer -------------------------------------------------------------------
+
+
+class Charon:
+    """charon with kernel-libipsec in namespace `ns`; its run, log and swanctl directory is
+    `d` (put credentials under d/x509, d/x509ca, d/rsa, d/ecdsa before `start`)."""
+
+    def __init__(self, ns: str, d: Path) -> None:
+        self.ns, self.dir = ns, d
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"unix://{self.dir}/charon.vici"
+
+    def start(self, swanctl_conf: str) -> None:
+        """Start charon and load `swanctl_conf` and whatever credentials are in `d`."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "swanctl.conf").write_text(swanctl_conf)
+        try:
+            self.proc = start_charon(self.ns, str(self.dir))
+        except LabError as e:
+            raise AssertionError(str(e)) from None
+        self.swanctl("--load-all")
+
+    def swanctl(self, *args: str, check: bool = True, timeout: float = 30) -> str:
+        env = {"STRONGSWAN_CONF": str(self.dir / "strongswan.conf"),
+               "SWANCTL_DIR": str(self.dir)}
+        r = run(["swanctl", *args, "--uri", self.uri], self.ns, env=env, check=False,
+                timeout=timeout)
+        if check and r.returncode:
+            raise AssertionError(f"swanctl {' '.join(args)} -> {r.returncode}\n{r.stdout}\n"
+                                 f"{r.stderr}\ncharon.log:\n{self.log()[-3000:]}")
+        return r.stdout + r.stderr
+
+    def list_sas(self) -> str:
+        return self.swanctl("--list-sas", check=False)
+
+    def log(self) -> str:
+        p = self.dir / "charon.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def stop(self) -> None:
+        stop_charon(self.proc)
+
+
+def iface_status(hv, iface: str = "tun0") -> dict[str, str]:
+    """Interface.status of `iface` on a labkit hypervisor `hv`."""
+    out = hv.iface(iface, "status")
+    return {k: v.strip('"') for k, v in re.findall(r'(\w+)=("[^"]*"|[^,}\s]+)', out)}

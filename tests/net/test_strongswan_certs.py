@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from espswitch.cli.lab import CHARON, LabError, start_charon, stop_charon, tcpdump
+from espswitch.cli.lab import CHARON, tcpdump
 
+from .ipsec_helpers import Charon, iface_status, received
 from .lab import no_tx_offload, run, wait_until
 
 pytestmark = pytest.mark.net
@@ -145,18 +146,10 @@ def swanctl_conf(p: Pki, *, fragmentation: str = "yes", sw_id: str | None = None
 """
 
 
-class Charon:
-    """charon with kernel-libipsec in namespace `ns`; its swanctl directory is `d`."""
+class PkiCharon(Charon):
+    """The shared Charon with a `Pki`'s CAs and strongSwan's certificate and key loaded."""
 
-    def __init__(self, ns: str, d: Path) -> None:
-        self.ns, self.dir = ns, d
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"unix://{self.dir}/charon.vici"
-
-    def start(self, p: Pki, conf: str) -> None:
+    def start_with(self, p: Pki, conf: str) -> None:
         keydir = "ecdsa" if p.kind == "ecdsa" else "rsa"
         for sub in ("x509", "x509ca", keydir):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
@@ -164,46 +157,10 @@ class Charon:
         shutil.copy(p.sub, self.dir / "x509ca" / "sub.pem")
         shutil.copy(p.sw, self.dir / "x509" / "sw.pem")
         shutil.copy(p.key(p.sw), self.dir / keydir / "sw.pem")
-        (self.dir / "swanctl.conf").write_text(conf)
-        try:
-            self.proc = start_charon(self.ns, str(self.dir))
-        except LabError as e:
-            raise AssertionError(str(e)) from None
-        self.swanctl("--load-all")
-
-    def swanctl(self, *args: str, check: bool = True, timeout: float = 30) -> str:
-        env = {"STRONGSWAN_CONF": str(self.dir / "strongswan.conf"),
-               "SWANCTL_DIR": str(self.dir)}
-        r = run(["swanctl", *args, "--uri", self.uri], self.ns, env=env, check=False,
-                timeout=timeout)
-        if check and r.returncode:
-            raise AssertionError(f"swanctl {' '.join(args)} -> {r.returncode}\n{r.stdout}\n"
-                                 f"{r.stderr}\ncharon.log:\n{self.log()[-3000:]}")
-        return r.stdout + r.stderr
-
-    def list_sas(self) -> str:
-        return self.swanctl("--list-sas", check=False)
-
-    def log(self) -> str:
-        p = self.dir / "charon.log"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    def stop(self) -> None:
-        stop_charon(self.proc)
+        self.start(conf)
 
 
 # -- the topology -------------------------------------------------------------------------
-
-
-def status(hv) -> dict[str, str]:
-    out = hv.iface("tun0", "status")
-    return {k: v.strip('"') for k, v in re.findall(r'(\w+)=("[^"]*"|[^,}\s]+)', out)}
-
-
-def received(ping: subprocess.CompletedProcess) -> int:
-    m = re.search(r"(\d+) received", ping.stdout)
-    assert m, f"no ping summary:\n{ping.stdout}\n{ping.stderr}"
-    return int(m.group(1))
 
 
 def fragments_dropped(router: str) -> int:
@@ -260,7 +217,7 @@ def topo(lab, tmp_path):
                  "dport", "4789", "lookup", "220"],
                 ["ip", "rule", "add", "pref", "219", "to", f"{A_IP}/32", "lookup", "main"]):
         run(cmd, b)
-    charon = Charon(b, tmp_path / "charon")
+    charon = PkiCharon(b, tmp_path / "charon")
     try:
         vm = lab.vm("scv", 1, A_VM)
         a.vsctl("add-br", "br-int")
@@ -290,7 +247,7 @@ def diagnostics(t) -> str:
     a, charon = t["a"], t["charon"]
     ike = a.appctl("ike/show", check=False).stdout
     log = a.sh("tail", "-n", "30", os.path.join(a.dir, "espswitchd.log"), check=False).stdout
-    return (f"espswitch status: {status(a)}\nike/show:\n{ike}\nespswitchd.log:\n{log}\n"
+    return (f"espswitch status: {iface_status(a)}\nike/show:\n{ike}\nespswitchd.log:\n{log}\n"
             f"swanctl --list-sas:\n{charon.list_sas()}\ncharon.log:\n{charon.log()[-5000:]}")
 
 
@@ -300,7 +257,7 @@ def wait_established(t, timeout: float = 40) -> str:
     def up() -> bool:
         sas = charon.list_sas()
         return ("ESTABLISHED" in sas and "INSTALLED" in sas
-                and status(a).get("ipsec_state") == "established")
+                and iface_status(a).get("ipsec_state") == "established")
 
     assert wait_until(up, timeout, 0.25) is not None, diagnostics(t)
     return charon.list_sas()
@@ -320,7 +277,7 @@ def check_tunnel(t, sas: str, p: Pki, peer_id: str | None = None) -> None:
     assert re.search(r"vx: #\d+, ESTABLISHED, IKEv2", sas), sas
     assert re.search(r"vxlan: #\d+, reqid \d+, INSTALLED, TUNNEL-in-UDP, ESP:AES_GCM_16-128",
                      sas), sas
-    st = status(a)
+    st = iface_status(a)
     assert st.get("ipsec_keying") == "ikev2" and "ike_error" not in st, st
     assert wait_until(lambda: vm.can_reach(B_VX), 15) is not None, diagnostics(t)
     ping = vm.ping(B_VX, count=N_PINGS, interval=0.05, wait=2)
@@ -364,7 +321,7 @@ def check_underlay(t) -> None:
 def test_pki_certificates_chain_and_fragments(topo, kind, initiator):
     p = Pki(topo["dir"] / "pki", kind)
     charon = topo["charon"]
-    charon.start(p, swanctl_conf(p))
+    charon.start_with(p, swanctl_conf(p))
     if initiator == "strongswan":
         # espswitch initiates as soon as tun0 exists: once that SA is up, charon tears it
         # down and initiates itself (espswitch waits 10 s before it tries again).
@@ -394,7 +351,7 @@ def test_open_vswitch_style_remote_name(topo, charon_id):
     p = Pki(topo["dir"] / "pki", "ecdsa")
     charon = topo["charon"]
     fqdn = charon_id == "fqdn"
-    charon.start(p, swanctl_conf(p, sw_id="strongswan.example" if fqdn else None))
+    charon.start_with(p, swanctl_conf(p, sw_id="strongswan.example" if fqdn else None))
     configure_espswitch(topo["a"], p, "strongswan.example")
     if not fqdn:
         charon.swanctl("--initiate", "--child", "vxlan", "--timeout", "30")
@@ -407,14 +364,14 @@ def test_without_ike_fragmentation_the_underlay_drops_ike_auth(topo):
     its IKE_AUTH leaves IP-fragmented, the router drops the fragments, and nothing comes
     up (espswitch says why in ike_error)."""
     p = Pki(topo["dir"] / "pki", "rsa")
-    topo["charon"].start(p, swanctl_conf(p, fragmentation="no"))
+    topo["charon"].start_with(p, swanctl_conf(p, fragmentation="no"))
     configure_espswitch(topo["a"], p, subject(p.sw))
     r, a = topo["r"], topo["a"]
     # Its first IKE_AUTH and two retransmissions, each in IP fragments (3 of ~3 KB).
     assert wait_until(lambda: ike_counters(a)["retransmits"] >= 2 and
                       fragments_dropped(r) >= 6, 30, 0.25) is not None, diagnostics(topo)
     assert "ESTABLISHED" not in topo["charon"].list_sas()
-    assert status(a).get("ipsec_state") == "connecting"
+    assert iface_status(a).get("ipsec_state") == "connecting"
     assert ike_counters(a)["fragments_sent"] == 0
     print(f"\nIP fragments dropped by the router: {fragments_dropped(r)}")
 
@@ -424,7 +381,7 @@ def test_wrong_remote_name_is_reported_as_text(topo):
     both, as text, in status:ike_error and in espswitchd's log (never DER in hex)."""
     p = Pki(topo["dir"] / "pki", "ecdsa")
     charon, a = topo["charon"], topo["a"]
-    charon.start(p, swanctl_conf(p))
+    charon.start_with(p, swanctl_conf(p))
     wanted = f"C=CH, O={O}, CN=someone else"
     configure_espswitch(a, p, wanted)
     charon.swanctl("--initiate", "--child", "vxlan", "--timeout", "30", check=False)
@@ -433,7 +390,7 @@ def test_wrong_remote_name_is_reported_as_text(topo):
     seen: list[str] = []
 
     def reported() -> bool:
-        seen.append(status(a).get("ike_error", ""))
+        seen.append(iface_status(a).get("ike_error", ""))
         return expected in seen[-1]
 
     assert wait_until(reported, 30, 0.25) is not None, diagnostics(topo)
@@ -478,10 +435,10 @@ def test_hostile_fragments_at_the_daemon(topo):
     ports: counted in ike/show, nothing kept, the SA and the traffic untouched."""
     p = Pki(topo["dir"] / "pki", "ecdsa")
     a, charon = topo["a"], topo["charon"]
-    charon.start(p, swanctl_conf(p))
+    charon.start_with(p, swanctl_conf(p))
     configure_espswitch(a, p, subject(p.sw))
     wait_established(topo)
-    before, spi_before, rss_before = ike_counters(a), status(a)["spi_out"], rss_kb(a)
+    before, spi_before, rss_before = ike_counters(a), iface_status(a)["spi_out"], rss_kb(a)
     m = re.search(r"spi_i ([0-9a-f]{16}) spi_r ([0-9a-f]{16})", a.appctl("ike/show").stdout)
     assert m
     out = run(["python3", "-c", FRAGMENT_FLOOD, A_IP, *m.groups()], topo["b"])
@@ -494,7 +451,8 @@ def test_hostile_fragments_at_the_daemon(topo):
     # forged; the rest were refused before that (unexpected ID, numbering, length).
     assert delta["fragments_forged"] >= 150 and delta["fragments_invalid"] >= 4, delta
     assert delta["fragments_reassembled"] == 0 and delta["dropped"] >= sent * 0.9, delta
-    assert status(a)["spi_out"] == spi_before and status(a)["ipsec_state"] == "established"
+    st = iface_status(a)
+    assert st["spi_out"] == spi_before and st["ipsec_state"] == "established"
     assert "ESTABLISHED" in charon.list_sas()
     assert received(topo["vm"].ping(B_VX, count=N_PINGS, interval=0.05, wait=2)) == N_PINGS
     assert rss_kb(a) - rss_before < 8 * 1024, (rss_before, rss_kb(a))

@@ -17,13 +17,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from espswitch.cli.lab import CHARON, LabError, start_charon, stop_charon, tcpdump
+from espswitch.cli.lab import CHARON, tcpdump
 
+from .ipsec_helpers import Charon, iface_status, received
 from .lab import no_tx_offload, run, wait_until
 
 pytestmark = pytest.mark.net
@@ -82,57 +81,6 @@ def _missing() -> str | None:
     return None
 
 
-class Charon:
-    """charon with kernel-libipsec in namespace `ns`, with its own /run under `d`."""
-
-    def __init__(self, ns: str, d: Path) -> None:
-        self.ns, self.dir = ns, d
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"unix://{self.dir}/charon.vici"
-
-    def start(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "swanctl.conf").write_text(SWANCTL_CONF)
-        try:
-            self.proc = start_charon(self.ns, str(self.dir))
-        except LabError as e:
-            raise AssertionError(str(e)) from None
-        self.swanctl("--load-all", "--file", str(self.dir / "swanctl.conf"))
-
-    def swanctl(self, *args: str, check: bool = True, timeout: float = 30) -> str:
-        env = {"STRONGSWAN_CONF": str(self.dir / "strongswan.conf")}
-        r = run(["swanctl", *args, "--uri", self.uri], self.ns, env=env, check=False,
-                timeout=timeout)
-        if check and r.returncode:
-            raise AssertionError(f"swanctl {' '.join(args)} -> {r.returncode}\n{r.stdout}\n"
-                                 f"{r.stderr}\ncharon.log:\n{self.log()[-3000:]}")
-        return r.stdout + r.stderr
-
-    def list_sas(self) -> str:
-        return self.swanctl("--list-sas", check=False)
-
-    def log(self) -> str:
-        p = self.dir / "charon.log"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    def stop(self) -> None:
-        stop_charon(self.proc)
-
-
-def status(hv) -> dict[str, str]:
-    out = hv.iface("tun0", "status")
-    return {k: v.strip('"') for k, v in re.findall(r'(\w+)=("[^"]*"|[^,}\s]+)', out)}
-
-
-def received(ping: subprocess.CompletedProcess) -> int:
-    m = re.search(r"(\d+) received", ping.stdout)
-    assert m, f"no ping summary:\n{ping.stdout}\n{ping.stderr}"
-    return int(m.group(1))
-
-
 @pytest.fixture
 def topo(lab, tmp_path):
     """A (espswitch) and B (charon + kernel VXLAN), charon loaded before tun0 exists."""
@@ -164,7 +112,7 @@ def topo(lab, tmp_path):
         run(cmd, b)
     charon = Charon(b, tmp_path / "charon")
     try:
-        charon.start()
+        charon.start(SWANCTL_CONF)
         vm = lab.vm("ssv", 1, A_VM)
         a.vsctl("add-br", "br-int")
         a.add_vm("br-int", vm)
@@ -185,7 +133,7 @@ def add_tunnel(a) -> None:
 def diagnostics(t) -> str:
     a, charon = t["a"], t["charon"]
     ike = a.appctl("ike/show", check=False).stdout
-    return (f"espswitch status: {status(a)}\nike/show:\n{ike}\n"
+    return (f"espswitch status: {iface_status(a)}\nike/show:\n{ike}\n"
             f"swanctl --list-sas:\n{charon.list_sas()}\ncharon.log:\n{charon.log()[-4000:]}")
 
 
@@ -197,7 +145,7 @@ def wait_established(t, timeout: float = 30) -> str:
     def up() -> bool:
         sas = charon.list_sas()
         return ("ESTABLISHED" in sas and "INSTALLED" in sas
-                and status(a).get("ipsec_state") == "established")
+                and iface_status(a).get("ipsec_state") == "established")
 
     assert wait_until(up, timeout, 0.25) is not None, diagnostics(t)
     return charon.list_sas()
@@ -209,7 +157,7 @@ def check_traffic_and_wire(t, sas: str) -> None:
     assert re.search(r"vxlan: #\d+, reqid \d+, INSTALLED, TUNNEL-in-UDP, ESP:AES_GCM_16-128",
                      sas), sas
     assert re.search(rf"local  {B_IP}/32\[udp\]\n\s+remote {A_IP}/32\[udp\]\n", sas), sas
-    st = status(a)
+    st = iface_status(a)
     assert st.get("ipsec_state") == "established", st
     assert st.get("ipsec_keying") == "ikev2", st
     # The SA pair agrees: espswitch's spi_in is charon's outbound SPI and back.
