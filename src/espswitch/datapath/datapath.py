@@ -251,7 +251,8 @@ class Datapath:
         f = self._fast
         if f is not None:
             lines.append(f"  fast-path: enabled, hits={f.hits} esp_drops={f.drops} "
-                         f"upcalls={f.upcalls} misses={f.misses} rebuilds={f.rebuilds}")
+                         f"upcalls={f.upcalls} misses={f.misses} tx_hits={f.tx_hits} "
+                         f"tx_misses={f.tx_misses} rebuilds={f.rebuilds}")
         else:
             why = "off" if fast.AVAILABLE else fast.REASON
             lines.append(f"  fast-path: disabled ({why})")
@@ -267,6 +268,13 @@ class Datapath:
                     vlan = f" tag={p.tag}"
                 elif p.trunks:
                     vlan = f" trunks={','.join(map(str, sorted(p.trunks)))}"
-                path = " fast-rx" if f is not None and p in f.rx_ports else ""
+                path = ""
+                if f is not None:
+                    if p in f.rx_ports:
+                        path = " fast-rx"
+                    elif p in f.tx_ports:
+                        path = " fast-tx"
+                    elif p in f.tx_tunnels:
+                        path = " fast-tx-tunnel"
                 lines.append(f"    {p.name} {p.ofport}: ({p.describe()}){vlan}{path}")
         return "\n".join(lines) + "\n"

@@ -147,19 +147,27 @@ class Ipv4Underlay:
         return base
 
     def header(self, proto: int, payload_len: int, *, df: bool | None = None,
-               dst: bytes | None = None) -> bytes:
+               dst: bytes | None = None, ident: int | None = None) -> bytes:
         """The IPv4 header for `payload_len` bytes of protocol `proto` to `remote_ip` (or
-        `dst`), with `df_default` (or `df`)."""
+        `dst`), with `df_default` (or `df`); the identification from the tunnel's counter,
+        or `ident`."""
         df = self.df if df is None else df
         dst = self.remote_ip if dst is None else dst
         total = 20 + payload_len
-        ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
+        if ident is None:
+            ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
         # The checksum from the precomputed sum plus the two fields that change.
         s = self._base(proto, df, dst) + total + ident
         s = (s & 0xFFFF) + (s >> 16)
         s = (s & 0xFFFF) + (s >> 16)
         return _IPV4.pack(0x45, self.tos, total, ident, 0x4000 if df else 0, self.ttl, proto,
                           ~s & 0xFFFF, self.local_ip or b"\0\0\0\0", dst)
+
+    def template(self, proto: int, df: bool) -> bytes:
+        """The IPv4 header to `remote_ip` with total length, identification and checksum
+        zero: what the compiled transmit pipeline completes per packet."""
+        return _IPV4.pack(0x45, self.tos, 0, 0, 0x4000 if df else 0, self.ttl, proto, 0,
+                          self.local_ip or b"\0\0\0\0", self.remote_ip)
 
     # -- state --------------------------------------------------------------------------------
 
