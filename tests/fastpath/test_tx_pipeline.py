@@ -11,11 +11,12 @@ counts are what the frame says.
 from __future__ import annotations
 
 import dataclasses
+import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from datapath.helpers import BCAST, Hypervisor, arp, eth, ipv4, mac, tagged
+from datapath.helpers import BCAST, Hypervisor, arp, csum, eth, ipv4, mac, tagged
 from espswitch.datapath import fast
 from espswitch.ipsec import InboundSA, SaParams, parse_transform
 from espswitch.ipsec.sa import Lifetime, OutboundSA
@@ -234,3 +235,128 @@ def test_a_new_child_sa_is_installed_in_place_of_the_old_one() -> None:
 @given(st.lists(st.lists(st.sampled_from(KINDS), min_size=1, max_size=12), max_size=6))
 def test_random_batches_match_the_python_path(batches: list[list[str]]) -> None:
     run_both(batches)
+
+
+# -- reads with a virtio-net header (TSO and checksum offload from the VM) ---------------------
+
+VNET_NONE = bytes(10)
+
+
+def tcp_super(payload_len: int, mss: int, flags: int = 0x18, options: bytes = b"",
+              ident: int = 0x1234, seq: int = 0xFFFFF000) -> bytes:
+    """A TCP/IPv4 super-frame from the VM with its virtio-net header (TCPv4 GSO)."""
+    thl = 20 + len(options)
+    tcp = (struct.pack("!HHIIBBHHH", 40000, 5201, seq, 77, (thl // 4) << 4, flags, 502,
+                       0xBEEF, 0) + options)
+    body = bytes((i * 7) & 0xFF for i in range(payload_len))
+    ip = bytearray(ipv4("192.168.1.2", "192.168.1.1", 6, tcp + body, ident=ident))
+    ip[6] |= 0x40
+    hdr = struct.pack("<BBHHHH", 1, 1, 14 + 20 + thl, mss, 34, 16)
+    return hdr + eth(PEER_VM, VM_MAC, bytes(ip))
+
+
+def udp_partial(size: int) -> bytes:
+    """A UDP frame whose checksum the VM left partial (the pseudo header's sum)."""
+    data = bytes(range(size % 256)) * (size // 256 + 1)
+    data = data[:size]
+    u = struct.pack("!HHHH", 5000, 6000, 8 + size, 0) + data
+    ip = ipv4("192.168.1.2", "192.168.1.1", 17, u)
+    pseudo = sum(struct.unpack("!4H", ip[12:20])) + 17 + 8 + size
+    while pseudo > 0xFFFF:
+        pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+    ip = ip[:26] + struct.pack("!H", pseudo) + ip[28:]
+    return struct.pack("<BBHHHH", 1, 0, 0, 0, 34, 6) + eth(PEER_VM, VM_MAC, ip)
+
+
+VNET_KINDS = ("tso", "tso_fin", "tso_cwr", "tso_options", "tso_one", "tso_odd", "udp_partial",
+              "tso_too_big", "tso_not_tcp", "gso_udp", "bad_csum_offset", "short", "plain",
+              "broadcast", "arp")
+
+
+def make_vnet(hv: Hypervisor, kind: str, n: int) -> bytes:
+    """One read of a VM port with offloads: the same for both hypervisors."""
+    inner_max = hv.tun.max_frame - 14 - 20 - 20
+    if kind == "tso":
+        return tcp_super(10 * inner_max + n % 97, inner_max - n % 3, seq=n * 99991)
+    if kind == "tso_fin":
+        return tcp_super(3000 + n, 1000, flags=0x19)
+    if kind == "tso_cwr":
+        return tcp_super(5000, 1200, flags=0x90 | 0x08)
+    if kind == "tso_options":
+        return tcp_super(20000 + n, inner_max - 12, options=b"\x01\x01\x08\x0a" + bytes(8))
+    if kind == "tso_one":
+        return tcp_super(500, 1400)
+    if kind == "tso_odd":
+        return tcp_super(1001 * 3 + 1, 1001)
+    if kind == "udp_partial":
+        return udp_partial(100 + n % 900)
+    if kind == "tso_too_big":
+        return tcp_super(6000, inner_max + 50)
+    if kind == "tso_not_tcp":
+        raw = bytearray(tcp_super(3000, 1000))
+        raw[10 + 23] = 17
+        return bytes(raw)
+    if kind == "gso_udp":
+        raw = bytearray(tcp_super(3000, 1000))
+        raw[1] = 5
+        return bytes(raw)
+    if kind == "bad_csum_offset":
+        return struct.pack("<BBHHHH", 1, 0, 0, 0, 34, 5000) + frame(size=100)
+    if kind == "short":
+        return VNET_NONE + PEER_VM
+    return VNET_NONE + make(hv, kind, n)
+
+
+def run_both_vnet(batches: list[list[str]]) -> tuple[Hypervisor, Hypervisor]:
+    """The same reads from an offloading VM port of a fast and a Python hypervisor."""
+    on, off = hypervisor(True), hypervisor(False)
+    for hv in (on, off):
+        hv.dp.ports["vm"].vnet = True
+    n = 0
+    for batch in batches:
+        reads = []
+        for k in batch:
+            n += 1
+            reads.append(make_vnet(on, k, n))
+        on.inject("vm", *reads)
+        off.inject("vm", *reads)
+        assert state(on) == state(off), batch
+    return on, off
+
+
+def test_a_tso_super_frame_is_cut_sealed_and_sent_as_the_python_path_does() -> None:
+    on, _ = run_both_vnet([["tso"], ["tso", "tso_fin", "tso_odd"]])
+    f = on.dp._fast
+    assert f.tx_misses == 0 and f.tx_hits > 20
+
+
+def test_segments_leaving_the_fast_path_are_valid_tcp() -> None:
+    on, _ = run_both_vnet([])
+    on.inject("vm", tcp_super(4000, 1000, flags=0x19))
+    peer_in = InboundSA(SaParams(spi=SPI_OUT, transform=parse_transform("aes128gcm16"),
+                                 keymat=KEY_OUT))
+    segs = [peer_in.open(out[34:])[1][16:] for out in on.dev("eth0").take()]
+    assert [len(s) - 54 for s in segs] == [1000] * 4
+    for i, s in enumerate(segs):
+        assert csum(s[14:34]) == 0  # the IPv4 header checksum
+        tcp = s[34:]
+        pseudo = s[26:34] + struct.pack("!HH", 6, len(tcp))
+        assert csum(pseudo + tcp) == 0
+        assert struct.unpack("!I", tcp[4:8])[0] == (0xFFFFF000 + 1000 * i) & 0xFFFFFFFF
+        assert tcp[13] == (0x19 if i == 3 else 0x10)
+        assert struct.unpack("!H", s[18:20])[0] == 0x1234 + i
+
+
+def test_every_offload_kind_alone_matches_the_python_path() -> None:
+    run_both_vnet([[k] for k in VNET_KINDS] + [[k, "tso"] for k in VNET_KINDS])
+
+
+def test_offload_reads_the_python_path_cannot_use_are_counted_malformed() -> None:
+    _on, off = run_both_vnet([["tso_not_tcp", "gso_udp", "bad_csum_offset", "short"]])
+    assert off.dp.ports["vm"].stats["rx_malformed"] == 4
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(st.sampled_from(VNET_KINDS), min_size=1, max_size=8), max_size=5))
+def test_random_offload_batches_match_the_python_path(batches: list[list[str]]) -> None:
+    run_both_vnet(batches)

@@ -177,7 +177,9 @@ class Datapath:
 
     # --- frames --------------------------------------------------------------------------
     def receive(self, port: Port, frames: list[bytes]) -> None:
-        """A batch arrived on `port`: forward it through the port's bridge.
+        """A batch arrived on `port`: forward it through the port's bridge. From a port
+        whose device offloads (`port.vnet`), each read starts with a virtio-net header and
+        may stand for several frames (datapath/gso.py).
 
         With the fast path on, a batch from outside (not one the datapath itself passes
         on) goes through the compiled receive pipeline first; only its misses take the
@@ -186,6 +188,8 @@ class Datapath:
         try:
             if self._fast is not None and self._depth == 1:
                 frames = self._fast.receive(port, frames)
+            if frames and port.vnet:
+                frames = port.complete(frames)
             if frames:
                 port.bridge.process(port, frames)
         finally:

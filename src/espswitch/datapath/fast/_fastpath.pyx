@@ -1761,37 +1761,49 @@ cdef object _hand_out(PyObject **outs, Py_ssize_t i, size_t size):
 
 # -- the transmit pipeline: VM -> NIC (issue 10) -----------------------------------------------
 #
-# `tx_burst` runs a batch of frames read from one VM port (a TAP) through the tables the slow
-# path installed with `RxTable.set_tx`: the bridge's MAC lookup to a tunnel, VXLAN push, ESP
-# seal (transport mode), the outer IPv4 and Ethernet headers, for the NIC port behind the
-# tunnel's egress bridge. The outer packet is built in one buffer: the UDP and VXLAN headers
-# and the inner frame are written where the ESP payload goes, and sealed in place.
+# `tx_burst` runs a batch of reads from one VM port (a TAP) through the tables the slow path
+# installed with `RxTable.set_tx`: the bridge's MAC lookup to a tunnel, then per frame (or
+# per TCP segment of a TSO super-frame, see datapath/gso.py) VXLAN push, ESP seal (transport
+# mode), the outer IPv4 and Ethernet headers, for the NIC port behind the tunnel's egress
+# bridge. Each outer packet is built in one buffer: the UDP and VXLAN headers and the inner
+# frame (a segment's headers and its slice of the payload, checksums completed) are written
+# where the ESP payload goes, and sealed in place.
 #
-#   MISS  nothing was touched: the Python path takes the frame (and, for the batch's order,
-#         every frame after it);
-#   DROP  the SA refused to send it (hard lifetime, sequence space): counted in the SA;
-#   HIT   the outer frame, for the NIC port.
+#   MISS  nothing was touched: the Python path takes the read (and, for the batch's order,
+#         every read after it);
+#   TAKEN its frames were sent, or refused by the SA (hard lifetime, sequence space:
+#         counted in the SA and listed in `drops`).
 
 cdef enum:
     TX_MISS = 0
-    TX_DROP = 1
-    TX_HIT = 3
+    TX_TAKEN = 3
     TX_CANDIDATE = 4
+
+# virtio_net_hdr (linux/virtio_net.h), what a TAP read with IFF_VNET_HDR starts with.
+cdef enum:
+    VNET_LEN = 10
+    VNET_NEEDS_CSUM = 1
+    VNET_GSO_NONE = 0
+    VNET_GSO_TCPV4 = 1
+    VNET_GSO_ECN = 0x80
 
 cdef extern from "zlib.h" nogil:
     unsigned long crc32(unsigned long crc, const unsigned char *buf, unsigned int len)
 
 cdef struct tx_pkt:
-    const uint8_t *data
+    const uint8_t *data  # the frame (after the virtio-net header)
     size_t len
-    uint8_t *out
-    size_t cap
-    size_t out_len
     int kind
     int tun
-    int result
     int src_entry        # the inner source MAC's entry on the input bridge, or -1
-    uint64_t seq
+    int csum_start       # no GSO: where the partial checksum starts, or -1: none
+    int csum_at          # ... and where it goes
+    size_t mss           # TCPv4 GSO: the segment payload size; 0: one frame
+    size_t hlen          # GSO: Ethernet + IPv4 + TCP header length
+    size_t l4            # GSO: where the TCP header starts
+    int nseg             # the frames it stands for
+    int done             # how many of them are built
+    Py_ssize_t first     # its first output slot
 
 
 cdef inline uint32_t flow_port(const uint8_t *f, size_t n) noexcept nogil:
@@ -1803,11 +1815,72 @@ cdef inline uint32_t flow_port(const uint8_t *f, size_t n) noexcept nogil:
     return 49152 | (<uint32_t>c & 0x3FFF)
 
 
+cdef inline uint64_t ones_sum(const uint8_t *p, size_t n, uint64_t s) noexcept nogil:
+    """`s` plus the 16-bit big-endian words of p[0:n] (an odd last byte padded with 0)."""
+    cdef size_t i = 0
+    while i + 1 < n:
+        s += (<uint64_t>p[i] << 8) | p[i + 1]
+        i += 2
+    if i < n:
+        s += <uint64_t>p[i] << 8
+    return s
+
+
+cdef inline uint32_t csum_fold(uint64_t s) noexcept nogil:
+    """The checksum (complemented, 16 bits) of a word sum."""
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return <uint32_t>(~s & 0xFFFF)
+
+
+cdef int tx_offload(tx_pkt *p, const uint8_t *raw, size_t n) noexcept nogil:
+    """Read the virtio-net header of a TAP read into p (datapath/gso.py `complete`); 0 when
+    the Python path must handle it (what it cannot segment, it counts as malformed)."""
+    cdef int flags, gso
+    cdef size_t start, off, ihl, thl, f_n
+    cdef const uint8_t *f
+    if n < VNET_LEN + 14:
+        return 0
+    flags = raw[0]
+    gso = raw[1] & ~VNET_GSO_ECN
+    f = raw + VNET_LEN
+    f_n = n - VNET_LEN
+    p.data = f
+    p.len = f_n
+    if gso == VNET_GSO_NONE:
+        if flags & VNET_NEEDS_CSUM:
+            start = raw[6] | (<size_t>raw[7] << 8)
+            off = raw[8] | (<size_t>raw[9] << 8)
+            if start + off + 2 > f_n:
+                return 0
+            p.csum_start = <int>start
+            p.csum_at = <int>(start + off)
+        return 1
+    if gso != VNET_GSO_TCPV4:
+        return 0
+    p.mss = raw[4] | (<size_t>raw[5] << 8)
+    # segment_tcp4's checks: TCP over IPv4, whole headers, some payload.
+    if p.mss == 0 or f_n < 14 + 20 + 20 or f[12] != 0x08 or f[13] != 0 or f[23] != 6:
+        return 0
+    if f[14] >> 4 != 4:
+        return 0
+    ihl = (f[14] & 0x0F) * 4
+    p.l4 = 14 + ihl
+    if ihl < 20 or p.l4 + 20 > f_n:
+        return 0
+    thl = (f[p.l4 + 12] >> 4) * 4
+    p.hlen = p.l4 + thl
+    if thl < 20 or p.hlen >= f_n:
+        return 0
+    p.nseg = <int>((f_n - p.hlen + p.mss - 1) // p.mss)
+    return 1
+
+
 cdef void tx_classify(RxTable t, tx_pkt *p, int in_port, int in_bridge) noexcept nogil:
     """The bridge's decision for one frame from a VM port, from the installed tables
     only: TX_CANDIDATE (with p.tun) or TX_MISS."""
     cdef const uint8_t *f = p.data
-    cdef size_t n = p.len
+    cdef size_t n = p.len, largest
     cdef int e = -1, out, k
     p.kind = TX_MISS
     p.src_entry = -1
@@ -1828,135 +1901,233 @@ cdef void tx_classify(RxTable t, tx_pkt *p, int in_port, int in_bridge) noexcept
     if out < 0 or out == in_port or out >= t.ntx_ports:
         return
     k = t.tun_of_port[out]
-    if k < 0 or n > t.tuns[k].max_frame:
+    largest = p.hlen + p.mss if p.mss else n
+    if k < 0 or largest > t.tuns[k].max_frame:
         return                        # not a fast tunnel; or too big: ICMP or fragments
     p.tun = k
     p.kind = TX_CANDIDATE
 
 
-cdef inline size_t tx_capacity(const tx_tun *k, size_t n) noexcept nogil:
-    """The outer frame's length for an n-byte inner frame."""
-    return 34 + esp_sealed_len(k.sa, 16 + n)
+cdef inline size_t tx_seg_len(const tx_pkt *p, int j) noexcept nogil:
+    """The length of the j-th inner frame `p` stands for."""
+    cdef size_t rest
+    if not p.mss:
+        return p.len
+    rest = p.len - p.hlen - <size_t>j * p.mss
+    return p.hlen + (p.mss if rest > p.mss else rest)
+
+
+cdef void tx_inner(const tx_pkt *p, int j, uint8_t *d) noexcept nogil:
+    """Write the j-th inner frame of `p` at d (tx_seg_len bytes): the frame with its partial
+    checksum completed, or a TCP segment (gso.segment_tcp4, byte for byte)."""
+    cdef const uint8_t *f = p.data
+    cdef size_t l4 = p.l4, seglen, piece, tcp_len
+    cdef uint32_t v, c
+    cdef uint64_t s
+    cdef int flags
+    if not p.mss:
+        memcpy(d, f, p.len)
+        if p.csum_start >= 0:
+            c = csum_fold(ones_sum(d + p.csum_start, p.len - <size_t>p.csum_start, 0))
+            d[p.csum_at] = <uint8_t>(c >> 8)
+            d[p.csum_at + 1] = <uint8_t>c
+        return
+    seglen = tx_seg_len(p, j)
+    piece = seglen - p.hlen
+    memcpy(d, f, p.hlen)
+    memcpy(d + p.hlen, f + p.hlen + <size_t>j * p.mss, piece)
+    tcp_len = seglen - l4
+    v = <uint32_t>(l4 - 14 + tcp_len)           # IPv4 total length
+    d[16] = <uint8_t>(v >> 8)
+    d[17] = <uint8_t>v
+    v = ((<uint32_t>f[18] << 8 | f[19]) + <uint32_t>j) & 0xFFFF
+    d[18] = <uint8_t>(v >> 8)
+    d[19] = <uint8_t>v
+    d[24] = 0
+    d[25] = 0
+    c = csum_fold(ones_sum(d + 14, l4 - 14, 0))
+    d[24] = <uint8_t>(c >> 8)
+    d[25] = <uint8_t>c
+    put32(d + l4 + 4, get32(f + l4 + 4) + <uint32_t>(<size_t>j * p.mss))
+    flags = f[l4 + 13]
+    if j != p.nseg - 1:
+        flags &= ~0x09                          # FIN, PSH: the last segment's
+    if j:
+        flags &= ~0x80                          # CWR: the first segment's
+    d[l4 + 13] = <uint8_t>flags
+    d[l4 + 16] = 0
+    d[l4 + 17] = 0
+    # The pseudo header: addresses, protocol, TCP length.
+    s = ones_sum(d + 26, 8, 6 + <uint64_t>tcp_len)
+    c = csum_fold(ones_sum(d + l4, tcp_len, s))
+    d[l4 + 16] = <uint8_t>(c >> 8)
+    d[l4 + 17] = <uint8_t>c
+
+
+cdef inline size_t tx_capacity(const tx_tun *k, size_t inner) noexcept nogil:
+    """The outer frame's length for an inner frame of `inner` bytes."""
+    return 34 + esp_sealed_len(k.sa, 16 + inner)
 
 
 cdef Py_ssize_t tx_run(RxTable t, tx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
-                       int *account, int *cut) noexcept nogil:
-    """Build the candidates of pkts[i:n] in order; stops after a packet whose SA needs
-    the slow path's lifetime accounting, as the bursts do. After the first miss, every
-    later frame is a miss too (`*cut`): the Python path sends it after this batch's hits,
-    so each port's output stays in arrival order."""
+                       uint8_t **bufs, size_t *lens, int *results, uint64_t *seq,
+                       int *acct_tun, int *account, int *cut) noexcept nogil:
+    """Build the frames of pkts[i:n] in order, from where the last call stopped: stops
+    after a packet whose SA needs the slow path's lifetime accounting (`*seq` is its
+    sequence number, `*acct_tun` its tunnel), or after OpenSSL failed (`*cut` set, the
+    read's kind still TX_CANDIDATE). After the first miss, every later read is a miss too (`*cut`):
+    the Python path sends it after this batch's hits, so each port's output stays in
+    arrival order. Output slot `first + j` gets the j-th frame: the outer frame in
+    bufs[slot] (lens[slot] bytes, result 0), or result -1-DropReason / ERR_*."""
     cdef tx_pkt *p
     cdef tx_tun *k
     cdef uint8_t *o
     cdef uint8_t *pl
-    cdef size_t plen, esp_len = 0, total
+    cdef size_t inner, plen, esp_len = 0, total
     cdef uint32_t s, ident
+    cdef Py_ssize_t slot
+    cdef int r
+    cdef uint64_t sq = 0
     account[0] = 0
     while i < n:
         p = &pkts[i]
-        i += 1
         if cut[0] or p.kind != TX_CANDIDATE:
             p.kind = TX_MISS
             cut[0] = 1
+            i += 1
             continue
         k = &t.tuns[p.tun]
-        o = p.out
-        plen = 16 + p.len
-        # encap.Vxlan.push, where ESP's payload goes: UDP (checksum 0), VXLAN, the frame.
-        pl = o + 34 + 8 + k.sa.iv_len
-        put32(pl, (flow_port(p.data, p.len) << 16) | k.dport)
-        put32(pl + 4, <uint32_t>plen << 16)
-        put32(pl + 8, 0x08000000)
-        put32(pl + 12, k.vni_word)
-        memcpy(pl + 16, p.data, p.len)
-        pthread_mutex_lock(&k.sa.lock)
-        p.result = esp_seal(k.sa, pl, plen, 17, NULL, o + 34, p.cap - 34, &esp_len,
-                            &p.seq, account)
-        pthread_mutex_unlock(&k.sa.lock)
-        if p.result <= ERR_CAPACITY:
-            p.kind = TX_MISS              # nothing moved; the Python path meets it again
-            cut[0] = 1
-        elif p.result < 0:
-            p.kind = TX_DROP
-        else:
-            # underlay.header: the template with total length, ID and checksum. The ID of
-            # an ESP packet (DF set, RFC 6864) is its sequence number's low 16 bits.
-            memcpy(o, k.head, 34)
-            total = 20 + esp_len
-            ident = <uint32_t>(p.seq & 0xFFFF)
-            o[16] = <uint8_t>(total >> 8)
-            o[17] = <uint8_t>total
-            o[18] = <uint8_t>(ident >> 8)
-            o[19] = <uint8_t>ident
-            s = k.csum_base + <uint32_t>total + ident
-            s = (s & 0xFFFF) + (s >> 16)
-            s = (s & 0xFFFF) + (s >> 16)
-            s = ~s & 0xFFFF
-            o[24] = <uint8_t>(s >> 8)
-            o[25] = <uint8_t>s
-            p.out_len = 14 + total
-            p.kind = TX_HIT
-        if account[0]:
-            break
+        while p.done < p.nseg:
+            slot = p.first + p.done
+            o = bufs[slot]
+            inner = tx_seg_len(p, p.done)
+            plen = 16 + inner
+            # encap.Vxlan.push, where ESP's payload goes: UDP (checksum 0), VXLAN, frame.
+            pl = o + 34 + 8 + k.sa.iv_len
+            tx_inner(p, p.done, pl + 16)
+            put32(pl, (flow_port(pl + 16, inner) << 16) | k.dport)
+            put32(pl + 4, <uint32_t>plen << 16)
+            put32(pl + 8, 0x08000000)
+            put32(pl + 12, k.vni_word)
+            pthread_mutex_lock(&k.sa.lock)
+            r = esp_seal(k.sa, pl, plen, 17, NULL, o + 34, tx_capacity(k, inner) - 34,
+                         &esp_len, &sq, account)
+            pthread_mutex_unlock(&k.sa.lock)
+            results[slot] = r
+            p.done += 1
+            if r == 0:
+                # underlay.header: the template with total length, ID and checksum. The
+                # ID of an ESP packet (DF set, RFC 6864) is its sequence number's low 16
+                # bits.
+                memcpy(o, k.head, 34)
+                total = 20 + esp_len
+                ident = <uint32_t>(sq & 0xFFFF)
+                o[16] = <uint8_t>(total >> 8)
+                o[17] = <uint8_t>total
+                o[18] = <uint8_t>(ident >> 8)
+                o[19] = <uint8_t>ident
+                s = k.csum_base + <uint32_t>total + ident
+                s = (s & 0xFFFF) + (s >> 16)
+                s = (s & 0xFFFF) + (s >> 16)
+                s = ~s & 0xFFFF
+                o[24] = <uint8_t>(s >> 8)
+                o[25] = <uint8_t>s
+                lens[slot] = 14 + total
+            elif r <= ERR_CAPACITY:
+                cut[0] = 1
+                return i              # the caller raises: OpenSSL refused a call
+            if account[0]:
+                seq[0] = sq
+                acct_tun[0] = p.tun
+                if p.done == p.nseg:
+                    p.kind = TX_TAKEN
+                    i += 1
+                return i
+        p.kind = TX_TAKEN
+        i += 1
     return i
 
 
-def tx_burst(RxTable table, frames, int in_port, int in_bridge):
-    """Run frames read from port index `in_port` (of bridge index `in_bridge`) through
-    `table`'s transmit side; the GIL is released for the per-packet work.
+def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False):
+    """Run reads from port index `in_port` (of bridge index `in_bridge`) through `table`'s
+    transmit side; the GIL is released for the per-packet work. With `vnet`, each read
+    starts with a virtio-net header (a TAP with offloads: see datapath/gso.py).
 
-    Returns `(kinds, outputs, tunnel_tx, drops, entries)`: `kinds` one byte per frame
-    (0 miss, 1 drop, 3 hit); `outputs` {NIC port index: [outer frame, ...]} in arrival
-    order; `tunnel_tx` {tunnel port index: [packets, inner bytes]}; `drops` of (frame
+    Returns `(kinds, outputs, tunnel_tx, drops, entries, taken)`: `kinds` one byte per
+    read (0 miss, 3 taken); `outputs` {NIC port index: [outer frame, ...]} in arrival
+    order; `tunnel_tx` {tunnel port index: [packets, inner bytes]}; `drops` of (read
     index, tunnel port index, DropReason); `entries` the set of MAC entry indices whose
-    age to refresh (the inner sources, the internal ports' MACs on the egress bridges).
+    age to refresh (the inner sources, the internal ports' MACs on the egress bridges);
+    `taken` [frames, bytes] the input port received (segments counted one by one).
     """
-    cdef Py_ssize_t n = len(frames), i, done
+    cdef Py_ssize_t n = len(frames), i, j, done, nout = 0, slot
     cdef tx_pkt *pkts
     cdef Py_buffer *views
     cdef Py_ssize_t nviews = 0
-    cdef PyObject **outs
+    cdef PyObject **outs = NULL
+    cdef uint8_t **bufs = NULL
+    cdef size_t *lens = NULL
+    cdef int *results = NULL
     cdef tx_pkt *p
     cdef tx_tun *k
-    cdef int account = 0, cut = 0
-    cdef size_t cap
+    cdef int account = 0, cut = 0, r, acct_tun = 0
+    cdef uint64_t seq = 0
+    cdef size_t cap, inner, raw_len
+    cdef const uint8_t *raw
     cdef bytearray kinds = bytearray(n)
     cdef list drops = [], lst
     cdef dict outputs = {}, tunnel_tx = {}
     cdef set entries = set()
+    cdef list taken = [0, 0]
     pkts = <tx_pkt *>calloc(n if n else 1, sizeof(tx_pkt))
     views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
-    outs = <PyObject **>calloc(n if n else 1, sizeof(PyObject *))
     try:
-        if pkts == NULL or views == NULL or outs == NULL:
+        if pkts == NULL or views == NULL:
             raise MemoryError()
         for i in range(n):
             PyObject_GetBuffer(frames[i], &views[i], PyBUF_SIMPLE)
             nviews = i + 1
-            pkts[i].data = <const uint8_t *>views[i].buf
-            pkts[i].len = <size_t>views[i].len
         with nogil:
             for i in range(n):
-                if pkts[i].len > MAX_PACKET:
-                    pkts[i].kind = TX_MISS
+                p = &pkts[i]
+                raw = <const uint8_t *>views[i].buf
+                raw_len = <size_t>views[i].len
+                p.csum_start = -1
+                p.nseg = 1
+                p.data = raw
+                p.len = raw_len
+                if raw_len > MAX_PACKET or (vnet and not tx_offload(p, raw, raw_len)):
+                    p.kind = TX_MISS
                 else:
-                    tx_classify(table, &pkts[i], in_port, in_bridge)
+                    tx_classify(table, p, in_port, in_bridge)
+                if p.kind == TX_CANDIDATE:
+                    p.first = nout
+                    nout += p.nseg
+        outs = <PyObject **>calloc(nout if nout else 1, sizeof(PyObject *))
+        bufs = <uint8_t **>calloc(nout if nout else 1, sizeof(uint8_t *))
+        lens = <size_t *>calloc(nout if nout else 1, sizeof(size_t))
+        results = <int *>calloc(nout if nout else 1, sizeof(int))
+        if outs == NULL or bufs == NULL or lens == NULL or results == NULL:
+            raise MemoryError()
         for i in range(n):
             p = &pkts[i]
             if p.kind != TX_CANDIDATE:
                 continue
-            cap = tx_capacity(&table.tuns[p.tun], p.len)
-            outs[i] = _bytes_new(NULL, <Py_ssize_t>cap)
-            if outs[i] == NULL:
-                raise MemoryError()
-            p.out = <uint8_t *>_bytes_buf(outs[i])
-            p.cap = cap
+            for j in range(p.nseg):
+                cap = tx_capacity(&table.tuns[p.tun], tx_seg_len(p, <int>j))
+                outs[p.first + j] = _bytes_new(NULL, <Py_ssize_t>cap)
+                if outs[p.first + j] == NULL:
+                    raise MemoryError()
+                bufs[p.first + j] = <uint8_t *>_bytes_buf(outs[p.first + j])
         i = 0
         while i < n:
             with nogil:
-                done = tx_run(table, pkts, i, n, &account, &cut)
+                done = tx_run(table, pkts, i, n, bufs, lens, results, &seq, &acct_tun,
+                              &account, &cut)
             if account:
-                (<SaCore>table._tx_cores[pkts[done - 1].tun])._account(pkts[done - 1].seq)
+                (<SaCore>table._tx_cores[acct_tun])._account(seq)
+            elif done < n and pkts[done].kind == TX_CANDIDATE:
+                raise RuntimeError("OpenSSL failed to seal a packet")
             i = done
         for i in range(n):
             p = &pkts[i]
@@ -1966,30 +2137,39 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge):
             if p.src_entry >= 0:
                 entries.add(p.src_entry)
             k = &table.tuns[p.tun]
-            if p.kind == TX_DROP:
-                drops.append((i, k.port, _REASONS[-1 - p.result]))
-                continue
-            entries.add(k.phy_entry)
-            lst = outputs.get(k.out_port)
-            frame = _hand_out(outs, i, p.out_len)
-            if lst is None:
-                outputs[k.out_port] = [frame]
-            else:
-                lst.append(frame)
-            tx = tunnel_tx.get(k.port)
-            if tx is None:
-                tunnel_tx[k.port] = [1, p.len]
-            else:
-                tx[0] += 1
-                tx[1] += p.len
-        return kinds, outputs, tunnel_tx, drops, entries
+            for j in range(p.nseg):
+                slot = p.first + j
+                inner = tx_seg_len(p, <int>j)
+                taken[0] += 1
+                taken[1] += inner
+                r = results[slot]
+                if r != 0:
+                    drops.append((i, k.port, _REASONS[-1 - r]))
+                    continue
+                entries.add(k.phy_entry)
+                frame = _hand_out(outs, slot, lens[slot])
+                lst = outputs.get(k.out_port)
+                if lst is None:
+                    outputs[k.out_port] = [frame]
+                else:
+                    lst.append(frame)
+                tx = tunnel_tx.get(k.port)
+                if tx is None:
+                    tunnel_tx[k.port] = [1, inner]
+                else:
+                    tx[0] += 1
+                    tx[1] += inner
+        return kinds, outputs, tunnel_tx, drops, entries, taken
     finally:
         for i in range(nviews):
             PyBuffer_Release(&views[i])
         if outs != NULL:
-            for i in range(n):
+            for i in range(nout):
                 if outs[i] != NULL:
                     _decref(outs[i])
         free(pkts)
         free(views)
         free(outs)
+        free(bufs)
+        free(lens)
+        free(results)

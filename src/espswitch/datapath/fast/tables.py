@@ -283,24 +283,19 @@ class FastTables:
 
     def _transmit(self, port: Port, frames: list[bytes], where: tuple[int, int]) -> list[bytes]:
         """A batch from a VM port through the compiled transmit pipeline, with the side
-        effects the Python path would have had; returns the misses."""
-        kinds, outputs, tunnel_tx, drops, touched = _fastpath.tx_burst(
-            self.table, frames, where[0], where[1])
+        effects the Python path would have had; returns the misses (reads as they came:
+        with their virtio-net header when the port's device gives one)."""
+        kinds, outputs, tunnel_tx, drops, touched, taken = _fastpath.tx_burst(
+            self.table, frames, where[0], where[1], port.vnet)
         dp = self.dp
-        if kinds.count(0):
-            missed = [f for f, k in zip(frames, kinds, strict=True) if not k]
-            nbytes = sum(map(len, frames)) - sum(map(len, missed))
-        else:
-            missed = []
-            nbytes = sum(map(len, frames))
-        taken = len(frames) - len(missed)
+        missed = [f for f, k in zip(frames, kinds, strict=True) if not k] if kinds.count(0) else []
         self.tx_misses += len(missed)
-        if not taken:
+        if not taken[0]:
             return missed
-        self.tx_hits += taken
+        self.tx_hits += taken[0]
         st = port.stats
-        st["rx_packets"] += taken
-        st["rx_bytes"] += nbytes
+        st["rx_packets"] += taken[0]
+        st["rx_bytes"] += taken[1]
         now = dp.now
         entries = self.entries
         for e in touched:
