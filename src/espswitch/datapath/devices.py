@@ -17,6 +17,7 @@ import socket
 import struct
 import threading
 
+from espswitch.datapath import fast
 from espswitch.datapath.errors import PortError
 from espswitch.datapath.gro import VNET_HDR_LEN, coalesce
 from espswitch.datapath.gso import complete
@@ -118,6 +119,11 @@ def set_device_mtu(name: str, mtu: int) -> bool:
         return False
     finally:
         s.close()
+
+
+# With the compiled module built: one sendmmsg(2) per 64 frames instead of one send(2)
+# each (the same results, counted the same way).
+_send_frames = fast._fastpath.send_frames if fast.AVAILABLE else None
 
 
 def _send_all(write, frames: list[bytes]) -> SendResult:
@@ -440,6 +446,8 @@ class PacketSocketDevice:
         return out
 
     def send(self, frames: list[bytes]) -> SendResult:
+        if _send_frames is not None:
+            return _send_frames(self.sock.fileno(), frames)
         return _send_all(self.sock.send, frames)
 
     def close(self) -> None:

@@ -2173,3 +2173,84 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False)
         free(bufs)
         free(lens)
         free(results)
+
+
+# -- batched transmission ----------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <string.h>
+    #include <sys/socket.h>
+    #include <sys/uio.h>
+    #define ESP_MMSG 64
+    /* Send n buffers on a connected or bound socket, ESP_MMSG per sendmmsg(2) call;
+       errs[i] = 0 when the i-th was sent, else its errno (it is skipped). */
+    static void esp_send_frames(int fd, char **bufs, const size_t *lens, int n, int *errs)
+    {
+        struct mmsghdr msgs[ESP_MMSG];
+        struct iovec iov[ESP_MMSG];
+        int i = 0, k, m, r;
+        while (i < n) {
+            m = n - i > ESP_MMSG ? ESP_MMSG : n - i;
+            memset(msgs, 0, sizeof(msgs[0]) * (size_t)m);
+            for (k = 0; k < m; k++) {
+                iov[k].iov_base = bufs[i + k];
+                iov[k].iov_len = lens[i + k];
+                msgs[k].msg_hdr.msg_iov = &iov[k];
+                msgs[k].msg_hdr.msg_iovlen = 1;
+            }
+            r = sendmmsg(fd, msgs, (unsigned int)m, MSG_DONTWAIT);
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                errs[i++] = errno;   /* the first message failed: skip it, go on */
+                continue;
+            }
+            for (k = 0; k < r; k++)
+                errs[i + k] = 0;
+            i += r;
+        }
+    }
+    """
+    void esp_send_frames(int fd, char **bufs, const size_t *lens, int n, int *errs) nogil
+    const int EMSGSIZE_ "EMSGSIZE"
+
+
+def send_frames(int fd, frames) -> tuple:
+    """Send every frame on socket `fd` with sendmmsg(2), the GIL released; returns
+    (sent, lengths dropped, lengths too big for the link), as devices._send_all."""
+    cdef Py_ssize_t n = len(frames), i, nviews = 0
+    cdef Py_buffer *views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
+    cdef char **bufs = <char **>calloc(n if n else 1, sizeof(char *))
+    cdef size_t *lens = <size_t *>calloc(n if n else 1, sizeof(size_t))
+    cdef int *errs = <int *>calloc(n if n else 1, sizeof(int))
+    cdef int sent = 0
+    cdef list dropped = [], too_big = []
+    try:
+        if views == NULL or bufs == NULL or lens == NULL or errs == NULL:
+            raise MemoryError()
+        if n > 0x7FFFFFFF:
+            raise ValueError("too many frames")
+        for i in range(n):
+            PyObject_GetBuffer(frames[i], &views[i], PyBUF_SIMPLE)
+            nviews = i + 1
+            bufs[i] = <char *>views[i].buf
+            lens[i] = <size_t>views[i].len
+        with nogil:
+            esp_send_frames(fd, bufs, lens, <int>n, errs)
+        for i in range(n):
+            if errs[i] == 0:
+                sent += 1
+            elif errs[i] == EMSGSIZE_:
+                too_big.append(lens[i])
+            else:
+                dropped.append(lens[i])
+        return sent, dropped, too_big
+    finally:
+        for i in range(nviews):
+            PyBuffer_Release(&views[i])
+        free(views)
+        free(bufs)
+        free(lens)
+        free(errs)
