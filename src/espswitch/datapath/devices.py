@@ -128,6 +128,34 @@ _send_frames = fast._fastpath.send_frames if fast.AVAILABLE else None
 _tap_send = fast._fastpath.tap_send if fast.AVAILABLE else None
 
 
+def ring_walk(ring: mmap.mmap | bytearray, head: int, fs: int, nr: int,
+              limit: int) -> tuple[list[bytes], int]:
+    """Up to `limit` frames from a TPACKET_V2 ring of `nr` slots of `fs` bytes, from slot
+    `head`, each slot handed back to the kernel; (frames, next head). A frame cut to the
+    slot is dropped; a VLAN tag the kernel moved to metadata is put back."""
+    out = []
+    unpack_from = _TP2_HDR.unpack_from
+    for _ in range(limit):
+        off = head * fs
+        status, length, snaplen, mac, tci, tpid = unpack_from(ring, off)
+        if not status & TP_STATUS_USER:
+            break
+        if length == snaplen and mac + snaplen <= fs:
+            frame = bytes(ring[off + mac : off + mac + snaplen])
+            if status & TP_STATUS_VLAN_VALID and snaplen >= 12:
+                if not status & TP_STATUS_VLAN_TPID_VALID or not tpid:
+                    tpid = 0x8100
+                frame = frame[:12] + _VLAN_TAG.pack(tpid, tci) + frame[12:]
+            out.append(frame)
+        _U32_NATIVE.pack_into(ring, off, TP_STATUS_KERNEL)  # hand the slot back
+        head = head + 1 if head + 1 < nr else 0
+    return out, head
+
+
+# The ring walked in C when the compiled module is built (the same frames, the same slots).
+_ring_read = fast._fastpath.ring_read if fast.AVAILABLE else ring_walk
+
+
 def _send_all(write, frames: list[bytes]) -> SendResult:
     """Write each frame; return (sent, lengths dropped, lengths too big for the link)."""
     sent = 0
@@ -404,24 +432,7 @@ class PacketSocketDevice:
         ring = self._ring
         if ring is None:
             return self._recv_batch_syscalls(limit)
-        out = []
-        unpack_from, fs, nr = _TP2_HDR.unpack_from, self._frame_size, self._frame_nr
-        head = self._head
-        for _ in range(limit):
-            off = head * fs
-            status, length, snaplen, mac, tci, tpid = unpack_from(ring, off)
-            if not status & TP_STATUS_USER:
-                break
-            if length == snaplen:  # a frame cut to the ring's frame size is dropped
-                frame = ring[off + mac : off + mac + snaplen]
-                if status & TP_STATUS_VLAN_VALID and snaplen >= 12:
-                    if not status & TP_STATUS_VLAN_TPID_VALID or not tpid:
-                        tpid = 0x8100
-                    frame = frame[:12] + _VLAN_TAG.pack(tpid, tci) + frame[12:]
-                out.append(frame)
-            _U32_NATIVE.pack_into(ring, off, TP_STATUS_KERNEL)  # hand the slot back
-            head = head + 1 if head + 1 < nr else 0
-        self._head = head
+        out, self._head = _ring_read(ring, self._head, self._frame_size, self._frame_nr, limit)
         if not out:
             # Nothing is read through the socket any more, so a pending error (ENETDOWN
             # when the link flaps) would stay and keep epoll waking us: consume it.

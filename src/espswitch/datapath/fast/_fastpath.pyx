@@ -40,7 +40,7 @@ salt and IV mask are cleansed (OPENSSL_cleanse) when the SA is freed.
 """
 
 from cpython.ref cimport PyObject
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
@@ -118,6 +118,7 @@ cdef extern from "Python.h":
     int PyObject_GetBuffer(object obj, Py_buffer *view, int flags) except -1
     void PyBuffer_Release(Py_buffer *view)
     int PyBUF_SIMPLE
+    int PyBUF_WRITABLE
 
 # -- constants ---------------------------------------------------------------------------------
 
@@ -2536,3 +2537,86 @@ def tap_send(int fd, frames) -> tuple:
         free(units)
         free(iov)
         free(errs)
+
+
+# -- the AF_PACKET receive ring (TPACKET_V2), read in C ------------------------------------------
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    static inline uint32_t esp_ring_status(const uint8_t *p) {
+        return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE);
+    }
+    static inline void esp_ring_release(uint8_t *p) {
+        __atomic_store_n((uint32_t *)p, 0u, __ATOMIC_RELEASE);   /* TP_STATUS_KERNEL */
+    }
+    static inline uint32_t esp_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+    static inline uint16_t esp_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+    """
+    uint32_t esp_ring_status(const uint8_t *p) nogil
+    void esp_ring_release(uint8_t *p) nogil
+    uint32_t esp_u32(const uint8_t *p) nogil
+    uint16_t esp_u16(const uint8_t *p) nogil
+
+
+def ring_read(ring, Py_ssize_t head, Py_ssize_t frame_size, Py_ssize_t frame_nr,
+              Py_ssize_t limit) -> tuple:
+    """PacketSocketDevice.recv_batch's ring walk, in C: up to `limit` frames from the
+    TPACKET_V2 ring `ring` (a writable buffer of frame_nr slots of frame_size bytes) from
+    slot `head`, each slot handed back to the kernel once copied; a frame cut to the slot
+    is dropped, a VLAN tag the kernel moved to metadata is put back. Returns (frames,
+    next head). A slot whose header points outside it is handed back unread."""
+    cdef Py_buffer view
+    cdef uint8_t *base
+    cdef uint8_t *slot
+    cdef uint32_t status, length, snaplen
+    cdef uint16_t mac, tci, tpid
+    cdef Py_ssize_t taken = 0
+    cdef list out = []
+    cdef PyObject *f
+    cdef uint8_t *o
+    PyObject_GetBuffer(ring, &view, PyBUF_WRITABLE)
+    try:
+        if frame_size < 32 or frame_nr <= 0 or frame_size * frame_nr > view.len:
+            raise ValueError("the ring is smaller than its slots")
+        if not 0 <= head < frame_nr:
+            raise ValueError("head outside the ring")
+        base = <uint8_t *>view.buf
+        while taken < limit:
+            slot = base + head * frame_size
+            status = esp_ring_status(slot)
+            if not status & 1:                          # TP_STATUS_USER
+                break
+            taken += 1
+            length = esp_u32(slot + 4)
+            snaplen = esp_u32(slot + 8)
+            mac = esp_u16(slot + 12)
+            tci = esp_u16(slot + 24)
+            tpid = esp_u16(slot + 26)
+            # The kernel's header is trusted to be its own, but the copy stays in the slot.
+            if (length == snaplen and <size_t>mac + snaplen <= <size_t>frame_size
+                    and snaplen <= 0xFFFF):
+                if status & 0x10 and snaplen >= 12:     # TP_STATUS_VLAN_VALID
+                    if not status & 0x40 or not tpid:   # TP_STATUS_VLAN_TPID_VALID
+                        tpid = 0x8100
+                    f = _bytes_new(NULL, <Py_ssize_t>snaplen + 4)
+                    if f == NULL:
+                        raise MemoryError()
+                    o = <uint8_t *>_bytes_buf(f)
+                    memcpy(o, slot + mac, 12)
+                    o[12] = <uint8_t>(tpid >> 8)
+                    o[13] = <uint8_t>tpid
+                    o[14] = <uint8_t>(tci >> 8)
+                    o[15] = <uint8_t>tci
+                    memcpy(o + 16, slot + mac + 12, snaplen - 12)
+                else:
+                    f = _bytes_new(<const char *>(slot + mac), <Py_ssize_t>snaplen)
+                    if f == NULL:
+                        raise MemoryError()
+                out.append(<object>f)
+                _decref(f)
+            esp_ring_release(slot)
+            head = head + 1 if head + 1 < frame_nr else 0
+        return out, head
+    finally:
+        PyBuffer_Release(&view)
