@@ -20,6 +20,7 @@ from datapath.helpers import BCAST, Hypervisor, arp, csum, eth, ipv4, mac, tagge
 from espswitch.datapath import fast
 from espswitch.ipsec import InboundSA, SaParams, parse_transform
 from espswitch.ipsec.sa import Lifetime, OutboundSA
+from fastpath.diff import PIPELINES
 from fastpath.test_rx_pipeline import (
     KEY_IN,
     KEY_OUT,
@@ -141,6 +142,7 @@ def run_both(batches: list[list[str]], **params: object) -> tuple[Hypervisor, Hy
             frames.append(make(on, k, n))
         on.inject("vm", *frames)
         off.inject("vm", *frames)
+        PIPELINES["tx frames"] += len(frames)
         assert state(on) == state(off), batch
     return on, off
 
@@ -320,6 +322,7 @@ def run_both_vnet(batches: list[list[str]]) -> tuple[Hypervisor, Hypervisor]:
             reads.append(make_vnet(on, k, n))
         on.inject("vm", *reads)
         off.inject("vm", *reads)
+        PIPELINES["tx offload reads"] += len(reads)
         assert state(on) == state(off), batch
     return on, off
 
@@ -360,3 +363,22 @@ def test_offload_reads_the_python_path_cannot_use_are_counted_malformed() -> Non
 @given(st.lists(st.lists(st.sampled_from(VNET_KINDS), min_size=1, max_size=8), max_size=5))
 def test_random_offload_batches_match_the_python_path(batches: list[list[str]]) -> None:
     run_both_vnet(batches)
+
+
+# Long scripts of weighted kinds (mostly the common case), so that the pipeline meets every
+# kind in every order and batch position (issue 10: 100,000 cases in CI).
+WEIGHTED = ("plain",) * 12 + ("small", "large") * 2 + KINDS
+WEIGHTED_VNET = ("tso",) * 6 + ("plain",) * 6 + VNET_KINDS
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.randoms(use_true_random=False))
+def test_long_scripts_match_the_python_path(rnd) -> None:
+    run_both([[rnd.choice(WEIGHTED) for _ in range(rnd.randint(1, 64))] for _ in range(50)])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.randoms(use_true_random=False))
+def test_long_offload_scripts_match_the_python_path(rnd) -> None:
+    run_both_vnet([[rnd.choice(WEIGHTED_VNET) for _ in range(rnd.randint(1, 16))]
+                   for _ in range(40)])
