@@ -88,6 +88,7 @@ RATIOS = (("vxlanipsec_vs_libipsec", BASELINE, 10.0),
 RTT_DELTA = "rtt_delta_vs_kernel_vxlan_ms"
 RTT_DELTA_TARGET_MS = 0.1  # issue 10: ping RTT at most 0.1 ms above kernel VXLAN's
 
+
 class BenchError(Exception):
     """A path could not be built or measured; the message says which step and why."""
 
@@ -121,6 +122,15 @@ def _netns_inode(pid: int | str) -> int | None:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
     except OSError:
         return None
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _is_daemon(pid: int | str, name: str) -> bool:
@@ -369,19 +379,20 @@ def start_ovs(hv: Hypervisor) -> None:
 
 
 def stop_ovs(hv: Hypervisor) -> None:
-    """Stop what start_ovs started in `hv` (`ovs-appctl ... exit`, SIGKILL after 5 s);
-    never raises."""
+    """Stop what start_ovs started in `hv` (`ovs-appctl ... exit`; SIGKILL if it still
+    runs 5 s later); never raises."""
     for name in ("ovs-vswitchd", "ovsdb-server"):
         pid = hv.pid(name)
-        if pid is None:
+        if pid is None or not _is_daemon(pid, name):
             continue
         with contextlib.suppress(LabError):
             hv.sh("ovs-appctl", "-T", "10", "-t", name, "exit", check=False, timeout=20)
         deadline = time.monotonic() + 5
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        while _running(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        if _running(pid) and _is_daemon(pid, name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def bench_ovs_userspace_vxlan(seconds: int) -> dict[str, Any]:
