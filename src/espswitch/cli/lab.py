@@ -160,7 +160,10 @@ class Lab(Topology):
     """The topology; use as a context manager so it is always taken down.
 
     `tunnel_options` are the `options:` of the tunnel interface on each side (index 0, 1);
-    `remote_ip` and `key` are filled in. Namespaces are named `TAG-hv1`, `TAG-vm1`, ... with
+    `remote_ip` and `key` are filled in. `other_config` is set on each hypervisor's
+    Open_vSwitch row (`ovs-vsctl set Open_vSwitch . other_config:K=V`) right after its
+    switch starts, before any bridge or tunnel exists (e.g. `fast-path=false`, which applies
+    to SAs installed from then on). Namespaces are named `TAG-hv1`, `TAG-vm1`, ... with
     TAG `es` and six random hex digits; they keep IPv6, as they always have (the VMs' IPv6
     chatter crosses the tunnel as ESP too).
     """
@@ -171,6 +174,7 @@ class Lab(Topology):
     tunnel_options: tuple[dict[str, str], dict[str, str]] = field(
         default_factory=lambda: ({}, {}))
     vni: int = DEFAULT_VNI
+    other_config: dict[str, str] = field(default_factory=dict)
     hvs: list[LabHypervisor] = field(default_factory=list)
 
     def __enter__(self) -> Lab:
@@ -200,6 +204,9 @@ class Lab(Topology):
         a, b = self.hvs
         for hv in self.hvs:
             hv.start()
+            if self.other_config:
+                hv.vsctl("set", "Open_vSwitch", ".",
+                         *(f"other_config:{k}={v}" for k, v in self.other_config.items()))
         self.underlay(a, b, *UNDERLAY, devs=(f"{self.tag}u1", f"{self.tag}u2"),
                       datapath_type="netdev")
         for hv, peer in ((a, b), (b, a)):
