@@ -5,7 +5,6 @@ timers and events; `ChildSaInstalled` events carry what `espswitch.ipsec` needs 
 the ESP SAs. `espswitch.ike.driver` runs a core on UDP ports 500 and 4500.
 """
 
-from espswitch.ike import syntax as _syntax  # noqa: F401 - installs the option checks
 from espswitch.ike.auth import Credentials, Identity
 from espswitch.ike.config import ChildConfig, CoreSettings, PeerConfig
 from espswitch.ike.core import ChildInfo, IkeCore, IkeSaInfo

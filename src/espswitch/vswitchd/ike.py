@@ -53,8 +53,8 @@ from espswitch.ike import (
     IkeSaUp,
     PeerConfig,
 )
+from espswitch.ike.options import IkeKeying, parse_ipsec_options
 from espswitch.ike.ts import single_host
-from espswitch.ipsec.config import IkeKeying, parse_ipsec_options
 from espswitch.ipsec.errors import IpsecConfigError
 from espswitch.ipsec.sa import Lifetime
 from espswitch.vswitchd import unixctl
