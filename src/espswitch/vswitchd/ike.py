@@ -39,32 +39,21 @@ import ovs.vlog
 
 from espswitch.ike import IkeCore
 from espswitch.ike.consts import IKE_PORT, NAT_T_PORT
-from espswitch.ike.driver import IkeSockets, bind_wildcard
+from espswitch.ike.driver import RECV_BATCH, IkeSockets, bind_wildcard
 from espswitch.vswitchd.config import Desired
 from espswitch.vswitchd.ike_appctl import IkeAppctl
-from espswitch.vswitchd.ike_certs import CERT_CHECK, Certificates, load_certificates
-from espswitch.vswitchd.ike_events import CHILD_LINGER, PortEvents
-from espswitch.vswitchd.ike_peers import DPD_TIMEOUT_MIN, RETRY, IkePeer, PeerSync, command
+from espswitch.vswitchd.ike_certs import Certificates, load_certificates
+from espswitch.vswitchd.ike_events import PortEvents
+from espswitch.vswitchd.ike_peers import RETRY, IkePeer, PeerSync, command
 
 if TYPE_CHECKING:
     from espswitch.datapath import Datapath
     from espswitch.vswitchd.daemon import Switchd
 
-__all__ = [
-    "CERT_CHECK",
-    "CHILD_LINGER",
-    "DPD_TIMEOUT_MIN",
-    "RETRY",
-    "IkeManager",
-    "attach",
-    "bind_wildcard",
-    "load_certificates",
-]
+# bind_wildcard and load_certificates moved (to the driver, to ike_certs.py) and stay here.
+__all__ = ["IkeManager", "attach", "bind_wildcard", "load_certificates"]
 
 vlog = ovs.vlog.Vlog("ike")
-
-RECV_BATCH = 64
-_Peer = IkePeer  # the name it had here
 
 
 class IkeManager:
