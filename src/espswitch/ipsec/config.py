@@ -25,7 +25,7 @@ ESP_OPTIONS = frozenset({
     "esp", "ipsec_mode", "replay_window", "lifetime_packets", "lifetime_bytes",
     "ipsec_encapsulation", *MANUAL_OPTIONS,
 })
-SPI_MIN = 256  # RFC 4301 §2.1: 1 to 255 are reserved by IANA, 0 is for local use
+SPI_MIN = 256  # RFC 4303 §2.1: 1 to 255 are reserved by IANA, 0 is for local use
 DEFAULT_ESP = "aes128gcm16"
 
 
