@@ -5,7 +5,8 @@
 it produces datagrams (`datagrams_to_send()`) and events (`events()`). It never opens a
 socket nor reads a clock: every entry point takes `now`, in seconds on any monotonic scale.
 
-Each IKE SA moves only through `espswitch.ike.state.transition`. Hostile input never raises
+Each IKE SA moves only through `espswitch.ike.state.transition`, each CHILD_SA only through
+`espswitch.ike.state.child_transition`. Hostile input never raises
 out of `receive_datagram`: what a message did wrong is decided there (a `RemoteIkeError`,
 counted and kept in `errors`) and the message is answered with a notify or dropped.
 
@@ -21,9 +22,9 @@ peer, and on receipt the other IKE SAs with that identity are deleted at once.
 IKE fragmentation (RFC 7383) is announced in IKE_SA_INIT; when both ends did, encrypted
 messages too large for the peer's `fragment_size` leave as Encrypted Fragment messages and
 fragments received are reassembled under the core's `FragmentLimits` (`espswitch.ike.
-fragment` does both; here only which message IDs are expected, and the answer to a
-retransmitted fragmented request, which is sent for its first fragment only, §2.6.1).
-
+fragment` does both; `espswitch.ike.window` only which message IDs are expected, and the
+answer to a retransmitted fragmented request, which is sent for its first fragment only,
+§2.6.1).
 
 The work is split by exchange, each module around the shared SA store (`sas`) and context
 (`context`): `sa_init` (IKE_SA_INIT: cookies, NAT detection), `ike_auth` (IKE_AUTH:

@@ -2,9 +2,9 @@
 
 One IKE peer per remote endpoint: the leader, the tunnel that already leads or else the
 first by name; the other tunnels to that endpoint (other VNIs) follow it and share its IKE
-SA and CHILD_SA when their IKE settings agree (`PeerSync.sync`). A port whose options
-change in ways IKE does not see keeps its SAs; one whose IKE settings change gets a new
-peer.
+SA and CHILD_SA when their IKE settings agree (`PeerSync.sync`). A port replaced by one
+with the same IKE settings (another option changed) keeps its SAs; one whose IKE settings
+change gets a new peer.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ class IkePeer:
     rekey_asked: int | None = None
 
 
-
 class PeerSync:
     """The core's peers kept in step with the datapath's IKE-keyed ports; `changed` says
     that a port's IKE state (SAs, errors) changed since the daemon last wrote it back."""
@@ -65,7 +64,7 @@ class PeerSync:
         want = {p.name: p for p in self.dp.ports.values()
                 if isinstance(p, VxlanIpsecPort) and p.ike is not None}
         oc = self.certs.other_config()
-        # Other paths, or files that changed since they were loaded (`_cert_epoch`).
+        # Other paths, or files that changed since they were loaded (`Certificates.epoch`).
         oc_key = (*(oc.get(k) for k in CERT_OPTIONS), self.certs.epoch)
         certs_changed, self._oc_key = oc_key != self._oc_key, oc_key
         # One IKE peer per remote endpoint: its leader, the tunnel that already leads or else
