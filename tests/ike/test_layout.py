@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 SRC = pathlib.Path(__file__).resolve().parents[2] / "src" / "espswitch"
 MAX_CLASS_LINES = 400
@@ -42,3 +45,12 @@ def test_ipsec_imports_nothing_from_ike():
         for name in _imports(ast.parse(f.read_text())):
             assert name not in ("__import__", "importlib") and not name.startswith(
                 ("espswitch.ike", "espswitch.datapath", "espswitch.vswitchd")), (f.name, name)
+
+
+def test_importing_ipsec_loads_nothing_of_ike():
+    """At run time too: the ESP layer and its option parsing work without the IKE layer."""
+    code = ("import sys, espswitch.ipsec, espswitch.ipsec.config; "
+            "print(sorted(m for m in sys.modules if m.startswith('espswitch.ike')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(SRC.parent)})
+    assert out.stdout.strip() == "[]"
