@@ -129,8 +129,8 @@ def rekey_dropped_when_its_ike_sa_was_replaced() -> None:
     ours = _held(a)  # R1: held back
     b.rekey_ike("a", 1.0)
     _deliver(_held(b), a, 1.0)  # the peer's rekey crosses ours: a new IKE SA on each side
-    _deliver(_held(a), b, 1.0)  # b's rekey done: b deletes its old SA (kept from a)
-    _held(b)
+    _deliver(_held(a), b, 1.0)  # b's rekey done: b deletes its old SA
+    _held(b)  # (that delete never reaches a)
     a.rekey_ike("b", 1.5)  # on the new SA: out, never answered
     _held(a)
     a.rekey_child("b", 1.5)  # queued behind it
