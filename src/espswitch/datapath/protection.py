@@ -28,7 +28,7 @@ from espswitch.datapath.counters import Counters
 from espswitch.datapath.errors import PortError
 from espswitch.datapath.fast import is_compiled, make_inbound_sa, make_outbound_sa
 from espswitch.datapath.tunnel import ip4_str
-from espswitch.ipsec.config import IPSEC_OPTIONS, IkeKeying, ManualKeying, parse_ipsec_options
+from espswitch.ike.options import IPSEC_OPTIONS, IkeKeying, ManualKeying, parse_ipsec_options
 from espswitch.ipsec.errors import DropReason, IpsecConfigError, SaRefused
 from espswitch.ipsec.policy import Selector
 from espswitch.ipsec.sa import InboundSA, Mode, OutboundSA, SaParams
