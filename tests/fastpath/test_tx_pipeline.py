@@ -270,9 +270,9 @@ def udp_partial(size: int) -> bytes:
     return struct.pack("<BBHHHH", 1, 0, 0, 0, 34, 6) + eth(PEER_VM, VM_MAC, ip)
 
 
-VNET_KINDS = ("tso", "tso_fin", "tso_cwr", "tso_options", "tso_one", "tso_odd", "udp_partial",
-              "tso_too_big", "tso_not_tcp", "gso_udp", "bad_csum_offset", "short", "plain",
-              "broadcast", "arp")
+VNET_KINDS = ("tso_tiny_mss", "tso_256", "tso", "tso_fin", "tso_cwr", "tso_options",
+              "tso_one", "tso_odd", "udp_partial", "tso_too_big", "tso_not_tcp", "gso_udp",
+              "bad_csum_offset", "short", "plain", "broadcast", "arp")
 
 
 def make_vnet(hv: Hypervisor, kind: str, n: int) -> bytes:
@@ -282,6 +282,10 @@ def make_vnet(hv: Hypervisor, kind: str, n: int) -> bytes:
         return tcp_super(10 * inner_max + n % 97, inner_max - n % 3, seq=n * 99991)
     if kind == "tso_fin":
         return tcp_super(3000 + n, 1000, flags=0x19)
+    if kind == "tso_tiny_mss":  # 60,000 one-byte segments: refused, not built
+        return tcp_super(60000, 1)
+    if kind == "tso_256":  # the most segments a read may stand for
+        return tcp_super(256 * 200, 200)
     if kind == "tso_cwr":
         return tcp_super(5000, 1200, flags=0x90 | 0x08)
     if kind == "tso_options":
@@ -355,8 +359,9 @@ def test_every_offload_kind_alone_matches_the_python_path() -> None:
 
 
 def test_offload_reads_the_python_path_cannot_use_are_counted_malformed() -> None:
-    _on, off = run_both_vnet([["tso_not_tcp", "gso_udp", "bad_csum_offset", "short"]])
-    assert off.dp.ports["vm"].stats["rx_malformed"] == 4
+    _on, off = run_both_vnet([["tso_not_tcp", "gso_udp", "bad_csum_offset", "short",
+                                "tso_tiny_mss"]])
+    assert off.dp.ports["vm"].stats["rx_malformed"] == 5
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -30,13 +30,17 @@ import struct
 from espswitch.datapath.gro import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
 from espswitch.packet.checksum import fold, internet_checksum
 
-__all__ = ["GSO_NONE", "complete", "finish_checksum", "segment_tcp4"]
+__all__ = ["GSO_NONE", "MAX_SEGMENTS", "complete", "finish_checksum", "segment_tcp4"]
 
 _VNET = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 VNET_LEN = _VNET.size
 GSO_NONE = 0
 GSO_ECN = 0x80  # the sender may set ECN bits: the same segmentation
 _TCP_FIN, _TCP_PSH, _TCP_CWR = 0x01, 0x08, 0x80
+# A read the VM's kernel built for a real NIC has at most 64 KiB in segments of at least
+# 256 bytes; more segments (a tiny gso_size) would make one read cost megabytes and
+# thousands of seals: it is refused as malformed, on both paths.
+MAX_SEGMENTS = 256
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 
@@ -66,7 +70,7 @@ def segment_tcp4(frame: bytes, mss: int) -> list[bytes] | None:
     if thl < 20 or hlen > n:
         return None
     payload = memoryview(frame)[hlen:]
-    if not payload:
+    if not payload or (len(payload) + mss - 1) // mss > MAX_SEGMENTS:
         return None
     ident = _U16.unpack_from(frame, 18)[0]
     seq = _U32.unpack_from(frame, l4 + 4)[0]

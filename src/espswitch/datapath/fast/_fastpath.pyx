@@ -1782,6 +1782,7 @@ cdef enum:
 
 # virtio_net_hdr (linux/virtio_net.h), what a TAP read with IFF_VNET_HDR starts with.
 cdef enum:
+    GSO_MAX_SEGMENTS = 256    # datapath/gso.py MAX_SEGMENTS
     VNET_LEN = 10
     VNET_NEEDS_CSUM = 1
     VNET_GSO_NONE = 0
@@ -1873,6 +1874,8 @@ cdef int tx_offload(tx_pkt *p, const uint8_t *raw, size_t n) noexcept nogil:
     p.hlen = p.l4 + thl
     if thl < 20 or p.hlen >= f_n:
         return 0
+    if (f_n - p.hlen + p.mss - 1) // p.mss > GSO_MAX_SEGMENTS:
+        return 0                      # gso.MAX_SEGMENTS: refused as malformed
     p.nseg = <int>((f_n - p.hlen + p.mss - 1) // p.mss)
     return 1
 
