@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from array import array
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
@@ -91,7 +92,9 @@ class Ipv4Underlay:
         self.nexthop: bytes = self.remote_ip
         self.problem = "not resolved yet"
         self.route_seq = -1
-        self._ip_id = 0
+        # The IPv4 ID counter, one unsigned short in an array: the compiled transmit
+        # pipeline counts in the same place (fast/tables.py) for clear tunnels.
+        self.ip_ids = array("H", [0])
         self._bases: dict[tuple[int, bool, bytes], int] = {}
 
     # -- the route ---------------------------------------------------------------------------
@@ -155,7 +158,8 @@ class Ipv4Underlay:
         dst = self.remote_ip if dst is None else dst
         total = 20 + payload_len
         if ident is None:
-            ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
+            ids = self.ip_ids
+            ident = ids[0] = (ids[0] + 1) & 0xFFFF
         # The checksum from the precomputed sum plus the two fields that change.
         s = self._base(proto, df, dst) + total + ident
         s = (s & 0xFFFF) + (s >> 16)

@@ -1279,6 +1279,7 @@ cdef enum:
     RX_UPCALL = 2
     RX_HIT = 3
     RX_CANDIDATE = 4
+    RX_CLEAR = 5         # plain VXLAN to a clear tunnel, its inner frame to a known port
 
 cdef struct rx_spi:
     uint32_t spi
@@ -1291,13 +1292,24 @@ cdef struct rx_spi:
     int target_bridge
     int phy_bridge       # the bridge the ESP must arrive on (the tunnel's egress bridge)
 
+cdef struct rx_clear:
+    uint32_t remote      # the tunnel's remote_ip
+    uint32_t local       # its local address (packets to other local addresses: misses)
+    uint32_t dport       # VXLAN's UDP port
+    uint32_t vni
+    int target           # port index of the tunnel
+    int target_bridge
+    int phy_bridge       # the bridge the VXLAN packets arrive on
+
 cdef struct rx_mac:
     uint64_t key         # 0: empty; else (bridge + 1) << 48 | MAC
     int port
     int entry            # index of the entry, for refreshing its age in Python
 
 cdef struct tx_tun:
-    esp_sa *sa           # the tunnel's outbound SA (transport mode, no UDP encapsulation)
+    esp_sa *sa           # the tunnel's outbound SA (transport mode, no UDP encapsulation),
+                         # or NULL: a clear tunnel
+    uint16_t *ident      # a clear tunnel's IPv4 ID counter (shared with its underlay)
     uint8_t head[34]     # Ethernet (next hop, internal port, IPv4) + IPv4 header template:
                          # total length, ID and checksum zero
     uint32_t csum_base   # the sum of the template's IPv4 header words
@@ -1321,6 +1333,7 @@ cdef struct rx_pkt:
     int src_entry        # the outer source MAC's entry, or -1
     int inner_entry      # the inner source MAC's entry, or -1
     int cuts             # a miss the Python path may open with an SA (see rx_run)
+    int tunnel           # the tunnel port index it came through
     size_t start
     size_t stop
     uint64_t seq
@@ -1347,12 +1360,18 @@ cdef class RxTable:
     cdef uint8_t *out_ok
     cdef int nports
     cdef list _cores
+    # Clear VXLAN tunnels on the receive side (set_clear).
+    cdef rx_clear *clears
+    cdef int nclears
     # The transmit side (set_tx): tunnels by port index, and which ports are fast inputs.
     cdef tx_tun *tuns
     cdef int ntuns
     cdef int *tun_of_port
     cdef int ntx_ports
     cdef list _tx_cores
+    # Clear tunnels' IPv4 ID counters: buffers exported by the underlays' arrays.
+    cdef Py_buffer *ident_views
+    cdef Py_ssize_t nviews
 
     def __cinit__(self):
         self.spis = NULL
@@ -1362,18 +1381,27 @@ cdef class RxTable:
         self.nports = 0
         self.mask = 0
         self._cores = []
+        self.clears = NULL
+        self.nclears = 0
         self.tuns = NULL
         self.ntuns = 0
         self.tun_of_port = NULL
         self.ntx_ports = 0
         self._tx_cores = []
+        self.ident_views = NULL
+        self.nviews = 0
 
     def __dealloc__(self):
+        cdef Py_ssize_t i
         free(self.spis)
         free(self.macs)
         free(self.out_ok)
         free(self.tuns)
         free(self.tun_of_port)
+        free(self.clears)
+        for i in range(self.nviews):
+            PyBuffer_Release(&self.ident_views[i])
+        free(self.ident_views)
 
     def set(self, spis, macs, out_ok) -> None:
         cdef Py_ssize_t i, n = len(spis), m = len(macs), cap = 4
@@ -1440,12 +1468,15 @@ cdef class RxTable:
 
     def set_tx(self, tuns, tx_in) -> None:
         """Install the transmit side: `tuns` a list of (tunnel port index, compiled
-        outbound SA or SaCore, 34-byte Ethernet + IPv4 template, VXLAN UDP port, VNI,
-        largest inner frame, NIC port index, MAC entry of the internal port's MAC);
-        `tx_in[i]` whether port index i may be a fast input. Ports are those of `set`."""
-        cdef Py_ssize_t i, n = len(tuns), m = len(tx_in)
+        outbound SA or SaCore, or for a clear tunnel its IPv4 ID counter (an array of one
+        unsigned short, shared with its underlay), 34-byte Ethernet + IPv4 template, VXLAN
+        UDP port, VNI, largest inner frame, NIC port index, MAC entry of the internal
+        port's MAC); `tx_in[i]` whether port index i may be a fast input. Ports are those
+        of `set`."""
+        cdef Py_ssize_t i, n = len(tuns), m = len(tx_in), nv = 0
         cdef tx_tun *t
         cdef int *of
+        cdef Py_buffer *views
         cdef SaCore core
         cdef bytes head
         cdef uint32_t s
@@ -1453,21 +1484,33 @@ cdef class RxTable:
         cores = []
         t = <tx_tun *>calloc(n if n else 1, sizeof(tx_tun))
         of = <int *>calloc(m if m else 1, sizeof(int))
-        if t == NULL or of == NULL:
+        views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
+        if t == NULL or of == NULL or views == NULL:
             free(t)
             free(of)
+            free(views)
             raise MemoryError()
         try:
             for i in range(m):
                 of[i] = -2 if tx_in[i] else -1   # -2: an input, not a tunnel
             for i in range(n):
                 port, sa, head, dport, vni, max_frame, out_port, phy_entry = tuns[i]
-                core = _core_of(sa)
-                if not core.sa.outbound or len(head) != 34 or not 0 <= port < m:
-                    raise ValueError("an outbound compiled SA and a 34-byte header are needed")
-                core._check_ready()
-                cores.append(core)
-                t[i].sa = &core.sa
+                if len(head) != 34 or not 0 <= port < m:
+                    raise ValueError("a 34-byte header and a port index are needed")
+                if isinstance(sa, (SaCore,)) or hasattr(sa, "_core"):
+                    core = _core_of(sa)
+                    if not core.sa.outbound:
+                        raise ValueError("an outbound compiled SA is needed")
+                    core._check_ready()
+                    cores.append(core)
+                    t[i].sa = &core.sa
+                else:
+                    PyObject_GetBuffer(sa, &views[nv], PyBUF_WRITABLE)
+                    nv += 1
+                    if views[nv - 1].len != 2:
+                        raise ValueError("an IPv4 ID counter is one unsigned short")
+                    t[i].ident = <uint16_t *>views[nv - 1].buf
+                    cores.append(None)
                 memcpy(t[i].head, <const char *>head, 34)
                 s = 0
                 for k in range(10):
@@ -1481,14 +1524,51 @@ cdef class RxTable:
                 t[i].phy_entry = phy_entry
                 of[port] = <int>i
         except BaseException:
+            for i in range(nv):
+                PyBuffer_Release(&views[i])
             free(t)
             free(of)
+            free(views)
             raise
+        for i in range(self.nviews):
+            PyBuffer_Release(&self.ident_views[i])
+        free(self.ident_views)
         free(self.tuns)
         free(self.tun_of_port)
+        self.ident_views, self.nviews = views, nv
         self.tuns, self.ntuns = t, <int>n
         self.tun_of_port, self.ntx_ports = of, <int>m
         self._tx_cores = cores
+
+    def set_clear(self, rows) -> None:
+        """Install the clear VXLAN tunnels of the receive side: `rows` a list of (remote,
+        local, dst_port, vni, target port index, target bridge index, egress bridge
+        index), addresses as 4 bytes."""
+        cdef Py_ssize_t i, n = len(rows)
+        cdef rx_clear *c = <rx_clear *>calloc(n if n else 1, sizeof(rx_clear))
+        if c == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                remote, local, dport, vni, target, tbridge, pbridge = rows[i]
+                if len(remote) != 4 or len(local) != 4:
+                    raise ValueError("IPv4 addresses are 4 bytes")
+                c[i].remote = get32(<const uint8_t *><const char *>remote)
+                c[i].local = get32(<const uint8_t *><const char *>local)
+                c[i].dport = dport
+                c[i].vni = vni
+                c[i].target = target
+                c[i].target_bridge = tbridge
+                c[i].phy_bridge = pbridge
+        except BaseException:
+            free(c)
+            raise
+        free(self.clears)
+        self.clears, self.nclears = c, <int>n
+
+    @property
+    def nclear(self) -> int:
+        return self.nclears
 
     @property
     def ntun(self) -> int:
@@ -1539,6 +1619,9 @@ cdef void rx_classify(RxTable t, rx_pkt *p, int in_port, int in_bridge) noexcept
     # Ethernet + a 20-byte IPv4 header + SPI and sequence number.
     if n < 14 + 20 + 8:
         return
+    if f[12] == 0x08 and f[13] == 0x00 and f[14] == 0x45 and f[23] == 17:
+        rx_classify_clear(t, p, in_port, in_bridge)
+        return
     if f[12] != 0x08 or f[13] != 0x00 or f[14] != 0x45 or f[23] != 50:
         return  # not IPv4 (or VLAN-tagged), IP options, not ESP
     if (f[20] & 0x3F) or f[21]:
@@ -1563,6 +1646,72 @@ cdef void rx_classify(RxTable t, rx_pkt *p, int in_port, int in_bridge) noexcept
     p.kind = RX_CANDIDATE
 
 
+cdef void rx_classify_clear(RxTable t, rx_pkt *p, int in_port, int in_bridge) noexcept nogil:
+    """A UDP/IPv4 frame (no options): RX_CLEAR when it is VXLAN of a clear tunnel whose
+    inner frame goes to a known port, exactly as the Python path would take it
+    (tunnel_layer._encap_input, encap.Vxlan.pop); else it stays a miss."""
+    cdef const uint8_t *f = p.data
+    cdef size_t n = p.len, total, udp_end
+    cdef uint32_t src, dst, dport, vni
+    cdef int i, e = -1
+    cdef rx_clear *c = NULL
+    if t.nclears == 0 or n < 14 + 20 + 8 + 8 + 14:
+        return
+    if (f[20] & 0x3F) or f[21]:
+        return                        # a fragment: reassembled by the Python path
+    total = (<size_t>f[16] << 8) | f[17]
+    if total < 20 + 8 + 8 + 14 or 14 + total > n:
+        return                        # malformed (or padded past the IP length): Python
+    src = get32(f + 26)
+    dst = get32(f + 30)
+    dport = (<uint32_t>f[36] << 8) | f[37]
+    for i in range(t.nclears):
+        if (t.clears[i].remote == src and t.clears[i].local == dst
+                and t.clears[i].dport == dport and t.clears[i].phy_bridge == in_bridge):
+            c = &t.clears[i]
+            break
+    if c == NULL:
+        return
+    udp_end = 34 + ((<size_t>f[38] << 8) | f[39])
+    if udp_end < 34 + 8 + 8 + 14 or udp_end > 14 + total or not (f[42] & 0x08):
+        return
+    vni = (<uint32_t>f[46] << 16) | (<uint32_t>f[47] << 8) | f[48]
+    if vni != c.vni:
+        return
+    if not (f[6] & 1):
+        # The bridge learns the sender: only an entry already on this port is a no-op.
+        if t.lookup(in_bridge, f + 6, &e) != in_port:
+            return
+        p.src_entry = e
+    if not rx_inner(t, p, f + 50, c.target, c.target_bridge):
+        return
+    p.tunnel = c.target
+    p.start = 50
+    p.stop = udp_end
+    p.kind = RX_CLEAR
+
+
+cdef int rx_inner(RxTable t, rx_pkt *p, const uint8_t *inner, int target,
+                  int tbridge) noexcept nogil:
+    """What the bridge of tunnel `target` does with `inner` (at least 14 bytes): 1 when it
+    goes to one known fast output port (p.out_port; p.inner_entry, the inner source's
+    entry), 0 when the Python path must decide."""
+    cdef int e = -1, out
+    if inner[12] == 0x81 and inner[13] == 0x00:
+        return 0
+    if not (inner[6] & 1):
+        if t.lookup(tbridge, inner + 6, &e) != target:
+            return 0
+        p.inner_entry = e
+    if inner[0] & 1:
+        return 0                      # broadcast, multicast: flooded by the Python path
+    out = t.lookup(tbridge, inner, &e)
+    if out < 0 or out == target or out >= t.nports or not t.out_ok[out]:
+        return 0
+    p.out_port = out
+    return 1
+
+
 cdef void rx_after_open(RxTable t, rx_pkt *p) noexcept nogil:
     """The payload p.out[0:p.out_len] of an opened packet: selector, VXLAN pop, VNI and
     MACs; sets HIT (the inner frame at p.out[p.start:p.stop], p.out_port) or UPCALL."""
@@ -1585,18 +1734,8 @@ cdef void rx_after_open(RxTable t, rx_pkt *p) noexcept nogil:
     if ((<uint32_t>pl[12] << 16) | (<uint32_t>pl[13] << 8) | pl[14]) != s.vni:
         return
     inner = pl + 16                   # inner[0:udp_end - 16], at least 14 bytes
-    if inner[12] == 0x81 and inner[13] == 0x00:
+    if not rx_inner(t, p, inner, s.target, s.target_bridge):
         return
-    if not (inner[6] & 1):
-        if t.lookup(s.target_bridge, inner + 6, &e) != s.target:
-            return
-        p.inner_entry = e
-    if inner[0] & 1:
-        return                        # broadcast, multicast: flooded by the Python path
-    out = t.lookup(s.target_bridge, inner, &e)
-    if out < 0 or out == s.target or out >= t.nports or not t.out_ok[out]:
-        return
-    p.out_port = out
     p.start = 16
     p.stop = udp_end
     p.kind = RX_HIT
@@ -1621,6 +1760,11 @@ cdef Py_ssize_t rx_run(RxTable t, rx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
         i += 1
         if cut[0]:
             p.kind = RX_MISS
+            continue
+        if p.kind == RX_CLEAR:
+            # Nothing to open: the inner frame is copied out as it is.
+            memcpy(p.out, p.data + p.start, p.stop - p.start)
+            p.kind = RX_HIT
             continue
         if p.kind != RX_CANDIDATE:
             if p.cuts:
@@ -1692,11 +1836,15 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
                 rx_classify(table, &pkts[i], in_port, in_bridge)
         for i in range(n):
             p = &pkts[i]
-            if p.kind != RX_CANDIDATE:
+            if p.kind == RX_CLEAR:
+                cap = p.stop - p.start
+            elif p.kind == RX_CANDIDATE:
+                # A new bytes object per candidate, written in place (the ring-slot
+                # zero-copy is for later).
+                cap = open_capacity(table.spis[p.spi_idx].sa, p.stop - p.start)
+                p.tunnel = table.spis[p.spi_idx].target
+            else:
                 continue
-            # A new bytes object per candidate, written in place (the ring-slot zero-copy
-            # is for later).
-            cap = open_capacity(table.spis[p.spi_idx].sa, p.stop - p.start)
             outs[i] = _bytes_new(NULL, <Py_ssize_t>cap)
             if outs[i] == NULL:
                 raise MemoryError()
@@ -1729,7 +1877,7 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
                     outputs[p.out_port] = [frame]
                 else:
                     lst.append(frame)
-                tunnel = table.spis[p.spi_idx].target
+                tunnel = p.tunnel
                 rx = tunnel_rx.get(tunnel)
                 if rx is None:
                     tunnel_rx[tunnel] = [1, p.stop - p.start]
@@ -1970,6 +2118,8 @@ cdef void tx_inner(const tx_pkt *p, int j, uint8_t *d) noexcept nogil:
 
 cdef inline size_t tx_capacity(const tx_tun *k, size_t inner) noexcept nogil:
     """The outer frame's length for an inner frame of `inner` bytes."""
+    if k.sa == NULL:
+        return 34 + 16 + inner
     return 34 + esp_sealed_len(k.sa, 16 + inner)
 
 
@@ -2001,6 +2151,38 @@ cdef Py_ssize_t tx_run(RxTable t, tx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
             i += 1
             continue
         k = &t.tuns[p.tun]
+        if k.sa == NULL:
+            # A clear tunnel: Clear.protect, the IPv4 ID from the underlay's counter.
+            while p.done < p.nseg:
+                slot = p.first + p.done
+                o = bufs[slot]
+                inner = tx_seg_len(p, p.done)
+                pl = o + 34
+                tx_inner(p, p.done, pl + 16)
+                put32(pl, (flow_port(pl + 16, inner) << 16) | k.dport)
+                put32(pl + 4, <uint32_t>(16 + inner) << 16)
+                put32(pl + 8, 0x08000000)
+                put32(pl + 12, k.vni_word)
+                memcpy(o, k.head, 34)
+                total = 20 + 16 + inner
+                k.ident[0] = <uint16_t>(k.ident[0] + 1)
+                ident = k.ident[0]
+                o[16] = <uint8_t>(total >> 8)
+                o[17] = <uint8_t>total
+                o[18] = <uint8_t>(ident >> 8)
+                o[19] = <uint8_t>ident
+                s = k.csum_base + <uint32_t>total + ident
+                s = (s & 0xFFFF) + (s >> 16)
+                s = (s & 0xFFFF) + (s >> 16)
+                s = ~s & 0xFFFF
+                o[24] = <uint8_t>(s >> 8)
+                o[25] = <uint8_t>s
+                lens[slot] = 14 + total
+                results[slot] = 0
+                p.done += 1
+            p.kind = TX_TAKEN
+            i += 1
+            continue
         while p.done < p.nseg:
             slot = p.first + p.done
             o = bufs[slot]

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from espswitch.datapath.encap import UDP, Vxlan
 from espswitch.datapath.fast import _fastpath, is_compiled
 from espswitch.datapath.ports import DevicePort, PatchPort, SystemPort, TapPort
-from espswitch.datapath.protection import EspProtection
+from espswitch.datapath.protection import Clear, EspProtection
 from espswitch.datapath.tunnel import FOUND
 from espswitch.datapath.tunnel_port import TunnelPort
 from espswitch.ipsec.sa import ESP_PROTO
@@ -123,6 +123,12 @@ class FastTables:
                 spis.append(row[0])
                 owners.append((esp, row[1]))
                 egress.add(row[2])
+        clears = []
+        for p in ports:
+            row = self._clear_row(p, pidx, bidx)
+            if row is not None:
+                clears.append(row)
+                egress.add(p.underlay.egress_bridge)
         macs: list[tuple[int, bytes, int]] = []
         entries: list[list] = []
         entry_of: dict[tuple[Bridge, bytes], int] = {}
@@ -136,6 +142,7 @@ class FastTables:
         out_ok = [isinstance(p, DevicePort) and p.tag is None and p.trunks is None
                   for p in ports]
         self.table.set(spis, macs, out_ok)
+        self.table.set_clear(clears)
         # A patch port could carry a miss to a VM ahead of a hit: such bridges stay slow.
         patched = {p.bridge for p in ports if isinstance(p, PatchPort)}
         self.rx_ports = {p: (pidx[p], bidx[p.bridge]) for p in ports
@@ -168,11 +175,18 @@ class FastTables:
         hop not resolved or not learned on a plain NIC port, ...)."""
         if not isinstance(port, TunnelPort) or port.tag is not None or port.trunks is not None:
             return None
-        esp = port.protection
-        if not isinstance(esp, EspProtection) or type(port.encapsulation) is not Vxlan:
+        prot = port.protection
+        if type(port.encapsulation) is not Vxlan:
             return None
-        sa = esp.fast_outbound()
-        if sa is None or not is_compiled(sa) or sa.expired:
+        if isinstance(prot, EspProtection):
+            sa = prot.fast_outbound()
+            if sa is None or not is_compiled(sa) or sa.expired:
+                return None
+            proto, df = ESP_PROTO, True
+        elif type(prot) is Clear:
+            sa = port.underlay.ip_ids  # what the compiled path counts IPv4 IDs in
+            proto, df = UDP, port.underlay.df
+        else:
             return None
         u = port.underlay
         if u.stale():
@@ -194,7 +208,7 @@ class FastTables:
         out = pidx.get(nic[0])
         if out is None or nic[0] is internal or not out_ok[out]:
             return None
-        head = mac + internal.mac + b"\x08\x00" + u.template(ESP_PROTO, True)
+        head = mac + internal.mac + b"\x08\x00" + u.template(proto, df)
         enc = port.encapsulation
         return (pidx[port], sa, head, enc.dst_port, enc.key, port.max_frame, out, phy_entry)
 
@@ -219,6 +233,28 @@ class FastTables:
             return None
         return ((spi, sa, sel.src, sel.dst, sel.dport, enc.key, pidx[port], bidx[port.bridge],
                  bidx[out_bridge]), sa, out_bridge)
+
+    @staticmethod
+    def _clear_row(port: Port, pidx: dict, bidx: dict) -> tuple | None:
+        """The receive row of a clear VXLAN tunnel; None when its packets must take the
+        Python path (the same plain cases as an SPI's row)."""
+        if not isinstance(port, TunnelPort) or type(port.protection) is not Clear:
+            return None
+        enc = port.encapsulation
+        if type(enc) is not Vxlan or port not in pidx:
+            return None
+        if port.tag is not None or port.trunks is not None or port.bridge.local_ips:
+            return None
+        u = port.underlay
+        if u.stale():
+            port.resolve()
+        out_bridge = u.egress_bridge
+        if out_bridge is None or out_bridge not in bidx or u.local_ip is None:
+            return None
+        if u.local_ip not in out_bridge.local_ips:
+            return None
+        return (u.remote_ip, u.local_ip, enc.dst_port, enc.key, pidx[port],
+                bidx[port.bridge], bidx[out_bridge])
 
     # -- frames ------------------------------------------------------------------------------
 
