@@ -37,6 +37,7 @@ from espswitch.datapath.ports import DevicePort, PatchPort, SystemPort, TapPort
 from espswitch.datapath.protection import Clear, EspProtection
 from espswitch.datapath.tunnel import FOUND
 from espswitch.datapath.tunnel_port import TunnelPort
+from espswitch.datapath.underlay import Ipv4Underlay
 from espswitch.ipsec.sa import ESP_PROTO
 
 if TYPE_CHECKING:
@@ -175,6 +176,8 @@ class FastTables:
         hop not resolved or not learned on a plain NIC port, ...)."""
         if not isinstance(port, TunnelPort) or port.tag is not None or port.trunks is not None:
             return None
+        if type(port.underlay) is not Ipv4Underlay:
+            return None  # the compiled path writes IPv4 headers only
         prot = port.protection
         if type(port.encapsulation) is not Vxlan:
             return None
@@ -239,6 +242,8 @@ class FastTables:
         """The receive row of a clear VXLAN tunnel; None when its packets must take the
         Python path (the same plain cases as an SPI's row)."""
         if not isinstance(port, TunnelPort) or type(port.protection) is not Clear:
+            return None
+        if type(port.underlay) is not Ipv4Underlay:
             return None
         enc = port.encapsulation
         if type(enc) is not Vxlan or port not in pidx:
