@@ -136,6 +136,8 @@ class FastTables:
         sel = esp.selector
         if sa is None or not is_compiled(sa) or sel is None or port not in pidx:
             return None
+        if len(sel.dst) != 4:
+            return None  # the compiled pipeline parses IPv4 only: IPv6 takes the Python path
         enc = port.encapsulation
         if type(enc) is not Vxlan or sel.proto != UDP or sel.dport != enc.dst_port:
             return None
