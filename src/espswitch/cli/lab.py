@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from espswitch.cli.labkit import Hypervisor, LabError, Topology, Vm, run
 
 UNDERLAY = ("192.0.2.1", "192.0.2.2")
+UNDERLAY6 = ("2001:db8:e5::1", "2001:db8:e5::2")  # Lab(underlay_ips=UNDERLAY6): IPv6 underlay
 VM_IPS = ("198.51.100.1", "198.51.100.2")
 DEFAULT_VNI = 5001
 
@@ -171,6 +172,8 @@ class Lab(Topology):
     tunnel_options: tuple[dict[str, str], dict[str, str]] = field(
         default_factory=lambda: ({}, {}))
     vni: int = DEFAULT_VNI
+    #: the tunnel endpoints (br-phy's addresses): IPv4 or IPv6 (UNDERLAY6)
+    underlay_ips: tuple[str, str] = UNDERLAY
     hvs: list[LabHypervisor] = field(default_factory=list)
 
     def __enter__(self) -> Lab:
@@ -200,7 +203,7 @@ class Lab(Topology):
         a, b = self.hvs
         for hv in self.hvs:
             hv.start()
-        self.underlay(a, b, *UNDERLAY, devs=(f"{self.tag}u1", f"{self.tag}u2"),
+        self.underlay(a, b, *self.underlay_ips, devs=(f"{self.tag}u1", f"{self.tag}u2"),
                       datapath_type="netdev")
         for hv, peer in ((a, b), (b, a)):
             hv.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int",
