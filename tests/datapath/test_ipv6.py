@@ -386,3 +386,26 @@ def test_ipv6_tunnel_follows_a_user_route_through_a_gateway():
     ns = a.dev("eth0").take()[0]
     assert ns[62:78] == ip_addr("fd00::fe")  # the gateway is solicited, not the peer
     assert "tunnel_problem" not in a.tun.status()
+
+
+def test_neighbour_retries_ask_in_the_next_hops_family_beside_an_ipv4_tunnel():
+    a = Hypervisor("10.0.0.1", "10.0.0.2")
+    dp = a.dp
+    dp.routes.set_system(
+        [Route(prefix=int.from_bytes(ip_addr("10.0.0.0"), "big"), plen=24, dev="br-phy"),
+         Route(prefix=int.from_bytes(ip_addr("fd00::"), "big"), plen=64, dev="br-phy",
+               v6=True)],
+        {"br-phy": [ip_addr("10.0.0.1"), ip_addr(A6)]})
+    dp.add_port("br-int", "vx6", "vxlan", {"remote_ip": B6, "key": "200"})
+    dp.run(dp.now)
+    a.inject("vm", inner4(), inner4(3))  # flooded to both tunnels: ARP and NS
+    first = a.dev("eth0").take()
+    assert sorted(f[12:14] for f in first) == [b"\x08\x06", ETH_IPV6]
+    dp.run(dp.now + 1.1)
+    retries = a.dev("eth0").take()
+    assert sorted(f[12:14] for f in retries) == [b"\x08\x06", ETH_IPV6]
+    for f in retries:
+        if f[12:14] == ETH_IPV6:
+            assert f[22:38] == ip_addr(A6) and parse_nd(f[14:])[0] == 135
+        else:
+            assert f[28:32] == ip_addr("10.0.0.1")

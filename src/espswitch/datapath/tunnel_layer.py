@@ -420,7 +420,10 @@ class TunnelLayer:
                     port.stats.drop("tx_neigh_drops")
                 continue
             bridge = dp.bridges.get(key[0])
-            port = next((p for p in self.ports if p.underlay.egress_bridge is bridge), None)
+            # A tunnel of the next hop's family: its local address is the request's source.
+            v6 = len(key[1]) == 16
+            port = next((p for p in self.ports if p.underlay.egress_bridge is bridge
+                         and p.underlay.V6 is v6), None)
             if bridge is None or port is None or port.underlay.egress_port is None:
                 del self.arp_tries[key]
                 dp.neigh.pending.pop(key, None)
