@@ -270,8 +270,11 @@ def test_hostile_vxlan_over_ipv6_is_counted_and_never_delivered():
     assert drops.get("vxlan_bad_checksum") == 1
     assert drops.get("vxlan_unknown_tunnel") == 2
     assert drops.get("vxlan_malformed") == 1
-    assert drops.get("ipv6_frag_drops") == 1  # ESP is not registered on a clear-only switch
-    assert b.dp.ports["eth0"].stats["rx_dropped"] == 6
+    # A fragment other than the last must be at least 256 bytes (ipfrag.py); the ESP one
+    # goes to the kernel: ESP is not registered on a switch without protected tunnels.
+    assert drops.get("ipfrag_too_small") == 1
+    assert b.dev("br-phy").take() == [cases[-1]]
+    assert b.dp.ports["eth0"].stats["rx_dropped"] == 5
     # A zero checksum is accepted (RFC 6935/6936), the good packet delivered.
     zero = bytearray(ipv6(A6, B6, 17, seg))
     zero[46:48] = b"\0\0"
@@ -279,13 +282,73 @@ def test_hostile_vxlan_over_ipv6_is_counted_and_never_delivered():
     assert b.dev("vm").take() == [good, good]
 
 
+def fragments6(src: str, dst: str, nh: int, payload: bytes, ident: int = 0x1234,
+               first: int = 512) -> list[bytes]:
+    """`payload` (an upper-layer packet of next header `nh`) in two IPv6 fragments."""
+    one, two = payload[:first], payload[first:]
+    return [ipv6(src, dst, 44, struct.pack("!BBHI", nh, 0, 1, ident) + one),
+            ipv6(src, dst, 44, struct.pack("!BBHI", nh, 0, first, ident) + two)]
+
+
 def test_non_tunnel_ipv6_to_the_local_address_reaches_the_kernel():
     _a, b = pair()
     other = to_b(b, ipv6(A6, B6, 17, udp(5000, 53, b"q" * 20)))
-    later_frag = to_b(b, ipv6(A6, B6, 44, struct.pack("!BBHI", 17, 0, 0x100, 1) + b"z" * 64))
     icmp = to_b(b, ipv6(A6, B6, 58, b"\x80\0\0\0" + b"p" * 20))
-    b.inject("eth0", other, later_frag, icmp)
-    assert b.dev("br-phy").take() == [other, later_frag, icmp]
+    # A fragmented UDP datagram to another port: reassembled to look at its port, then
+    # handed to the kernel as the fragments that came.
+    frags = [to_b(b, f) for f in fragments6(A6, B6, 17, udp(5000, 53, b"f" * 1000))]
+    b.inject("eth0", other, icmp, *frags)
+    assert sorted(b.dev("br-phy").take()) == sorted([other, icmp, *frags])
+    assert not b.dp.tunnels.ipfrag.pending
+
+
+@pytest.mark.parametrize("tun_type", ["vxlan", "gre", "vxlanipsec"])
+def test_outer_ipv6_fragments_of_tunnel_packets_are_reassembled(tun_type):
+    opts = (lambda side: esp_options(side)) if tun_type == "vxlanipsec" else None
+    a, b = pair(tun_type, opts=opts)
+    a.dp.neigh.learn("br-phy", ip_addr(B6), b.dev("br-phy").mac, a.dp.now)
+    f = inner4(5, 1200)
+    a.inject("vm", f)
+    whole = a.dev("eth0").take()[0]
+    ip = whole[14:]
+    frags = fragments6(A6, B6, ip[6], ip[40:], first=600)
+    # Out of order, with a duplicate: still one datagram.
+    b.inject("eth0", *[to_b(b, x) for x in (frags[1], frags[1], frags[0])])
+    assert b.dev("vm").take() == [f]
+    assert not b.dp.tunnels.ipfrag.pending
+    # Overlapping pieces drop the datagram, counted.
+    bad = fragments6(A6, B6, ip[6], ip[40:], ident=9, first=600)
+    overlap = ipv6(A6, B6, 44, struct.pack("!BBHI", ip[6], 0, 592, 9) + ip[40 + 592:])
+    b.inject("eth0", to_b(b, bad[0]), to_b(b, overlap))
+    assert b.dev("vm").take() == []
+    assert b.dp.drops.get("ipfrag_overlaps") == 1
+
+
+def test_ipv6_reassembler_limits_and_header():
+    from espswitch.datapath.ipfrag import Reassembler
+
+    drops: dict[str, int] = {}
+    r = Reassembler(lambda cause, n: drops.__setitem__(cause, drops.get(cause, 0) + n))
+    payload = bytes(range(256)) * 4
+    f1, f2 = (b"E" * 14 + x for x in fragments6(A6, B6, 17, payload))
+    assert r.add6(f1, 14, 0.0) is None and len(r.pending) == 1
+    whole, frames = r.add6(f2, 14, 0.1)
+    assert frames == [f1, f2] and whole[:14] == b"E" * 14
+    assert whole[14:54] == ipv6(A6, B6, 17, payload)[:40]  # next header and length restored
+    assert whole[54:] == payload
+    # Too small, misaligned, past 65535 bytes, truncated: dropped before anything is held.
+    r.add6(b"E" * 14 + ipv6(A6, B6, 44, struct.pack("!BBHI", 17, 0, 1, 5) + b"x" * 64), 14, 1)
+    r.add6(b"E" * 14 + ipv6(A6, B6, 44, struct.pack("!BBHI", 17, 0, 1, 6) + b"x" * 300), 14, 1)
+    r.add6(b"E" * 14 + ipv6(A6, B6, 44, struct.pack("!BBHI", 17, 0, 0xFFF8, 7) + b"x" * 16),
+           14, 1)
+    r.add6(b"E" * 14 + ipv6(A6, B6, 44, struct.pack("!BBHI", 17, 0, 1, 8) + b"x" * 512)[:-9],
+           14, 1)
+    assert drops == {"ipfrag_too_small": 1, "ipfrag_malformed": 3}
+    assert not r.pending
+    # An unfinished datagram expires.
+    r.add6(f1, 14, 2.0)
+    r.expire(40.0)
+    assert drops["ipfrag_timeouts"] == 1 and not r.pending and r.bytes_held == 0
 
 
 def test_hostile_esp_over_ipv6_is_counted_and_never_delivered():
@@ -304,15 +367,17 @@ def test_hostile_esp_over_ipv6_is_counted_and_never_delivered():
         to_b(b, plaintext),
         to_b(b, ipv6(A6, B6, 50, peer.encrypt(good_l4, 17)))[:-5],  # cut short
         to_b(b, ipv6(A6, B6, 44, struct.pack("!BBHI", 50, 0, 1, 9) + bytes(forged))),
+        # Both fragments of a forged packet: reassembled, then refused by its ICV.
+        *[to_b(b, x) for x in fragments6(A6, B6, 50, bytes(forged) + bytes(600), first=304)],
     ]
     b.inject("eth0", *frames)
     assert b.dev("vm").take() == []
     st = b.tun.stats
-    assert st["esp_auth_failures"] == 1 and st["esp_plaintext_drops"] == 1
+    assert st["esp_auth_failures"] == 2 and st["esp_plaintext_drops"] == 1
     assert b.dp.drops.get("esp_malformed") == 1
     assert b.dp.drops.get("esp_unknown_spi") == 1
     assert b.dp.drops.get("ipv6_malformed") == 1
-    assert b.dp.drops.get("ipv6_frag_drops") == 1
+    assert b.dp.drops.get("ipfrag_too_small") == 1
     # The authentic packet still goes through afterwards.
     b.inject("eth0", to_b(b, ipv6(A6, B6, 50, peer.encrypt(good_l4, 17))))
     assert b.dev("vm").take() == [inner4()]

@@ -91,6 +91,15 @@ def test_tunnel_over_ipv6_interoperates_with_the_kernel(lab6, kind):
         # The kernel learned the VM's MAC behind espswitch's IPv6 endpoint.
         fdb = run(["bridge", "fdb", "show", "dev", "vxlan0"], b).stdout
         assert f"{vm.mac} dst {A6}" in fdb, fdb
+        # A kernel VXLAN whose MTU exceeds what the underlay carries: after learning the
+        # path MTU (it may drop the first packet meanwhile) it fragments the inner IPv4
+        # packets, which cross espswitch as any inner fragments do. (It does not fragment
+        # the outer packet; outer reassembly is tested in memory, tests/datapath.)
+        run(["ip", "link", "set", "vxlan0", "mtu", "1500"], b)
+        run(["ping", "-c", "1", "-W", "1", "-s", "1420", "192.168.10.1"], b, check=False)
+        big = run(["ping", "-q", "-c", "5", "-i", "0.05", "-W", "2", "-s", "1420",
+                   "192.168.10.1"], b, check=False)
+        assert "5 received" in big.stdout, big.stdout + big.stderr
     # The next hop was found by neighbour discovery, in the datapath's own cache.
     mac_b = run(["cat", "/sys/class/net/ul0/address"], b).stdout.strip()
     neigh = a.appctl("tnl/neigh/show").stdout

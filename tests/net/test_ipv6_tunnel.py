@@ -250,17 +250,23 @@ def check_hostile_input(lab: Lab, keys: Keys, tmp_path) -> None:
     # IPv6 whose payload length runs past the frame's end.
     cut = bytes(eth / ip6.copy() / s.Raw(spi + os.urandom(60)))
     frames.append(s.Ether(cut[:-20]))
-    # Outer fragments of ESP.
-    frag = eth / any6.copy() / s.IPv6ExtHdrFragment(nh=50, id=7, m=1) / s.Raw(spi + bytes(600))
-    frames.append(frag)
+    # Outer fragments of ESP: one too small to be a real path's, and a forged packet in
+    # two fragments (reassembled, then refused by its ICV).
+    frames.append(eth / any6.copy() / s.IPv6ExtHdrFragment(nh=50, id=7, m=1)
+                  / s.Raw(spi + bytes(100)))
+    forged = spi + (6_000_000).to_bytes(4, "big") + os.urandom(900)
+    frames.append(eth / any6.copy() / s.IPv6ExtHdrFragment(nh=50, id=8, m=1)
+                  / s.Raw(forged[:512]))
+    frames.append(eth / any6.copy() / s.IPv6ExtHdrFragment(nh=50, id=8, offset=64)
+                  / s.Raw(forged[512:]))
     hostile = str(tmp_path / "hostile.pcap")
     s.wrpcap(hostile, frames)
     got = str(tmp_path / "vm2-hostile.pcap")
     with tcpdump(hv2.vm_ns, hv2.tap, got, ["icmp"]):
         assert send_frames(hv1.ns, hv1.underlay_dev, hostile) == len(frames)
         auth = wait_for_counter(lab, 1, "esp_auth_failures",
-                                before.get("esp_auth_failures", 0) + 20)
-        assert auth >= before.get("esp_auth_failures", 0) + 20
+                                before.get("esp_auth_failures", 0) + 21)
+        assert auth >= before.get("esp_auth_failures", 0) + 21
         plain = wait_for_counter(lab, 1, "esp_plaintext_drops",
                                  before.get("esp_plaintext_drops", 0) + 1)
         assert plain >= before.get("esp_plaintext_drops", 0) + 1
@@ -272,5 +278,5 @@ def check_hostile_input(lab: Lab, keys: Keys, tmp_path) -> None:
     counts = dict(re.findall(r"(\w+)=(\d+)", drops.split("drops:", 1)[1].splitlines()[0]))
     assert int(counts.get("esp_malformed", 0)) >= 1, drops
     assert int(counts.get("ipv6_malformed", 0)) >= 1, drops
-    assert int(counts.get("ipv6_frag_drops", 0)) >= 1, drops
+    assert int(counts.get("ipfrag_too_small", 0)) >= 1, drops
     assert espswitchd_pid(lab, 1) == pid and hv2.alive()

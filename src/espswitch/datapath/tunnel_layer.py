@@ -9,15 +9,13 @@ tunnel's packets are found by (encapsulation port, remote address, key) and hand
 handlers: they get the offsets of the IP header, the L4 header and the datagram's end, and
 read the addresses by the IP version.
 
-IPv6 specifics. Extension headers are not walked: a tunnel packet behind one goes to the
-kernel like any packet that is not a tunnel's. Outer IPv6 fragments of tunnel packets
-(ESP, GRE, or UDP to a tunnel's port) are counted (`ipv6_frag_drops`) and dropped, not
-reassembled: espswitch never sends them, and a sender that does would be fragmenting
-what RFC 8200 and RFC 6935 expect tunnels to size for the path. A non-first fragment of
-UDP cannot be told apart and goes to the kernel, which drops it when its reassembly times
-out. The outer UDP checksum is verified when it is not zero (as Open vSwitch does); zero is
-accepted for tunnels, as RFC 6935 and RFC 6936 allow (Linux VXLAN and Geneve send zero
-when configured with udp6zerocsumtx).
+IPv6 specifics. Extension headers are not walked: a tunnel packet behind one (other than
+a Fragment header right after the fixed header) goes to the kernel like any packet that
+is not a tunnel's. Outer fragments are reassembled as IPv4's are (ipfrag.py, `add6`): a
+sender whose tunnel MTU exceeds the path (Linux's VXLAN over IPv6 with a large MTU)
+fragments at the source. The outer UDP checksum is verified when it is not zero (as Open
+vSwitch does); zero is accepted for tunnels, as RFC 6935 and RFC 6936 allow (Linux VXLAN
+and Geneve send zero when configured with udp6zerocsumtx).
 
 Outbound, `output_ip()` resolves a tunnel's next hop in the neighbour cache (ARP for IPv4,
 a Neighbor Solicitation for IPv6, with a bounded queue while it resolves) and sends through
@@ -203,7 +201,7 @@ class TunnelLayer:
             return False
         nh = frame[20]
         if nh == IPV6_FRAGMENT:
-            return self._fragment6(in_port, frame)
+            return self._fragment6(bridge, in_port, frame)
         handler = self.ip_handlers.get(nh)
         if handler is None:
             return False
@@ -214,21 +212,24 @@ class TunnelLayer:
             return True
         return handler(bridge, in_port, frame, 14, 54, end)
 
-    def _fragment6(self, in_port: Port, frame: bytes) -> bool:
-        """An outer IPv6 fragment: counted and dropped if it is a tunnel's (see the module
-        docstring), else left to the kernel."""
+    def _fragment6(self, bridge: Bridge, in_port: Port, frame: bytes) -> bool:
+        """An outer IPv6 fragment of ESP, GRE or UDP: held until its datagram is whole,
+        then handled as IPv4's are (`_fragment`); others go to the kernel."""
         if len(frame) < 62:
             return False
-        nh = frame[54]
-        if nh == 17:
-            first = not (frame[56] << 8 | frame[57]) & 0xFFF8
-            if not first or len(frame) < 66 or \
-                    ((frame[64] << 8) | frame[65]) not in self.udp_handlers:
-                return False
-        elif nh not in self.ip_handlers:
+        handler = self.ip_handlers.get(frame[54])
+        if handler is None:
             return False
-        in_port.stats.drop("rx_malformed")
-        self.dp.count_drop("ipv6_frag_drops")
+        done = self.ipfrag.add6(frame, 14, self.dp.now)
+        if done is None:
+            return True  # held, or dropped and counted
+        whole, fragments = done
+        if not handler(bridge, in_port, whole, 14, 54, 54 + ((whole[18] << 8) | whole[19])):
+            self._bypass = True
+            try:
+                bridge.process(in_port, fragments, False)
+            finally:
+                self._bypass = False
         return True
 
     def _fragment(self, bridge: Bridge, in_port: Port, frame: bytes, handler: IpHandler) -> bool:
