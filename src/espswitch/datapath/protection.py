@@ -525,7 +525,7 @@ class EspProtection:
     # -- outbound -------------------------------------------------------------------------------
 
     def overhead(self, l4_len: int) -> int:
-        """ESP bytes (and UDP/4500, and tunnel mode's inner IPv4 header) added to `l4_len`
+        """ESP bytes (and UDP/4500, and tunnel mode's inner IP header) added to `l4_len`
         bytes of encapsulated frame: computed for this transform and mode, not guessed."""
         payload = l4_len + (self.port.underlay.OVERHEAD if self.mode is Mode.TUNNEL else 0)
         return (8 if self.encap else 0) + payload - l4_len + self.transform.overhead(payload)

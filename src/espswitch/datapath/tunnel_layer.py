@@ -68,13 +68,6 @@ def ip_src(frame: bytes, l3: int) -> bytes:
     return frame[l3 + 8 : l3 + 24]
 
 
-def ip_dst(frame: bytes, l3: int) -> bytes:
-    """The destination address of the IPv4 or IPv6 header at `l3`."""
-    if frame[l3] >> 4 == 4:
-        return frame[l3 + 16 : l3 + 20]
-    return frame[l3 + 24 : l3 + 40]
-
-
 class TunnelLayer:
     """Everything the datapath does for tunnels that is not per port."""
 

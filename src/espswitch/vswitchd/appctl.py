@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import TYPE_CHECKING
 
 from espswitch.datapath.ports import format_mac
@@ -77,7 +76,6 @@ def register(sw: Switchd) -> None:
         prefix, dev = argv[0], argv[1]
         gw = argv[2] if len(argv) > 2 else None
         try:
-            ipaddress.ip_network(prefix, strict=False)
             dp.routes.add(prefix, dev, gw)
         except ValueError as e:
             conn.reply_error(f"bad route: {e}")
