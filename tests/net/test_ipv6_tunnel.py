@@ -1,5 +1,5 @@
 """Two espswitch hypervisors over an IPv6 underlay (the lab, `Lab(underlay_ips=UNDERLAY6)`):
-Geneve in the clear and `vxlanipsec` with manual keys in transport and tunnel mode.
+Geneve and GRE in the clear and `vxlanipsec` with manual keys in transport and tunnel mode.
 
 Pings and iperf3 with IPv4 and IPv6 inside; the tunnel MTU (the largest outer packet fills
 the underlay's 1500 bytes, the next inner size is answered with "fragmentation needed" or
@@ -41,12 +41,15 @@ pytestmark = pytest.mark.net
 
 ESP = "aes128gcm16"
 VM6 = ("fd10::1", "fd10::2")
-CASES = ("geneve", "transport", "tunnel")
+CASES = ("geneve", "gre", "transport", "tunnel")
+# The clear tunnels' MTU over a 1500-byte IPv6 underlay: IPv6 40, the encapsulation (UDP 8 +
+# Geneve 8; GRE 4 + key 4), the inner Ethernet header 14.
+CLEAR_MTU = {"geneve": 1500 - 40 - 16 - 14, "gre": 1500 - 40 - 8 - 14}
 
 
 def make_lab(case: str) -> tuple[Lab, Keys | None]:
-    if case == "geneve":
-        return Lab(underlay_ips=UNDERLAY6, tunnel_type="geneve"), None
+    if case in CLEAR_MTU:
+        return Lab(underlay_ips=UNDERLAY6, tunnel_type=case), None
     keys = Keys.fresh(ESP)
     keys.underlay = UNDERLAY6
     return Lab(underlay_ips=UNDERLAY6, tunnel_type="vxlanipsec",
@@ -109,8 +112,8 @@ def test_two_hypervisors_over_an_ipv6_underlay(netlab_ok, tmp_path, case):
         st = status(lab, 0)
         assert "tunnel_problem" not in st, st
         mtu = int(st["tunnel_mtu"])
-        if case == "geneve":
-            assert mtu == 1500 - 40 - 8 - 8 - 14
+        if case in CLEAR_MTU:
+            assert mtu == CLEAR_MTU[case]
         else:
             assert st["ipsec_state"] == "manual" and st["ipsec_mode"] == case
 
@@ -147,11 +150,14 @@ def test_two_hypervisors_over_an_ipv6_underlay(netlab_ok, tmp_path, case):
         pkts = [p for p in s.rdpcap(pcap) if p.haslayer(s.IPv6)
                 and {p[s.IPv6].src, p[s.IPv6].dst} == set(UNDERLAY6)]
         with open(pcap, "rb") as f:
-            assert case == "geneve" or PATTERN not in f.read()
+            assert case in CLEAR_MTU or PATTERN not in f.read()
         assert len(pkts) >= 2 * 40
         # The largest outer packet fills the underlay's MTU (ESP pads to 4 bytes).
         largest = max(40 + p[s.IPv6].plen for p in pkts)
         assert 1500 - 3 <= largest <= 1500, largest
+        if case == "gre":
+            assert {p[s.IPv6].nh for p in pkts} == {47}
+            return
         if case == "geneve":
             udp = [p for p in pkts if p.haslayer(s.UDP)]
             assert udp and all(p[s.UDP].dport == 6081 and p[s.UDP].chksum for p in udp)
