@@ -60,7 +60,7 @@ def _extensions() -> list:
         "espswitch.datapath.fast._fastpath",
         [pyx],
         define_macros=[("ESP_SOURCE_SHA256", f'"{digest}"')],
-        libraries=["crypto"],
+        libraries=["crypto", "z"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
         optional=True,

@@ -18,7 +18,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    from .diff import STATS
+    from .diff import PIPELINES, STATS
+
+    if any(PIPELINES.values()):
+        terminalreporter.write_line(
+            "pipeline differential: " + ", ".join(f"{k}={v}" for k, v in PIPELINES.items())
+            + " through the compiled and the Python path")
 
     if STATS["examples"]:
         terminalreporter.write_line(

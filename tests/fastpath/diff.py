@@ -35,6 +35,10 @@ SRC, DST = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
 STATS: dict[str, int] = {"examples": 0, "frames": 0, "events": 0}
 """What the differential tests compared in this run (printed in the terminal summary)."""
 
+PIPELINES: dict[str, int] = {"rx frames": 0, "tx frames": 0, "tx offload reads": 0}
+"""Inputs the pipeline differential tests (test_rx_pipeline, test_tx_pipeline) sent through
+both paths in this run."""
+
 
 @dataclass
 class Config:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datapath.helpers import Hypervisor, eth, ipv4, ipv6, mac, udp, vxlan
 from espswitch.datapath import fast
 from espswitch.datapath.tunnel import Route, ip4, ip_addr
-from espswitch.ipsec import OutboundSA, SaParams, parse_transform
+from espswitch.ipsec import InboundSA, OutboundSA, SaParams, parse_transform
 
 KEY = bytes(range(20))
 VM_MAC, PEER_VM = mac(2), mac(1)
@@ -66,3 +66,28 @@ def test_ipv6_esp_is_a_miss_delivered_by_the_python_path():
     assert hv.dev("vm").take().count(inner6) == 2
     assert tun6.stats["rx_packets"] == 3 and tun6.stats["esp_auth_failures"] == 0
     assert "misses=" in dp.show()
+
+
+def test_an_ipv6_tunnel_is_never_in_the_compiled_transmit_table():
+    hv = Hypervisor("fd00::2", "fd00::1", vni=100, tun_type="vxlanipsec",
+                    tun_options=esp_opts(0x2001, 0x1001))
+    dp = hv.dp
+    assert dp.fast_path and fast.is_compiled(hv.tun.esp.sa_out)
+    assert hv.tun.esp.fast_outbound() is None
+    dp.neigh.learn("br-phy", ip_addr("fd00::1"), mac(9), dp.now)
+    hv.inject("eth0", eth(hv.dev("br-phy").mac, mac(9), b"\0" * 46, et=0x88B5))  # learn mac 9
+    hv.dev("br-phy").take()
+    inner = eth(PEER_VM, VM_MAC, ipv4("192.168.1.2", "192.168.1.1", 1, b"o" * 64))
+    for _ in range(3):
+        hv.inject("vm", inner)
+        dp._fast.ensure()
+        assert hv.tun not in dp._fast.tx_tunnels
+    out = hv.dev("eth0").take()
+    assert len(out) == 3
+    peer = InboundSA(SaParams(spi=0x1001, transform=parse_transform("aes128gcm16"),
+                              keymat=KEY))
+    for f in out:
+        assert f[12:14] == b"\x86\xdd" and f[20] == 50
+        assert f[22:38] == ip_addr("fd00::2") and f[38:54] == ip_addr("fd00::1")
+        nh, payload = peer.open(f[54:])
+        assert nh == 17 and payload.endswith(inner)

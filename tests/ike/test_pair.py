@@ -160,8 +160,8 @@ def test_a_peer_added_at_run_time_connects_and_its_removal_deletes_the_ike_sa():
 @pytest.mark.parametrize(("option", "value"), [("ike", "aes128gcm16-prfsha256-nosuchgroup"),
                                                 ("remote_name", "@@@ ===")])
 def test_ike_option_syntax_is_checked_when_the_tunnel_is_configured(option, value):
+    from espswitch.ike.options import parse_ipsec_options
     from espswitch.ipsec import IpsecConfigError
-    from espswitch.ipsec.config import parse_ipsec_options
 
     with pytest.raises(IpsecConfigError, match=f"options:{option}"):
         parse_ipsec_options({"psk": "swordfish", option: value})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from espswitch.ike.options import IkeKeying, ManualKeying, parse_ipsec_options
 from espswitch.ipsec import IpsecConfigError
-from espswitch.ipsec.config import IkeKeying, ManualKeying, parse_ipsec_options
 
 KEY_OUT = "11" * 20
 KEY_IN = "22" * 20

@@ -1,10 +1,17 @@
-"""End-to-end benchmark: VM-to-VM TCP throughput and ping RTT over four VXLAN paths.
+"""End-to-end benchmark: VM-to-VM TCP throughput and ping RTT over six VXLAN paths.
 
 In one run, for each path, it builds the topology, measures, and tears everything down:
 
 - espswitch-vxlanipsec-aes128gcm16: the two-hypervisor lab (`espswitch.cli.lab.Lab`) with a
   `vxlanipsec` tunnel, `esp=aes128gcm16`, manual keys drawn at random for this run;
+- espswitch-vxlanipsec-python: the same with `other_config:fast-path=false` set on both
+  hypervisors before the tunnel exists (the Python path and ESP engine; `ovs-appctl dpif/show`
+  must say `fast-path: disabled`, and the row records what it said);
 - espswitch-vxlan: the same lab with a plain `vxlan` tunnel;
+- ovs-userspace-vxlan: the same two-hypervisor topology run by Debian's Open vSwitch
+  (ovsdb-server + ovs-vswitchd, `datapath_type=netdev`: br-phy with the veth as a `system`
+  port on AF_PACKET, br-int with a `tap` VM port and a `vxlan` port), plain VXLAN, VM MTU
+  1450 (OVS does not adjust MTUs), as in `../shared/spec/references.md`;
 - kernel-vxlan: two namespaces on a veth (192.0.2.1/.2) with kernel VXLAN devices (VNI 42,
   inner 198.51.100.1/.2), no encryption: the ceiling of the machine;
 - strongswan-libipsec: the same kernel VXLAN carried by strongSwan's userspace ESP
@@ -12,11 +19,18 @@ In one run, for each path, it builds the topology, measures, and tears everythin
   `../shared/spec/references.md`: the C baseline espswitch's `vxlanipsec` is compared with.
 
 Throughput: `iperf3 -c PEER -t N -J` (server `iperf3 -s -1` in the peer namespace), the
-`sum_received` bits per second. RTT: `ping -c 1000 -i 0.002`, the average. It prints a table with
-each path's ratio to strongswan-libipsec, writes JSON (`--json`) and a two-panel bar chart
-(`--png`, default bench/e2e.png). Nothing asserts timings: this is a benchmark, not a test.
-The machine has 2 cores and may be busy: compare paths within one run, and run it more than
-once (each result records the load average when its path started).
+`sum_received` bits per second. RTT: `ping -c 1000 -i 0.002`, the average. Switch CPU (the
+espswitch and OVS rows): utime+stime of each hypervisor's switch daemon (espswitchd, resp.
+ovs-vswitchd; found by its pid file, else by name and network namespace) just before and
+after the iperf3 client ran, as microseconds per 1448 bytes of TCP payload received (one
+full-size segment at MTU 1500), in total and per side (sender: the client VM's hypervisor).
+On a 2-core machine that is often busy, CPU per segment is steadier than throughput.
+
+It prints a table and the ratios of `espswitch-vxlanipsec-aes128gcm16` to the other paths
+(and its ping RTT minus kernel VXLAN's) with the issue 10 targets, writes JSON (`--json`) and
+a two-panel bar chart (`--png`, default bench/e2e.png). Nothing asserts timings: this is a
+benchmark, not a test. Compare paths within one run, and run it more than once (each result
+records the load average when its path started).
 
 Run (root):  python3 bench/e2e.py [--quick] [--paths P,P] [--json FILE] [--png FILE]
 """
@@ -31,6 +45,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,22 +53,125 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from espswitch.cli.lab import CHARON, Lab, LabError, run, start_charon, stop_charon
-from espswitch.cli.labkit import add_netns, delete_netns
+from espswitch.cli.lab import (
+    CHARON,
+    DEFAULT_VNI,
+    Lab,
+    LabError,
+    LabHypervisor,
+    run,
+    start_charon,
+    stop_charon,
+)
+from espswitch.cli.labkit import Hypervisor, Topology, Vm, add_netns, delete_netns
 
-PATHS = ("espswitch-vxlanipsec-aes128gcm16", "espswitch-vxlan", "kernel-vxlan",
-         "strongswan-libipsec")
+OURS = "espswitch-vxlanipsec-aes128gcm16"
+PYTHON_PATH = "espswitch-vxlanipsec-python"
+OVS = "ovs-userspace-vxlan"
+KERNEL = "kernel-vxlan"
 BASELINE = "strongswan-libipsec"
+PATHS = (OURS, PYTHON_PATH, "espswitch-vxlan", OVS, KERNEL, BASELINE)
 UNDERLAY = ("192.0.2.1", "192.0.2.2")
 INNER = ("198.51.100.1", "198.51.100.2")
 KERNEL_VNI = 42
 PING_COUNT = 1000  # the latency run of issue 3: 1000 pings
 PING_INTERVAL = "0.002"
+SEGMENT = 1448  # TCP payload of one full-size segment at MTU 1500 (with timestamps)
+OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
+OVS_VM_MTU = 1450  # OVS does not lower the VMs' MTU for the VXLAN overhead; 1500 stalls TCP
 
+# Ratios of OURS's TCP throughput to other paths' (issue 10: the targets, where it has one).
+RATIOS = (("vxlanipsec_vs_libipsec", BASELINE, 10.0),
+          ("vxlanipsec_vs_ovs_userspace_vxlan", OVS, 2.0),
+          ("vxlanipsec_vs_kernel_vxlan", KERNEL, 0.25),
+          ("vxlanipsec_vs_python_path", PYTHON_PATH, None))
+RTT_DELTA = "rtt_delta_vs_kernel_vxlan_ms"
+RTT_DELTA_TARGET_MS = 0.1  # issue 10: ping RTT at most 0.1 ms above kernel VXLAN's
 
 
 class BenchError(Exception):
     """A path could not be built or measured; the message says which step and why."""
+
+
+# -- switch CPU ----------------------------------------------------------------------------
+
+def proc_stat_cpu_seconds(stat: str, ticks: int) -> float:
+    """utime + stime, in seconds, from the text of /proc/<pid>/stat (clock `ticks` per s).
+
+    The command name (field 2) is in parentheses and may hold spaces or ')': the fields are
+    counted from the last ')'. utime and stime are fields 14 and 15 (all threads)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """The summed utime + stime of processes `pids`; BenchError if one is gone."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                total += proc_stat_cpu_seconds(f.read(), ticks)
+        except (OSError, ValueError, IndexError) as e:
+            raise BenchError(f"switch process {pid} cannot be read: {e}") from None
+    return total
+
+
+def _netns_inode(pid: int | str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _is_daemon(pid: int | str, name: str) -> bool:
+    """Whether process `pid` is `name`: its comm, or its command line naming `name`
+    (espswitchd may run as `python3 .../espswitchd` or `python3 -m ...`, --pidfile=NAME.pid)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() == name[:15]:
+                return True
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return any(os.path.basename(a) == name or a.endswith(f"/{name}.pid") for a in args)
+
+
+def daemon_pids(hv: Hypervisor, name: str) -> list[int]:
+    """The switch daemon `name` (espswitchd, ovs-vswitchd) of hypervisor `hv`: the pid in its
+    pid file if that process lives in hv's namespace, else every process called `name` in
+    that namespace (matched by /proc/<pid>/ns/net's inode). BenchError if none."""
+    want = os.stat(f"/run/netns/{hv.ns}").st_ino
+    pid = hv.pid(name)
+    if pid is not None and _netns_inode(pid) == want and _is_daemon(pid, name):
+        return [pid]
+    found = [int(p) for p in os.listdir("/proc")
+             if p.isdigit() and _netns_inode(p) == want and _is_daemon(p, name)]
+    if not found:
+        raise BenchError(f"no {name} process in namespace {hv.ns}")
+    return sorted(found)
+
+
+def cpu_cost(cpu_s: dict[str, float], tcp_bytes: int) -> dict[str, float | None]:
+    """Microseconds of switch CPU per SEGMENT bytes of TCP payload carried: in total
+    (`cpu_us_per_seg`) and per side (`cpu_us_per_seg_<side>`) for the sides of `cpu_s`
+    (side -> CPU seconds during the transfer). None when nothing was carried."""
+    segments = tcp_bytes / SEGMENT
+    out: dict[str, float | None] = {}
+    out["cpu_us_per_seg"] = sum(cpu_s.values()) * 1e6 / segments if segments else None
+    for side, seconds in cpu_s.items():
+        out[f"cpu_us_per_seg_{side}"] = seconds * 1e6 / segments if segments else None
+    return out
 
 
 # -- measuring -----------------------------------------------------------------------------
@@ -70,12 +188,23 @@ def _wait_listening(ns: str, port: int = 5201, timeout: float = 10.0) -> None:
 
 def iperf_tcp(server_ns: str, client_ns: str, server_ip: str, seconds: int) -> float:
     """iperf3 TCP from client_ns to server_ip (served in server_ns); received Gbit/s."""
+    return iperf_tcp_run(server_ns, client_ns, server_ip, seconds)["tcp_gbps"]
+
+
+def iperf_tcp_run(server_ns: str, client_ns: str, server_ip: str, seconds: int,
+                  daemons: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """iperf3 TCP from client_ns to server_ip (served in server_ns): received Gbit/s
+    (`tcp_gbps`) and bytes (`tcp_bytes`), the sender's retransmits; with `daemons` (side ->
+    switch pids) also each side's switch CPU seconds while the client ran (`switch_cpu_s`)
+    and `cpu_cost`'s keys."""
     server = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_listening(server_ns)
+        before = {side: cpu_seconds(pids) for side, pids in (daemons or {}).items()}
         r = run(["iperf3", "-c", server_ip, "-t", str(seconds), "-J"], ns=client_ns,
                 check=False, timeout=seconds + 60)
+        after = {side: cpu_seconds(pids) for side, pids in (daemons or {}).items()}
         try:
             data = json.loads(r.stdout)
         except json.JSONDecodeError:
@@ -83,7 +212,16 @@ def iperf_tcp(server_ns: str, client_ns: str, server_ip: str, seconds: int) -> f
                              f"{(r.stderr or r.stdout).strip()[-300:]}") from None
         if "error" in data:
             raise BenchError(f"iperf3: {data['error']}")
-        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+        received = data["end"]["sum_received"]
+        out: dict[str, Any] = {"tcp_gbps": float(received["bits_per_second"]) / 1e9,
+                               "tcp_bytes": int(received["bytes"]),
+                               "tcp_retransmits": data["end"].get("sum_sent", {})
+                               .get("retransmits")}
+        if daemons:
+            used = {side: round(after[side] - before[side], 3) for side in daemons}
+            out["switch_cpu_s"] = used
+            out.update(cpu_cost(used, out["tcp_bytes"]))
+        return out
     finally:
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(timeout=5)
@@ -113,12 +251,14 @@ def wait_ping(ns: str, dst: str, timeout: float = 30.0) -> None:
     raise BenchError(f"no ping reply from {dst} within {timeout:.0f} s")
 
 
-def measure(src_ns: str, dst_ns: str, dst_ip: str, seconds: int) -> dict[str, Any]:
-    """Reachability, then RTT (before the bulk transfer), then TCP throughput."""
+def measure(src_ns: str, dst_ns: str, dst_ip: str, seconds: int,
+            daemons: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Reachability, then RTT (before the bulk transfer), then TCP throughput from src_ns to
+    dst_ns, with the switch CPU of `daemons` (side -> pids: `sender`, `receiver`) if given."""
     wait_ping(src_ns, dst_ip)
     rtt_ms_avg = ping_avg(src_ns, dst_ip)
-    gbps = iperf_tcp(dst_ns, src_ns, dst_ip, seconds)
-    return {"tcp_gbps": gbps, "rtt_ms_avg": rtt_ms_avg}
+    return {**iperf_tcp_run(dst_ns, src_ns, dst_ip, seconds, daemons),
+            "rtt_ms_avg": rtt_ms_avg}
 
 
 # -- namespaces ----------------------------------------------------------------------------
@@ -170,12 +310,30 @@ def _random_keys(esp: str, key_len: int) -> tuple[dict[str, str], dict[str, str]
     return one, two
 
 
+def _fast_path_line(lab: Lab, hv: LabHypervisor) -> str:
+    """The `fast-path: ...` line of `ovs-appctl -t espswitchd dpif/show` in `hv`."""
+    out = lab.appctl(hv, "dpif/show").stdout
+    return next((line.strip() for line in out.splitlines()
+                 if line.strip().startswith("fast-path:")), "(no fast-path line)")
+
+
 def _espswitch(tunnel_type: str, opts: tuple[dict[str, str], dict[str, str]],
-               seconds: int) -> dict[str, Any]:
-    with Lab(tunnel_type=tunnel_type, tunnel_options=opts) as lab:
+               seconds: int, fast_path: bool = True) -> dict[str, Any]:
+    other_config = {} if fast_path else {"fast-path": "false"}
+    with Lab(tunnel_type=tunnel_type, tunnel_options=opts, other_config=other_config) as lab:
         a, b = lab.hvs
-        result = measure(a.vm_ns, b.vm_ns, b.vm_ip, seconds)
+        if not fast_path:
+            # Set before the tunnel (and its SAs) existed; the daemons must say it is off.
+            said = [_fast_path_line(lab, hv) for hv in lab.hvs]
+            if not all(line.startswith("fast-path: disabled") for line in said):
+                raise BenchError(f"other_config:fast-path=false, but dpif/show says {said}")
+        daemons = {"sender": daemon_pids(a, "espswitchd"),
+                   "receiver": daemon_pids(b, "espswitchd")}
+        result = measure(a.vm_ns, b.vm_ns, b.vm_ip, seconds, daemons)
         result["vm_mtu"] = _mtu(a.vm_ns, a.tap)
+        result["other_config"] = other_config
+        # What each side's dpif/show said after the transfer (with the fast path's counters).
+        result["fast_path"] = [_fast_path_line(lab, hv) for hv in lab.hvs]
         if tunnel_type == "vxlanipsec":
             # The tunnel really ran ESP with this transform, and its SAs did not expire.
             status = {k: lab.vsctl(a, "get", "interface", a.tunnel, f"status:{k}",
@@ -191,6 +349,11 @@ def bench_espswitch_vxlanipsec(seconds: int) -> dict[str, Any]:
     return _espswitch("vxlanipsec", _random_keys("aes128gcm16", 20), seconds)
 
 
+def bench_espswitch_vxlanipsec_python(seconds: int) -> dict[str, Any]:
+    return _espswitch("vxlanipsec", _random_keys("aes128gcm16", 20), seconds,
+                      fast_path=False)
+
+
 def bench_espswitch_vxlan(seconds: int) -> dict[str, Any]:
     return _espswitch("vxlan", ({}, {}), seconds)
 
@@ -202,6 +365,79 @@ def bench_kernel_vxlan(seconds: int) -> dict[str, Any]:
         return {**measure(a, b, INNER[1], seconds), "vm_mtu": _mtu(a, "vx0")}
 
 
+def start_ovs(hv: Hypervisor) -> None:
+    """Debian's ovsdb-server (a fresh database) and ovs-vswitchd in `hv`'s namespace, with
+    their database, sockets, pid files and logs in hv.dir (the references.md recipe)."""
+    d = hv.dir
+    hv.sh("ovsdb-tool", "create", f"{d}/conf.db", OVS_SCHEMA)
+    hv.sh("ovsdb-server", f"{d}/conf.db", f"--remote=punix:{d}/db.sock",
+          f"--pidfile={d}/ovsdb-server.pid", f"--log-file={d}/ovsdb-server.log",
+          "--detach", "--no-chdir")
+    hv.vsctl("--no-wait", "init")
+    hv.sh("ovs-vswitchd", f"unix:{d}/db.sock", f"--pidfile={d}/ovs-vswitchd.pid",
+          f"--log-file={d}/ovs-vswitchd.log", "--detach", "--no-chdir", timeout=60)
+
+
+def stop_ovs(hv: Hypervisor) -> None:
+    """Stop what start_ovs started in `hv` (`ovs-appctl ... exit`; SIGKILL if it still
+    runs 5 s later); never raises."""
+    for name in ("ovs-vswitchd", "ovsdb-server"):
+        pid = hv.pid(name)
+        if pid is None or not _is_daemon(pid, name):
+            continue
+        with contextlib.suppress(LabError):
+            hv.sh("ovs-appctl", "-T", "10", "-t", name, "exit", check=False, timeout=20)
+        deadline = time.monotonic() + 5
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _running(pid) and _is_daemon(pid, name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def bench_ovs_userspace_vxlan(seconds: int) -> dict[str, Any]:
+    """Open vSwitch's userspace datapath (netdev) on both hypervisors, plain VXLAN."""
+    for tool in ("ovs-vswitchd", "ovsdb-server", "ovsdb-tool", "ovs-vsctl", "ovs-appctl"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} not found (Debian's openvswitch-switch)")
+    tag = "eo" + secrets.token_hex(3)
+    with Topology(tag=tag) as topo:  # close(): namespaces and directories, even on failure
+        a: Hypervisor = topo.hypervisor("hv1")
+        b: Hypervisor = topo.hypervisor("hv2")
+        started: list[Hypervisor] = []
+        try:
+            for hv in (a, b):
+                started.append(hv)
+                start_ovs(hv)
+            topo.underlay(a, b, *UNDERLAY, devs=(f"{tag}u1", f"{tag}u2"),
+                          datapath_type="netdev")
+            vms = [Vm(topo.netns(f"vm{i}"), f"vm{i}", INNER[i - 1], mtu=OVS_VM_MTU)
+                   for i in (1, 2)]
+            for hv, peer, vm in ((a, b, vms[0]), (b, a, vms[1])):
+                hv.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int",
+                         "datapath_type=netdev",
+                         "--", "add-port", "br-int", vm.tap, "--", "set", "interface", vm.tap,
+                         "type=tap",
+                         "--", "add-port", "br-int", "vx0", "--", "set", "interface", "vx0",
+                         "type=vxlan", f"options:remote_ip={peer.underlay_ip}",
+                         f"options:key={DEFAULT_VNI}")
+                hv.sh("ip", "link", "set", "br-int", "up")
+                hv.plug(vm)
+            daemons = {"sender": daemon_pids(a, "ovs-vswitchd"),
+                       "receiver": daemon_pids(b, "ovs-vswitchd")}
+            result = measure(vms[0].ns, vms[1].ns, vms[1].ip, seconds, daemons)
+            result["vm_mtu"] = _mtu(vms[0].ns, vms[0].tap)
+            version = a.sh("ovs-vswitchd", "--version", check=False).stdout.splitlines()
+            result["ovs_version"] = version[0] if version else "?"
+            result["datapath_types"] = [
+                hv.vsctl("get", "bridge", br, "datapath_type").stdout.strip().strip('"')
+                for hv in (a, b) for br in ("br-phy", "br-int")]
+            if set(result["datapath_types"]) != {"netdev"}:
+                raise BenchError(f"bridges' datapath_type: {result['datapath_types']}")
+            return result
+        finally:
+            for hv in reversed(started):
+                stop_ovs(hv)
 
 
 def _swanctl_conf(local: str, remote: str, local_id: str, remote_id: str, psk: str) -> str:
@@ -307,28 +543,81 @@ def _swanctl(ns: str, d: str, *args: str) -> None:
 
 
 BENCHES: dict[str, Callable[[int], dict[str, Any]]] = {
-    "espswitch-vxlanipsec-aes128gcm16": bench_espswitch_vxlanipsec,
+    OURS: bench_espswitch_vxlanipsec,
+    PYTHON_PATH: bench_espswitch_vxlanipsec_python,
     "espswitch-vxlan": bench_espswitch_vxlan,
-    "kernel-vxlan": bench_kernel_vxlan,
-    "strongswan-libipsec": bench_strongswan_libipsec,
+    OVS: bench_ovs_userspace_vxlan,
+    KERNEL: bench_kernel_vxlan,
+    BASELINE: bench_strongswan_libipsec,
 }
 
 
 # -- reporting -----------------------------------------------------------------------------
 
 def ratios(results: list[dict[str, Any]]) -> dict[str, float | None]:
-    by = {r["path"]: r.get("tcp_gbps") for r in results}
-    base, ours = by.get(BASELINE), by.get("espswitch-vxlanipsec-aes128gcm16")
-    return {"vxlanipsec_vs_libipsec": ours / base if ours and base else None}
+    """OURS's TCP throughput over each other path's of RATIOS (None where either is
+    missing or failed), and OURS's ping RTT minus kernel VXLAN's in ms (RTT_DELTA)."""
+    by = {r["path"]: r for r in results if "error" not in r}
+
+    def get(path: str, key: str) -> float | None:
+        return by.get(path, {}).get(key)
+
+    ours = get(OURS, "tcp_gbps")
+    out: dict[str, float | None] = {}
+    for key, other, _target in RATIOS:
+        theirs = get(other, "tcp_gbps")
+        out[key] = ours / theirs if ours and theirs else None
+    rtt, kernel_rtt = get(OURS, "rtt_ms_avg"), get(KERNEL, "rtt_ms_avg")
+    out[RTT_DELTA] = rtt - kernel_rtt if rtt is not None and kernel_rtt is not None else None
+    return out
+
+
+def targets(r: dict[str, float | None]) -> dict[str, bool | None]:
+    """Whether each of issue 10's targets was met by the ratios `r` (None: not measured)."""
+    out: dict[str, bool | None] = {}
+    for key, _other, target in RATIOS:
+        if target is not None:
+            v = r.get(key)
+            out[key] = None if v is None else v >= target
+    delta = r.get(RTT_DELTA)
+    out[RTT_DELTA] = None if delta is None else delta <= RTT_DELTA_TARGET_MS
+    return out
+
+
+def summary(r: dict[str, float | None]) -> str:
+    """The ratios with their targets, one per line."""
+    met = targets(r)
+    lines = []
+    for key, other, target in RATIOS:
+        v = r.get(key)
+        goal = f"target >= {target:g}x: {_verdict(met[key])}" if target is not None else ""
+        value = "-" if v is None else f"{v:.2f}x"
+        lines.append(f"{'TCP ' + OURS + ' / ' + other:<66} {value:>9}  {goal}".rstrip())
+    d = r.get(RTT_DELTA)
+    value = "-" if d is None else f"{d:+.3f} ms"
+    lines.append(f"{'ping RTT ' + OURS + ' - ' + KERNEL:<66} {value:>9}  "
+                 f"target <= +{RTT_DELTA_TARGET_MS} ms: {_verdict(met[RTT_DELTA])}")
+    return "\n".join(lines)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "NOT met")
 
 
 def table(results: list[dict[str, Any]]) -> str:
+    """The results as a text table: throughput, RTT, ratio to strongSwan, switch CPU per
+    1448-byte segment (total = sender + receiver hypervisor), load at the start."""
     base = next((r.get("tcp_gbps") for r in results if r["path"] == BASELINE), None)
-    lines = [f"{'path':<34} {'Gbit/s':>8} {'ping ms':>8} {'vs libipsec':>12}  load"]
+    lines = [f"{'path':<34} {'Gbit/s':>8} {'ping ms':>8} {'vs libipsec':>12} "
+             f"{'CPU us/seg':>10} {'sender':>7} {'receiver':>8}  load",
+             f"{'':<34} {'':>8} {'':>8} {'':>12} {'(switch)':>10}"]
     for r in results:
         g, p = r.get("tcp_gbps"), r.get("rtt_ms_avg")
         ratio = f"{g / base:.2f}x" if g is not None and base else "-"
-        lines.append(f"{r['path']:<34} {_fmt(g, 3):>8} {_fmt(p, 3):>8} {ratio:>12}  "
+        lines.append(f"{r['path']:<34} {_fmt(g, 3):>8} {_fmt(p, 3):>8} {ratio:>12} "
+                     f"{_fmt(r.get('cpu_us_per_seg'), 2):>10} "
+                     f"{_fmt(r.get('cpu_us_per_seg_sender'), 2):>7} "
+                     f"{_fmt(r.get('cpu_us_per_seg_receiver'), 2):>8}  "
                      f"{r['loadavg_1m']:.2f}"
                      + (f"  FAILED: {r['error']}" if "error" in r else ""))
     return "\n".join(lines)
@@ -338,15 +627,25 @@ def _fmt(v: float | None, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _color(path: str) -> str:
+    if path == PYTHON_PATH:
+        return "#9ecae1"  # espswitch, lighter: the Python path
+    if path.startswith("espswitch"):
+        return "#1f77b4"
+    return "#ff7f0e" if path == OVS else "#7f7f7f"
+
+
 def chart(results: list[dict[str, Any]], png: str, seconds: int) -> None:
+    """Two panels, one bar per path: TCP throughput (log scale; labelled with the ratio to
+    strongSwan and the switch CPU per segment) and ping RTT; written to `png`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r["path"] for r in results]
     base = next((r.get("tcp_gbps") for r in results if r["path"] == BASELINE), None)
-    colors = ["#1f77b4" if n.startswith("espswitch") else "#7f7f7f" for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = [_color(n) for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.4))
     panels = (("tcp_gbps", "iperf3 TCP throughput (Gbit/s)", "{:.2f}"),
               ("rtt_ms_avg", "ping RTT, average of 1000 (ms)", "{:.3f}"))
     for ax, (key, title, fmt) in zip(axes, panels, strict=True):
@@ -355,8 +654,8 @@ def chart(results: list[dict[str, Any]], png: str, seconds: int) -> None:
         positive = [v for v in values if v > 0]
         if key == "tcp_gbps" and positive:
             ax.set_yscale("log")
-            ax.set_ylim(10 ** math.floor(math.log10(min(positive) / 5)), max(positive) * 5)
-            title += ", log scale"
+            ax.set_ylim(10 ** math.floor(math.log10(min(positive) / 5)), max(positive) * 8)
+            title += ", log scale; switch CPU in us per 1448-B segment"
         else:
             ax.set_ylim(0, max([*values, 1e-3]) * 1.2)
         floor = ax.get_ylim()[0]
@@ -365,21 +664,24 @@ def chart(results: list[dict[str, Any]], png: str, seconds: int) -> None:
             label = "failed" if v is None else fmt.format(v)
             if key == "tcp_gbps" and v is not None and base:
                 label += f"\n{v / base:.2f}x libipsec"
+            if key == "tcp_gbps" and r.get("cpu_us_per_seg") is not None:
+                label += f"\n{r['cpu_us_per_seg']:.2f} us/seg"
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, max(bar.get_height(), floor)),
-                        ha="center", va="bottom", fontsize=9)
-        ax.set_title(title)
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([n.replace("-", "-\n", 1) for n in names], fontsize=8)
+        ax.set_xticklabels([n.replace("-", "-\n", 2) for n in names], fontsize=8)
     loads = [r["loadavg_1m"] for r in results]
     fig.suptitle(f"VM to VM over VXLAN, one run, iperf3 TCP -t {seconds}; 2-core machine, "
-                 f"1-min load {min(loads):.1f} to {max(loads):.1f} (espswitch in blue)",
-                 fontsize=10)
+                 f"1-min load {min(loads):.1f} to {max(loads):.1f} "
+                 "(espswitch in blue, Open vSwitch userspace in orange)", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`espswitch bench e2e`: run the chosen paths one after another; 1 if any failed."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 s of iperf3 instead of 10 s")
     ap.add_argument("--paths", default=",".join(PATHS),
@@ -409,17 +711,21 @@ def main(argv: list[str] | None = None) -> int:
             entry["error"] = str(e)
             print(f"   failed: {e}", flush=True)
         else:
-            print(f"   {entry['tcp_gbps']:.3f} Gbit/s, ping {entry['rtt_ms_avg']:.3f} ms",
+            cpu = entry.get("cpu_us_per_seg")
+            print(f"   {entry['tcp_gbps']:.3f} Gbit/s, ping {entry['rtt_ms_avg']:.3f} ms"
+                  + (f", switch CPU {cpu:.2f} us/segment" if cpu is not None else "")
+                  + (f"; {', '.join(entry['fast_path'])}" if "fast_path" in entry else ""),
                   flush=True)
         entry["wall_s"] = round(time.monotonic() - t0, 1)
         results.append(entry)
 
     print()
     print(table(results))
-    out = {"results": results, "ratios": ratios(results), "iperf3_seconds": seconds}
-    r = out["ratios"]["vxlanipsec_vs_libipsec"]
-    if r is not None:
-        print(f"\nespswitch vxlanipsec / strongSwan kernel-libipsec: {r:.2f}x")
+    r = ratios(results)
+    out = {"results": results, "ratios": r, "targets": targets(r),
+           "iperf3_seconds": seconds, "segment_bytes": SEGMENT}
+    print()
+    print(summary(r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -161,7 +161,10 @@ class Lab(Topology):
     """The topology; use as a context manager so it is always taken down.
 
     `tunnel_options` are the `options:` of the tunnel interface on each side (index 0, 1);
-    `remote_ip` and `key` are filled in. Namespaces are named `TAG-hv1`, `TAG-vm1`, ... with
+    `remote_ip` and `key` are filled in. `other_config` is set on each hypervisor's
+    Open_vSwitch row (`ovs-vsctl set Open_vSwitch . other_config:K=V`) right after its
+    switch starts, before any bridge or tunnel exists (e.g. `fast-path=false`, which applies
+    to SAs installed from then on). Namespaces are named `TAG-hv1`, `TAG-vm1`, ... with
     TAG `es` and six random hex digits; they keep IPv6, as they always have (the VMs' IPv6
     chatter crosses the tunnel as ESP too).
     """
@@ -174,6 +177,7 @@ class Lab(Topology):
     vni: int = DEFAULT_VNI
     #: the tunnel endpoints (br-phy's addresses): IPv4 or IPv6 (UNDERLAY6)
     underlay_ips: tuple[str, str] = UNDERLAY
+    other_config: dict[str, str] = field(default_factory=dict)
     hvs: list[LabHypervisor] = field(default_factory=list)
 
     def __enter__(self) -> Lab:
@@ -203,6 +207,9 @@ class Lab(Topology):
         a, b = self.hvs
         for hv in self.hvs:
             hv.start()
+            if self.other_config:
+                hv.vsctl("set", "Open_vSwitch", ".",
+                         *(f"other_config:{k}={v}" for k, v in self.other_config.items()))
         self.underlay(a, b, *self.underlay_ips, devs=(f"{self.tag}u1", f"{self.tag}u2"),
                       datapath_type="netdev")
         for hv, peer in ((a, b), (b, a)):

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 VM_MTU = 1450
+#: the environment variable that puts every lab hypervisor on the Python datapath (false)
+FAST_PATH_ENV = "ESPSWITCH_LAB_FAST_PATH"
 
 
 class LabError(Exception):
@@ -126,8 +128,15 @@ class Hypervisor:
         return self.vsctl("get", "Interface", name, col).stdout.strip()
 
     def start(self) -> None:
-        """`espswitch start`: ovsdb-server (database created if missing) and espswitchd."""
+        """`espswitch start`: ovsdb-server (database created if missing) and espswitchd.
+
+        With ESPSWITCH_LAB_FAST_PATH=false (or true) in the environment, every lab
+        hypervisor gets `other_config:fast-path` set so before any port exists: how the
+        end-to-end tests run on the pure-Python datapath."""
         self.sh("espswitch", "start", timeout=60)
+        mode = os.environ.get(FAST_PATH_ENV, "")
+        if mode in ("true", "false"):
+            self.vsctl("set", "Open_vSwitch", ".", f"other_config:fast-path={mode}")
 
     def stop(self) -> None:
         self.sh("espswitch", "stop", check=False, timeout=60)

@@ -177,7 +177,9 @@ class Datapath:
 
     # --- frames --------------------------------------------------------------------------
     def receive(self, port: Port, frames: list[bytes]) -> None:
-        """A batch arrived on `port`: forward it through the port's bridge.
+        """A batch arrived on `port`: forward it through the port's bridge. From a port
+        whose device offloads (`port.vnet`), each read starts with a virtio-net header and
+        may stand for several frames (datapath/gso.py).
 
         With the fast path on, a batch from outside (not one the datapath itself passes
         on) goes through the compiled receive pipeline first; only its misses take the
@@ -186,6 +188,8 @@ class Datapath:
         try:
             if self._fast is not None and self._depth == 1:
                 frames = self._fast.receive(port, frames)
+            if frames and port.vnet:
+                frames = port.complete(frames)
             if frames:
                 port.bridge.process(port, frames)
         finally:
@@ -251,7 +255,8 @@ class Datapath:
         f = self._fast
         if f is not None:
             lines.append(f"  fast-path: enabled, hits={f.hits} esp_drops={f.drops} "
-                         f"upcalls={f.upcalls} misses={f.misses} rebuilds={f.rebuilds}")
+                         f"upcalls={f.upcalls} misses={f.misses} tx_hits={f.tx_hits} "
+                         f"tx_misses={f.tx_misses} rebuilds={f.rebuilds}")
         else:
             why = "off" if fast.AVAILABLE else fast.REASON
             lines.append(f"  fast-path: disabled ({why})")
@@ -267,6 +272,13 @@ class Datapath:
                     vlan = f" tag={p.tag}"
                 elif p.trunks:
                     vlan = f" trunks={','.join(map(str, sorted(p.trunks)))}"
-                path = " fast-rx" if f is not None and p in f.rx_ports else ""
+                path = ""
+                if f is not None:
+                    if p in f.rx_ports:
+                        path = " fast-rx"
+                    elif p in f.tx_ports:
+                        path = " fast-tx"
+                    elif p in f.tx_tunnels:
+                        path = " fast-tx-tunnel"
                 lines.append(f"    {p.name} {p.ofport}: ({p.describe()}){vlan}{path}")
         return "\n".join(lines) + "\n"

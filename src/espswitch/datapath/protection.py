@@ -31,7 +31,7 @@ from espswitch.datapath.counters import Counters
 from espswitch.datapath.errors import PortError
 from espswitch.datapath.fast import is_compiled, make_inbound_sa, make_outbound_sa
 from espswitch.datapath.tunnel import ip_str
-from espswitch.ipsec.config import IPSEC_OPTIONS, IkeKeying, ManualKeying, parse_ipsec_options
+from espswitch.ike.options import IPSEC_OPTIONS, IkeKeying, ManualKeying, parse_ipsec_options
 from espswitch.ipsec.errors import DropReason, IpsecConfigError, SaRefused
 from espswitch.ipsec.policy import Selector
 from espswitch.ipsec.sa import InboundSA, Mode, OutboundSA, SaParams
@@ -460,6 +460,7 @@ class EspProtection:
         self.pairs.append((sa_out, sa_in))
         self._in_by_spi[sa_in.spi] = sa_in
         self.sa_out, self.sa_in = sa_out, sa_in
+        self.ctx.fast_changed()
 
     def release_child(self, spi_in: int) -> tuple[OutboundSA, InboundSA] | None:
         """Forget a pair without expiring it (it moves to another port object)."""
@@ -564,11 +565,15 @@ class EspProtection:
                 st["tx_dropped"] += 1
                 continue
             nbytes += len(frame)
+            # The outer packet is atomic (DF): its ID only has to be unique enough
+            # (RFC 6864 §4.2), so it is the sequence number's low 16 bits, which the
+            # compiled pipeline can write without sharing the tunnel's counter.
+            ident = (esp[6] << 8) | esp[7]
             if encap:
-                pkts.append(header(17, len(esp) + 8, df=True)
+                pkts.append(header(17, len(esp) + 8, df=True, ident=ident)
                             + _UDP.pack(NAT_T_PORT, self.encap_port, len(esp) + 8, 0) + esp)
             else:
-                pkts.append(header(ESP_PROTO, len(esp), df=True) + esp)
+                pkts.append(header(ESP_PROTO, len(esp), df=True, ident=ident) + esp)
         return pkts, nbytes
 
     def _protect6(self, frames: list[bytes], seal, push, proto: int, tunnel: bool,
@@ -683,6 +688,14 @@ class EspProtection:
         if sa is None or sa is self._switch_on or sa.spi != spi:
             return None
         return sa
+
+    def fast_outbound(self) -> OutboundSA | None:
+        """The outbound SA `protect` seals with, if the compiled transmit pipeline may seal
+        in its place: transport mode, ESP straight in IPv4 (not in UDP, not over IPv6: the
+        compiled pipeline writes IPv4 headers only)."""
+        if self.mode is Mode.TUNNEL or self.encap or self.port.underlay.V6:
+            return None
+        return self.sa_out if self.leader is None else self.leader.esp.sa_out
 
     # -- state for the database and ovs-appctl ----------------------------------------------------
 

@@ -195,6 +195,8 @@ class NeighborCache:
         if old is None or old[0] != mac:
             self.seq += 1
             return True
+        if old[1] <= now:
+            self.seq += 1  # found again after it expired: lookups answer differently
         return False
 
     def set_pending(self, bridge: str, ip: bytes, now: float) -> None:

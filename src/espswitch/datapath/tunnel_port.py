@@ -30,7 +30,7 @@ from espswitch.packet.ipv4 import fragment_ipv4
 if TYPE_CHECKING:
     from espswitch.datapath.bridge import Bridge
     from espswitch.datapath.context import PortContext
-    from espswitch.ipsec.config import IkeKeying
+    from espswitch.ike.options import IkeKeying
     from espswitch.ipsec.sa import InboundSA, Mode, OutboundSA, SaParams
 
 DEFAULT_UNDERLAY_MTU = 1500

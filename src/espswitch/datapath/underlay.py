@@ -189,13 +189,15 @@ class Ipv4Underlay:
         return base
 
     def header(self, proto: int, payload_len: int, *, df: bool | None = None,
-               dst: bytes | None = None) -> bytes:
+               dst: bytes | None = None, ident: int | None = None) -> bytes:
         """The IPv4 header for `payload_len` bytes of protocol `proto` to `remote_ip` (or
-        `dst`), with `df_default` (or `df`)."""
+        `dst`), with `df_default` (or `df`); the identification from the tunnel's counter,
+        or `ident`."""
         df = self.df if df is None else df
         dst = self.remote_ip if dst is None else dst
         total = 20 + payload_len
-        ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
+        if ident is None:
+            ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
         # The checksum from the precomputed sum plus the two fields that change.
         s = self._base(proto, df, dst) + total + ident
         s = (s & 0xFFFF) + (s >> 16)
@@ -212,6 +214,12 @@ class Ipv4Underlay:
                dst: bytes | None = None) -> bytes:
         """The whole IP packet carrying `l4` of protocol `proto` (see `header`)."""
         return self.header(proto, len(l4), df=df, dst=dst) + l4
+
+    def template(self, proto: int, df: bool) -> bytes:
+        """The IPv4 header to `remote_ip` with total length, identification and checksum
+        zero: what the compiled transmit pipeline completes per packet."""
+        return _IPV4.pack(0x45, self.tos, 0, 0, 0x4000 if df else 0, self.ttl, proto, 0,
+                          self.local_ip or b"\0\0\0\0", self.remote_ip)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -249,9 +257,10 @@ class Ipv6Underlay(Ipv4Underlay):
         return (6 << 28) | (self.tos << 20)
 
     def header(self, proto: int, payload_len: int, *, df: bool | None = None,
-               dst: bytes | None = None) -> bytes:
+               dst: bytes | None = None, ident: int | None = None) -> bytes:
         """The IPv6 header for `payload_len` bytes of next header `proto` to `remote_ip`
-        (or `dst`); `df` has no meaning over IPv6."""
+        (or `dst`); `df` and `ident` have no meaning over IPv6 (no fragmentation on the
+        way, no identification outside a Fragment header)."""
         return _IPV6.pack(self._word(), payload_len, proto, self.ttl,
                           self.local_ip or bytes(16), self.remote_ip if dst is None else dst)
 
@@ -271,3 +280,8 @@ class Ipv6Underlay(Ipv4Underlay):
     def packet(self, proto: int, l4: bytes, *, df: bool | None = None,
                dst: bytes | None = None) -> bytes:
         return self.header(proto, len(l4), dst=dst) + self.l4(proto, l4, dst)
+
+    def template(self, proto: int, df: bool) -> bytes:
+        """Not for IPv6: the compiled transmit pipeline completes IPv4 headers only (its
+        callers ask `EspProtection.fast_outbound`, which leaves IPv6 tunnels to Python)."""
+        raise NotImplementedError("the compiled transmit pipeline writes IPv4 headers only")

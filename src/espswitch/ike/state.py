@@ -1,8 +1,10 @@
-"""The IKE SA state machine: the one transition table (h11's _state.py shape).
+"""The IKE SA and CHILD_SA state machines: one transition table each (h11's _state.py shape).
 
-Every state change of an IKE SA goes through `transition`; a (state, trigger) pair missing
-from the table is a protocol error. `RESPONDER_ACCEPTS` says which request exchanges are
-processed in which state, and what happens to the others.
+Every state change of an IKE SA goes through `transition`, and every state change of a
+CHILD_SA through `child_transition` (`ChildSa.fire`); a (state, trigger) pair missing from
+its table is an error. `RESPONDER_ACCEPTS` says which request exchanges are processed in
+which state, and what happens to the others; `INITIATOR_MAY_SEND` which requests of our own
+may start.
 """
 
 from __future__ import annotations
@@ -10,9 +12,20 @@ from __future__ import annotations
 import enum
 
 from espswitch.ike.consts import Exchange, Notify
-from espswitch.ike.errors import ProtocolError
+from espswitch.ike.errors import LocalIkeError, ProtocolError
 
-__all__ = ["RESPONDER_ACCEPTS", "IkeState", "Trigger", "transition"]
+__all__ = [
+    "CHILD_TRANSITIONS",
+    "INITIATOR_MAY_SEND",
+    "RESPONDER_ACCEPTS",
+    "TRANSITIONS",
+    "ChildState",
+    "ChildTrigger",
+    "IkeState",
+    "Trigger",
+    "child_transition",
+    "transition",
+]
 
 
 class IkeState(enum.StrEnum):
@@ -90,3 +103,58 @@ def transition(state: IkeState, trigger: Trigger) -> IkeState:
         return TRANSITIONS[state, trigger]
     except KeyError:
         raise ProtocolError(f"{trigger} is not allowed in state {state}") from None
+
+
+class ChildState(enum.StrEnum):
+    """Where a CHILD_SA is (the values are what ike/show prints)."""
+
+    NEW = "new"  # being negotiated: not installed yet
+    INSTALLED = "installed"
+    REKEY_QUEUED = "rekey-queued"  # our rekey of it waits for its turn in the window
+    REKEYING = "rekeying"  # our rekey request is out
+    REKEYED = "rekeyed"  # our rekey completed: it is replaced, awaiting its delete
+    DELETING = "deleting"  # our delete request is out (or about to be)
+    EXPIRED = "expired"  # its hard lifetime passed: removed, the peer is told
+    FAILED = "failed"  # the responder installed what we refused: the peer is told
+
+
+class ChildTrigger(enum.StrEnum):
+    """What moves a CHILD_SA."""
+
+    INSTALL = "install"
+    REFUSE = "refuse"  # the responder's choice did not pass our checks
+    QUEUE_REKEY = "queue-rekey"  # its rekey time came, or ike/rekey asked
+    DROP_REKEY = "drop-rekey"  # the queued rekey cannot start: the IKE SA is not up
+    START_REKEY = "start-rekey"
+    REKEY_FAILED = "rekey-failed"  # refused, TEMPORARY_FAILURE or a bad response: later
+    REKEY_DONE = "rekey-done"
+    EXPIRE = "expire"
+    DELETE = "delete"
+
+
+C, CT = ChildState, ChildTrigger
+
+CHILD_TRANSITIONS: dict[tuple[ChildState, ChildTrigger], ChildState] = {
+    (C.NEW, CT.INSTALL): C.INSTALLED,
+    (C.NEW, CT.REFUSE): C.FAILED,
+    (C.INSTALLED, CT.QUEUE_REKEY): C.REKEY_QUEUED,
+    (C.REKEY_QUEUED, CT.DROP_REKEY): C.INSTALLED,
+    (C.REKEY_QUEUED, CT.START_REKEY): C.REKEYING,
+    (C.REKEYING, CT.REKEY_FAILED): C.INSTALLED,
+    (C.REKEYING, CT.REKEY_DONE): C.REKEYED,
+    # It expired (and was removed) while our rekey of it was out; the rekey completed.
+    (C.EXPIRED, CT.REKEY_DONE): C.REKEYED,
+    **{(s, CT.EXPIRE): C.EXPIRED
+       for s in (C.INSTALLED, C.REKEY_QUEUED, C.REKEYING, C.REKEYED)},
+    **{(s, CT.DELETE): C.DELETING
+       for s in (C.INSTALLED, C.REKEY_QUEUED, C.REKEYED, C.EXPIRED, C.FAILED)},
+}
+
+
+def child_transition(state: ChildState, trigger: ChildTrigger) -> ChildState:
+    """The next CHILD_SA state; LocalIkeError when the table has no entry (a bug of ours:
+    nothing the peer sends moves a CHILD_SA where the table does not allow)."""
+    try:
+        return CHILD_TRANSITIONS[state, trigger]
+    except KeyError:
+        raise LocalIkeError(f"CHILD_SA: {trigger} is not allowed in state {state}") from None

@@ -40,7 +40,7 @@ salt and IV mask are cleansed (OPENSSL_cleanse) when the SA is freed.
 """
 
 from cpython.ref cimport PyObject
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
@@ -118,6 +118,7 @@ cdef extern from "Python.h":
     int PyObject_GetBuffer(object obj, Py_buffer *view, int flags) except -1
     void PyBuffer_Release(Py_buffer *view)
     int PyBUF_SIMPLE
+    int PyBUF_WRITABLE
 
 # -- constants ---------------------------------------------------------------------------------
 
@@ -411,7 +412,7 @@ cdef int esp_seal(esp_sa *sa, const uint8_t *payload, size_t n, int nh, const ui
             if off + <size_t>l != ptlen:
                 return ERR_CRYPTO
         else:
-            if n:
+            if n and ct != payload:   # the transmit pipeline seals in place
                 memcpy(ct, payload, n)
             memcpy(ct + n, trailer, pad + 2)
         # Encrypt, then MAC over the header, IV and ciphertext (RFC 4303 §3.3.2.1).
@@ -1295,6 +1296,18 @@ cdef struct rx_mac:
     int port
     int entry            # index of the entry, for refreshing its age in Python
 
+cdef struct tx_tun:
+    esp_sa *sa           # the tunnel's outbound SA (transport mode, no UDP encapsulation)
+    uint8_t head[34]     # Ethernet (next hop, internal port, IPv4) + IPv4 header template:
+                         # total length, ID and checksum zero
+    uint32_t csum_base   # the sum of the template's IPv4 header words
+    uint32_t dport       # VXLAN's UDP destination port
+    uint32_t vni_word    # the VXLAN header's second word (VNI << 8)
+    size_t max_frame     # the largest inner frame the tunnel carries whole
+    int port             # the tunnel's port index
+    int out_port         # the NIC port index the outer frame leaves by
+    int phy_entry        # the internal port's own MAC entry on the egress bridge
+
 cdef struct rx_pkt:
     const uint8_t *data
     size_t len
@@ -1334,6 +1347,12 @@ cdef class RxTable:
     cdef uint8_t *out_ok
     cdef int nports
     cdef list _cores
+    # The transmit side (set_tx): tunnels by port index, and which ports are fast inputs.
+    cdef tx_tun *tuns
+    cdef int ntuns
+    cdef int *tun_of_port
+    cdef int ntx_ports
+    cdef list _tx_cores
 
     def __cinit__(self):
         self.spis = NULL
@@ -1343,11 +1362,18 @@ cdef class RxTable:
         self.nports = 0
         self.mask = 0
         self._cores = []
+        self.tuns = NULL
+        self.ntuns = 0
+        self.tun_of_port = NULL
+        self.ntx_ports = 0
+        self._tx_cores = []
 
     def __dealloc__(self):
         free(self.spis)
         free(self.macs)
         free(self.out_ok)
+        free(self.tuns)
+        free(self.tun_of_port)
 
     def set(self, spis, macs, out_ok) -> None:
         cdef Py_ssize_t i, n = len(spis), m = len(macs), cap = 4
@@ -1411,6 +1437,62 @@ cdef class RxTable:
         self.macs, self.mask = t, mask
         self.out_ok, self.nports = ok, <int>len(out_ok)
         self._cores = cores
+
+    def set_tx(self, tuns, tx_in) -> None:
+        """Install the transmit side: `tuns` a list of (tunnel port index, compiled
+        outbound SA or SaCore, 34-byte Ethernet + IPv4 template, VXLAN UDP port, VNI,
+        largest inner frame, NIC port index, MAC entry of the internal port's MAC);
+        `tx_in[i]` whether port index i may be a fast input. Ports are those of `set`."""
+        cdef Py_ssize_t i, n = len(tuns), m = len(tx_in)
+        cdef tx_tun *t
+        cdef int *of
+        cdef SaCore core
+        cdef bytes head
+        cdef uint32_t s
+        cdef int k
+        cores = []
+        t = <tx_tun *>calloc(n if n else 1, sizeof(tx_tun))
+        of = <int *>calloc(m if m else 1, sizeof(int))
+        if t == NULL or of == NULL:
+            free(t)
+            free(of)
+            raise MemoryError()
+        try:
+            for i in range(m):
+                of[i] = -2 if tx_in[i] else -1   # -2: an input, not a tunnel
+            for i in range(n):
+                port, sa, head, dport, vni, max_frame, out_port, phy_entry = tuns[i]
+                core = _core_of(sa)
+                if not core.sa.outbound or len(head) != 34 or not 0 <= port < m:
+                    raise ValueError("an outbound compiled SA and a 34-byte header are needed")
+                core._check_ready()
+                cores.append(core)
+                t[i].sa = &core.sa
+                memcpy(t[i].head, <const char *>head, 34)
+                s = 0
+                for k in range(10):
+                    s += (<uint32_t>t[i].head[14 + 2 * k] << 8) | t[i].head[15 + 2 * k]
+                t[i].csum_base = s
+                t[i].dport = dport
+                t[i].vni_word = (<uint32_t>vni) << 8
+                t[i].max_frame = max_frame
+                t[i].port = port
+                t[i].out_port = out_port
+                t[i].phy_entry = phy_entry
+                of[port] = <int>i
+        except BaseException:
+            free(t)
+            free(of)
+            raise
+        free(self.tuns)
+        free(self.tun_of_port)
+        self.tuns, self.ntuns = t, <int>n
+        self.tun_of_port, self.ntx_ports = of, <int>m
+        self._tx_cores = cores
+
+    @property
+    def ntun(self) -> int:
+        return self.ntuns
 
     @property
     def nspi(self) -> int:
@@ -1676,3 +1758,865 @@ cdef object _hand_out(PyObject **outs, Py_ssize_t i, size_t size):
     out = <object>raw
     _decref(raw)
     return out
+
+
+# -- the transmit pipeline: VM -> NIC (issue 10) -----------------------------------------------
+#
+# `tx_burst` runs a batch of reads from one VM port (a TAP) through the tables the slow path
+# installed with `RxTable.set_tx`: the bridge's MAC lookup to a tunnel, then per frame (or
+# per TCP segment of a TSO super-frame, see datapath/gso.py) VXLAN push, ESP seal (transport
+# mode), the outer IPv4 and Ethernet headers, for the NIC port behind the tunnel's egress
+# bridge. Each outer packet is built in one buffer: the UDP and VXLAN headers and the inner
+# frame (a segment's headers and its slice of the payload, checksums completed) are written
+# where the ESP payload goes, and sealed in place.
+#
+#   MISS  nothing was touched: the Python path takes the read (and, for the batch's order,
+#         every read after it);
+#   TAKEN its frames were sent, or refused by the SA (hard lifetime, sequence space:
+#         counted in the SA and listed in `drops`).
+
+cdef enum:
+    TX_MISS = 0
+    TX_TAKEN = 3
+    TX_CANDIDATE = 4
+
+# virtio_net_hdr (linux/virtio_net.h), what a TAP read with IFF_VNET_HDR starts with.
+cdef enum:
+    VNET_LEN = 10
+    VNET_NEEDS_CSUM = 1
+    VNET_GSO_NONE = 0
+    VNET_GSO_TCPV4 = 1
+    VNET_GSO_ECN = 0x80
+
+cdef extern from "zlib.h" nogil:
+    unsigned long crc32(unsigned long crc, const unsigned char *buf, unsigned int len)
+
+cdef struct tx_pkt:
+    const uint8_t *data  # the frame (after the virtio-net header)
+    size_t len
+    int kind
+    int tun
+    int src_entry        # the inner source MAC's entry on the input bridge, or -1
+    int csum_start       # no GSO: where the partial checksum starts, or -1: none
+    int csum_at          # ... and where it goes
+    size_t mss           # TCPv4 GSO: the segment payload size; 0: one frame
+    size_t hlen          # GSO: Ethernet + IPv4 + TCP header length
+    size_t l4            # GSO: where the TCP header starts
+    int nseg             # the frames it stands for
+    int done             # how many of them are built
+    Py_ssize_t first     # its first output slot
+
+
+cdef inline uint32_t flow_port(const uint8_t *f, size_t n) noexcept nogil:
+    """encap.flow_port: 49152 + 14 bits of CRC-32 over the MACs and ethertype, then the
+    inner IP addresses and L4 ports (bytes 26 to 38, as far as the frame goes). n >= 14."""
+    cdef unsigned long c = crc32(0, f, 14)
+    if n > 26:
+        c = crc32(c, f + 26, <unsigned int>(12 if n >= 38 else n - 26))
+    return 49152 | (<uint32_t>c & 0x3FFF)
+
+
+cdef inline uint64_t ones_sum(const uint8_t *p, size_t n, uint64_t s) noexcept nogil:
+    """`s` plus the 16-bit big-endian words of p[0:n] (an odd last byte padded with 0)."""
+    cdef size_t i = 0
+    while i + 1 < n:
+        s += (<uint64_t>p[i] << 8) | p[i + 1]
+        i += 2
+    if i < n:
+        s += <uint64_t>p[i] << 8
+    return s
+
+
+cdef inline uint32_t csum_fold(uint64_t s) noexcept nogil:
+    """The checksum (complemented, 16 bits) of a word sum."""
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return <uint32_t>(~s & 0xFFFF)
+
+
+cdef int tx_offload(tx_pkt *p, const uint8_t *raw, size_t n) noexcept nogil:
+    """Read the virtio-net header of a TAP read into p (datapath/gso.py `complete`); 0 when
+    the Python path must handle it (what it cannot segment, it counts as malformed)."""
+    cdef int flags, gso
+    cdef size_t start, off, ihl, thl, f_n
+    cdef const uint8_t *f
+    if n < VNET_LEN + 14:
+        return 0
+    flags = raw[0]
+    gso = raw[1] & ~VNET_GSO_ECN
+    f = raw + VNET_LEN
+    f_n = n - VNET_LEN
+    p.data = f
+    p.len = f_n
+    if gso == VNET_GSO_NONE:
+        if flags & VNET_NEEDS_CSUM:
+            start = raw[6] | (<size_t>raw[7] << 8)
+            off = raw[8] | (<size_t>raw[9] << 8)
+            if start + off + 2 > f_n:
+                return 0
+            p.csum_start = <int>start
+            p.csum_at = <int>(start + off)
+        return 1
+    if gso != VNET_GSO_TCPV4:
+        return 0
+    p.mss = raw[4] | (<size_t>raw[5] << 8)
+    # segment_tcp4's checks: TCP over IPv4, whole headers, some payload.
+    if p.mss == 0 or f_n < 14 + 20 + 20 or f[12] != 0x08 or f[13] != 0 or f[23] != 6:
+        return 0
+    if f[14] >> 4 != 4:
+        return 0
+    ihl = (f[14] & 0x0F) * 4
+    p.l4 = 14 + ihl
+    if ihl < 20 or p.l4 + 20 > f_n:
+        return 0
+    thl = (f[p.l4 + 12] >> 4) * 4
+    p.hlen = p.l4 + thl
+    if thl < 20 or p.hlen >= f_n:
+        return 0
+    p.nseg = <int>((f_n - p.hlen + p.mss - 1) // p.mss)
+    return 1
+
+
+cdef void tx_classify(RxTable t, tx_pkt *p, int in_port, int in_bridge) noexcept nogil:
+    """The bridge's decision for one frame from a VM port, from the installed tables
+    only: TX_CANDIDATE (with p.tun) or TX_MISS."""
+    cdef const uint8_t *f = p.data
+    cdef size_t n = p.len, largest
+    cdef int e = -1, out, k
+    p.kind = TX_MISS
+    p.src_entry = -1
+    if n < 14:
+        return                        # malformed: counted by the Python path
+    if f[12] == 0x81 and f[13] == 0x00:
+        return                        # VLAN-tagged: the bridge's VLAN rules
+    if f[12] == 0x08 and f[13] == 0x06:
+        return                        # ARP: the tunnel layer snoops it
+    if not (f[6] & 1):
+        # The bridge learns the sender: only an entry already on this port is a no-op.
+        if t.lookup(in_bridge, f + 6, &e) != in_port:
+            return
+        p.src_entry = e
+    if f[0] & 1:
+        return                        # broadcast, multicast: flooded by the Python path
+    out = t.lookup(in_bridge, f, &e)
+    if out < 0 or out == in_port or out >= t.ntx_ports:
+        return
+    k = t.tun_of_port[out]
+    largest = p.hlen + p.mss if p.mss else n
+    if k < 0 or largest > t.tuns[k].max_frame:
+        return                        # not a fast tunnel; or too big: ICMP or fragments
+    p.tun = k
+    p.kind = TX_CANDIDATE
+
+
+cdef inline size_t tx_seg_len(const tx_pkt *p, int j) noexcept nogil:
+    """The length of the j-th inner frame `p` stands for."""
+    cdef size_t rest
+    if not p.mss:
+        return p.len
+    rest = p.len - p.hlen - <size_t>j * p.mss
+    return p.hlen + (p.mss if rest > p.mss else rest)
+
+
+cdef void tx_inner(const tx_pkt *p, int j, uint8_t *d) noexcept nogil:
+    """Write the j-th inner frame of `p` at d (tx_seg_len bytes): the frame with its partial
+    checksum completed, or a TCP segment (gso.segment_tcp4, byte for byte)."""
+    cdef const uint8_t *f = p.data
+    cdef size_t l4 = p.l4, seglen, piece, tcp_len
+    cdef uint32_t v, c
+    cdef uint64_t s
+    cdef int flags
+    if not p.mss:
+        memcpy(d, f, p.len)
+        if p.csum_start >= 0:
+            c = csum_fold(ones_sum(d + p.csum_start, p.len - <size_t>p.csum_start, 0))
+            d[p.csum_at] = <uint8_t>(c >> 8)
+            d[p.csum_at + 1] = <uint8_t>c
+        return
+    seglen = tx_seg_len(p, j)
+    piece = seglen - p.hlen
+    memcpy(d, f, p.hlen)
+    memcpy(d + p.hlen, f + p.hlen + <size_t>j * p.mss, piece)
+    tcp_len = seglen - l4
+    v = <uint32_t>(l4 - 14 + tcp_len)           # IPv4 total length
+    d[16] = <uint8_t>(v >> 8)
+    d[17] = <uint8_t>v
+    v = ((<uint32_t>f[18] << 8 | f[19]) + <uint32_t>j) & 0xFFFF
+    d[18] = <uint8_t>(v >> 8)
+    d[19] = <uint8_t>v
+    d[24] = 0
+    d[25] = 0
+    c = csum_fold(ones_sum(d + 14, l4 - 14, 0))
+    d[24] = <uint8_t>(c >> 8)
+    d[25] = <uint8_t>c
+    put32(d + l4 + 4, get32(f + l4 + 4) + <uint32_t>(<size_t>j * p.mss))
+    flags = f[l4 + 13]
+    if j != p.nseg - 1:
+        flags &= ~0x09                          # FIN, PSH: the last segment's
+    if j:
+        flags &= ~0x80                          # CWR: the first segment's
+    d[l4 + 13] = <uint8_t>flags
+    d[l4 + 16] = 0
+    d[l4 + 17] = 0
+    # The pseudo header: addresses, protocol, TCP length.
+    s = ones_sum(d + 26, 8, 6 + <uint64_t>tcp_len)
+    c = csum_fold(ones_sum(d + l4, tcp_len, s))
+    d[l4 + 16] = <uint8_t>(c >> 8)
+    d[l4 + 17] = <uint8_t>c
+
+
+cdef inline size_t tx_capacity(const tx_tun *k, size_t inner) noexcept nogil:
+    """The outer frame's length for an inner frame of `inner` bytes."""
+    return 34 + esp_sealed_len(k.sa, 16 + inner)
+
+
+cdef Py_ssize_t tx_run(RxTable t, tx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
+                       uint8_t **bufs, size_t *lens, int *results, uint64_t *seq,
+                       int *acct_tun, int *account, int *cut) noexcept nogil:
+    """Build the frames of pkts[i:n] in order, from where the last call stopped: stops
+    after a packet whose SA needs the slow path's lifetime accounting (`*seq` is its
+    sequence number, `*acct_tun` its tunnel), or after OpenSSL failed (`*cut` set, the
+    read's kind still TX_CANDIDATE). After the first miss, every later read is a miss too (`*cut`):
+    the Python path sends it after this batch's hits, so each port's output stays in
+    arrival order. Output slot `first + j` gets the j-th frame: the outer frame in
+    bufs[slot] (lens[slot] bytes, result 0), or result -1-DropReason / ERR_*."""
+    cdef tx_pkt *p
+    cdef tx_tun *k
+    cdef uint8_t *o
+    cdef uint8_t *pl
+    cdef size_t inner, plen, esp_len = 0, total
+    cdef uint32_t s, ident
+    cdef Py_ssize_t slot
+    cdef int r
+    cdef uint64_t sq = 0
+    account[0] = 0
+    while i < n:
+        p = &pkts[i]
+        if cut[0] or p.kind != TX_CANDIDATE:
+            p.kind = TX_MISS
+            cut[0] = 1
+            i += 1
+            continue
+        k = &t.tuns[p.tun]
+        while p.done < p.nseg:
+            slot = p.first + p.done
+            o = bufs[slot]
+            inner = tx_seg_len(p, p.done)
+            plen = 16 + inner
+            # encap.Vxlan.push, where ESP's payload goes: UDP (checksum 0), VXLAN, frame.
+            pl = o + 34 + 8 + k.sa.iv_len
+            tx_inner(p, p.done, pl + 16)
+            put32(pl, (flow_port(pl + 16, inner) << 16) | k.dport)
+            put32(pl + 4, <uint32_t>plen << 16)
+            put32(pl + 8, 0x08000000)
+            put32(pl + 12, k.vni_word)
+            pthread_mutex_lock(&k.sa.lock)
+            r = esp_seal(k.sa, pl, plen, 17, NULL, o + 34, tx_capacity(k, inner) - 34,
+                         &esp_len, &sq, account)
+            pthread_mutex_unlock(&k.sa.lock)
+            results[slot] = r
+            p.done += 1
+            if r == 0:
+                # underlay.header: the template with total length, ID and checksum. The
+                # ID of an ESP packet (DF set, RFC 6864) is its sequence number's low 16
+                # bits.
+                memcpy(o, k.head, 34)
+                total = 20 + esp_len
+                ident = <uint32_t>(sq & 0xFFFF)
+                o[16] = <uint8_t>(total >> 8)
+                o[17] = <uint8_t>total
+                o[18] = <uint8_t>(ident >> 8)
+                o[19] = <uint8_t>ident
+                s = k.csum_base + <uint32_t>total + ident
+                s = (s & 0xFFFF) + (s >> 16)
+                s = (s & 0xFFFF) + (s >> 16)
+                s = ~s & 0xFFFF
+                o[24] = <uint8_t>(s >> 8)
+                o[25] = <uint8_t>s
+                lens[slot] = 14 + total
+            elif r <= ERR_CAPACITY:
+                cut[0] = 1
+                return i              # the caller raises: OpenSSL refused a call
+            if account[0]:
+                seq[0] = sq
+                acct_tun[0] = p.tun
+                if p.done == p.nseg:
+                    p.kind = TX_TAKEN
+                    i += 1
+                return i
+        p.kind = TX_TAKEN
+        i += 1
+    return i
+
+
+def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False):
+    """Run reads from port index `in_port` (of bridge index `in_bridge`) through `table`'s
+    transmit side; the GIL is released for the per-packet work. With `vnet`, each read
+    starts with a virtio-net header (a TAP with offloads: see datapath/gso.py).
+
+    Returns `(kinds, outputs, tunnel_tx, drops, entries, taken)`: `kinds` one byte per
+    read (0 miss, 3 taken); `outputs` {NIC port index: [outer frame, ...]} in arrival
+    order; `tunnel_tx` {tunnel port index: [packets, inner bytes]}; `drops` of (read
+    index, tunnel port index, DropReason); `entries` the set of MAC entry indices whose
+    age to refresh (the inner sources, the internal ports' MACs on the egress bridges);
+    `taken` [frames, bytes] the input port received (segments counted one by one).
+    """
+    cdef Py_ssize_t n = len(frames), i, j, done, nout = 0, slot
+    cdef tx_pkt *pkts
+    cdef Py_buffer *views
+    cdef Py_ssize_t nviews = 0
+    cdef PyObject **outs = NULL
+    cdef uint8_t **bufs = NULL
+    cdef size_t *lens = NULL
+    cdef int *results = NULL
+    cdef tx_pkt *p
+    cdef tx_tun *k
+    cdef int account = 0, cut = 0, r, acct_tun = 0
+    cdef uint64_t seq = 0
+    cdef size_t cap, inner, raw_len
+    cdef const uint8_t *raw
+    cdef bytearray kinds = bytearray(n)
+    cdef list drops = [], lst
+    cdef dict outputs = {}, tunnel_tx = {}
+    cdef set entries = set()
+    cdef list taken = [0, 0]
+    pkts = <tx_pkt *>calloc(n if n else 1, sizeof(tx_pkt))
+    views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
+    try:
+        if pkts == NULL or views == NULL:
+            raise MemoryError()
+        for i in range(n):
+            PyObject_GetBuffer(frames[i], &views[i], PyBUF_SIMPLE)
+            nviews = i + 1
+        with nogil:
+            for i in range(n):
+                p = &pkts[i]
+                raw = <const uint8_t *>views[i].buf
+                raw_len = <size_t>views[i].len
+                p.csum_start = -1
+                p.nseg = 1
+                p.data = raw
+                p.len = raw_len
+                if raw_len > MAX_PACKET or (vnet and not tx_offload(p, raw, raw_len)):
+                    p.kind = TX_MISS
+                else:
+                    tx_classify(table, p, in_port, in_bridge)
+                if p.kind == TX_CANDIDATE:
+                    p.first = nout
+                    nout += p.nseg
+        outs = <PyObject **>calloc(nout if nout else 1, sizeof(PyObject *))
+        bufs = <uint8_t **>calloc(nout if nout else 1, sizeof(uint8_t *))
+        lens = <size_t *>calloc(nout if nout else 1, sizeof(size_t))
+        results = <int *>calloc(nout if nout else 1, sizeof(int))
+        if outs == NULL or bufs == NULL or lens == NULL or results == NULL:
+            raise MemoryError()
+        for i in range(n):
+            p = &pkts[i]
+            if p.kind != TX_CANDIDATE:
+                continue
+            for j in range(p.nseg):
+                cap = tx_capacity(&table.tuns[p.tun], tx_seg_len(p, <int>j))
+                outs[p.first + j] = _bytes_new(NULL, <Py_ssize_t>cap)
+                if outs[p.first + j] == NULL:
+                    raise MemoryError()
+                bufs[p.first + j] = <uint8_t *>_bytes_buf(outs[p.first + j])
+        i = 0
+        while i < n:
+            with nogil:
+                done = tx_run(table, pkts, i, n, bufs, lens, results, &seq, &acct_tun,
+                              &account, &cut)
+            if account:
+                (<SaCore>table._tx_cores[acct_tun])._account(seq)
+            elif done < n and pkts[done].kind == TX_CANDIDATE:
+                raise RuntimeError("OpenSSL failed to seal a packet")
+            i = done
+        for i in range(n):
+            p = &pkts[i]
+            kinds[i] = p.kind
+            if p.kind == TX_MISS:
+                continue
+            if p.src_entry >= 0:
+                entries.add(p.src_entry)
+            k = &table.tuns[p.tun]
+            for j in range(p.nseg):
+                slot = p.first + j
+                inner = tx_seg_len(p, <int>j)
+                taken[0] += 1
+                taken[1] += inner
+                r = results[slot]
+                if r != 0:
+                    drops.append((i, k.port, _REASONS[-1 - r]))
+                    continue
+                entries.add(k.phy_entry)
+                frame = _hand_out(outs, slot, lens[slot])
+                lst = outputs.get(k.out_port)
+                if lst is None:
+                    outputs[k.out_port] = [frame]
+                else:
+                    lst.append(frame)
+                tx = tunnel_tx.get(k.port)
+                if tx is None:
+                    tunnel_tx[k.port] = [1, inner]
+                else:
+                    tx[0] += 1
+                    tx[1] += inner
+        return kinds, outputs, tunnel_tx, drops, entries, taken
+    finally:
+        for i in range(nviews):
+            PyBuffer_Release(&views[i])
+        if outs != NULL:
+            for i in range(nout):
+                if outs[i] != NULL:
+                    _decref(outs[i])
+        free(pkts)
+        free(views)
+        free(outs)
+        free(bufs)
+        free(lens)
+        free(results)
+
+
+# -- batched transmission ----------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <string.h>
+    #include <sys/socket.h>
+    #include <sys/uio.h>
+    #define ESP_MMSG 64
+    /* Send n buffers on a connected or bound socket, ESP_MMSG per sendmmsg(2) call;
+       errs[i] = 0 when the i-th was sent, else its errno (it is skipped). */
+    static void esp_send_frames(int fd, char **bufs, const size_t *lens, int n, int *errs)
+    {
+        struct mmsghdr msgs[ESP_MMSG];
+        struct iovec iov[ESP_MMSG];
+        int i = 0, k, m, r;
+        while (i < n) {
+            m = n - i > ESP_MMSG ? ESP_MMSG : n - i;
+            memset(msgs, 0, sizeof(msgs[0]) * (size_t)m);
+            for (k = 0; k < m; k++) {
+                iov[k].iov_base = bufs[i + k];
+                iov[k].iov_len = lens[i + k];
+                msgs[k].msg_hdr.msg_iov = &iov[k];
+                msgs[k].msg_hdr.msg_iovlen = 1;
+            }
+            r = sendmmsg(fd, msgs, (unsigned int)m, MSG_DONTWAIT);
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                errs[i++] = errno;   /* the first message failed: skip it, go on */
+                continue;
+            }
+            for (k = 0; k < r; k++)
+                errs[i + k] = 0;
+            i += r;
+        }
+    }
+    """
+    void esp_send_frames(int fd, char **bufs, const size_t *lens, int n, int *errs) nogil
+    const int EMSGSIZE_ "EMSGSIZE"
+
+
+def send_frames(int fd, frames) -> tuple:
+    """Send every frame on socket `fd` with sendmmsg(2), the GIL released; returns
+    (sent, lengths dropped, lengths too big for the link), as devices._send_all."""
+    cdef Py_ssize_t n = len(frames), i, nviews = 0
+    cdef Py_buffer *views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
+    cdef char **bufs = <char **>calloc(n if n else 1, sizeof(char *))
+    cdef size_t *lens = <size_t *>calloc(n if n else 1, sizeof(size_t))
+    cdef int *errs = <int *>calloc(n if n else 1, sizeof(int))
+    cdef int sent = 0
+    cdef list dropped = [], too_big = []
+    try:
+        if views == NULL or bufs == NULL or lens == NULL or errs == NULL:
+            raise MemoryError()
+        if n > 0x7FFFFFFF:
+            raise ValueError("too many frames")
+        for i in range(n):
+            PyObject_GetBuffer(frames[i], &views[i], PyBUF_SIMPLE)
+            nviews = i + 1
+            bufs[i] = <char *>views[i].buf
+            lens[i] = <size_t>views[i].len
+        with nogil:
+            esp_send_frames(fd, bufs, lens, <int>n, errs)
+        for i in range(n):
+            if errs[i] == 0:
+                sent += 1
+            elif errs[i] == EMSGSIZE_:
+                too_big.append(lens[i])
+            else:
+                dropped.append(lens[i])
+        return sent, dropped, too_big
+    finally:
+        for i in range(nviews):
+            PyBuffer_Release(&views[i])
+        free(views)
+        free(bufs)
+        free(lens)
+        free(errs)
+
+
+# -- receive-side coalescing for TAP writes (datapath/gro.py, in C) ----------------------------
+#
+# `gro_units` finds, in a batch of frames for one TAP, the runs gro.coalesce merges (the
+# same rules: Linux's tcp_gro_receive); `tap_send` writes each run as one frame with a
+# virtio-net header, gathering the first frame's headers and every segment's payload with
+# writev(2) (nothing is copied), and `gro_coalesce` builds the same as bytes, for the tests
+# that hold it to gro.coalesce.
+
+cdef enum:
+    GRO_MAX = 65535 - 20 - 60     # gro.MAX_GSO
+
+cdef struct gro_unit:
+    Py_ssize_t first      # index of its first frame
+    int count             # frames merged (1: written as it is)
+    int hlen
+    int psh
+    size_t mss            # the first segment's payload
+    size_t size           # payload bytes
+
+
+cdef inline int gro_segment(const uint8_t *f, size_t n, size_t *hlen) noexcept nogil:
+    """gro._segment: whether f is a mergeable TCP/IPv4 frame (its header length in hlen)."""
+    cdef size_t thl
+    if n < 54 or f[12] != 0x08 or f[13] != 0 or f[14] != 0x45 or f[23] != 6:
+        return 0
+    if (f[20] & 0x3F) or f[21]:
+        return 0
+    if 14 + ((<size_t>f[16] << 8) | f[17]) != n:
+        return 0
+    thl = (f[46] >> 4) * 4
+    hlen[0] = 34 + thl
+    if thl < 20 or hlen[0] >= n or (f[47] & ~0x08) != 0x10:
+        return 0
+    return 1
+
+
+cdef inline int gro_same_flow(const uint8_t *a, size_t ha, const uint8_t *b,
+                              size_t hb) noexcept nogil:
+    """gro._segment's key equality: Ethernet and the IP fields the merged header keeps,
+    addresses and ports, ACK number, window and options."""
+    if ha != hb:
+        return 0
+    return (memcmp(a, b, 16) == 0 and a[20] == b[20] and a[22] == b[22]
+            and memcmp(a + 26, b + 26, 12) == 0 and memcmp(a + 42, b + 42, 4) == 0
+            and memcmp(a + 48, b + 48, 2) == 0 and memcmp(a + 54, b + 54, ha - 54) == 0)
+
+
+cdef extern from "string.h" nogil:
+    int memcmp(const void *a, const void *b, size_t n)
+
+
+cdef Py_ssize_t gro_plan(const uint8_t **fs, const size_t *ns, Py_ssize_t n,
+                         gro_unit *units) noexcept nogil:
+    """gro.coalesce's runs, as units; returns how many."""
+    cdef Py_ssize_t i, nu = 0
+    cdef size_t hlen = 0, plen, run_hlen = 0
+    cdef uint32_t seq, run_next = 0
+    cdef int closed = 0, seg, in_run = 0
+    cdef gro_unit *u = NULL
+    for i in range(n):
+        seg = gro_segment(fs[i], ns[i], &hlen)
+        if seg:
+            plen = ns[i] - hlen
+            seq = get32(fs[i] + 38)
+            if (in_run and not closed and gro_same_flow(fs[u.first], run_hlen, fs[i], hlen)
+                    and seq == run_next and plen <= u.mss and u.size + plen <= GRO_MAX):
+                u.count += 1
+                u.size += plen
+                run_next = seq + <uint32_t>plen
+                u.psh = 1 if fs[i][47] & 0x08 else 0
+                # A short segment or a PSH ends what can follow (tcp_gro_receive's rule).
+                closed = plen < u.mss or u.psh
+                continue
+        if not seg:
+            u = &units[nu]
+            nu += 1
+            u.first = i
+            u.count = 1
+            u.hlen = 0
+            in_run = 0
+            continue
+        u = &units[nu]
+        nu += 1
+        u.first = i
+        u.count = 1
+        u.hlen = <int>hlen
+        u.mss = plen
+        u.size = plen
+        u.psh = 1 if fs[i][47] & 0x08 else 0
+        run_hlen = hlen
+        run_next = seq + <uint32_t>plen
+        closed = u.psh
+        in_run = 1
+    return nu
+
+
+cdef inline uint32_t fold2(uint32_t s) noexcept nogil:
+    """gro._fold: two end-around carries."""
+    s = (s & 0xFFFF) + (s >> 16)
+    return (s & 0xFFFF) + (s >> 16)
+
+
+cdef void gro_header(const gro_unit *u, const uint8_t *first, uint8_t *hdr,
+                     uint8_t *vnet) noexcept nogil:
+    """gro._merge: the merged frame's headers (u.hlen bytes) and its virtio-net header."""
+    cdef uint32_t total = <uint32_t>(u.hlen - 14 + u.size), s = 0
+    cdef int k
+    memcpy(hdr, first, u.hlen)
+    hdr[16] = <uint8_t>(total >> 8)
+    hdr[17] = <uint8_t>total
+    hdr[24] = 0
+    hdr[25] = 0
+    for k in range(10):
+        s += (<uint32_t>hdr[14 + 2 * k] << 8) | hdr[15 + 2 * k]
+    s = ~fold2(s) & 0xFFFF
+    hdr[24] = <uint8_t>(s >> 8)
+    hdr[25] = <uint8_t>s
+    if u.psh:
+        hdr[47] |= 0x08
+    # CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum.
+    s = 0
+    for k in range(4):
+        s += (<uint32_t>hdr[26 + 2 * k] << 8) | hdr[27 + 2 * k]
+    s = fold2(s + 6 + total - 20)
+    hdr[50] = <uint8_t>(s >> 8)
+    hdr[51] = <uint8_t>s
+    # virtio_net_hdr: NEEDS_CSUM, GSO TCPv4, hdr_len, gso_size, csum_start 34, offset 16.
+    vnet[0] = 1
+    vnet[1] = 1
+    vnet[2] = <uint8_t>u.hlen
+    vnet[3] = <uint8_t>(u.hlen >> 8)
+    vnet[4] = <uint8_t>u.mss
+    vnet[5] = <uint8_t>(u.mss >> 8)
+    vnet[6] = 34
+    vnet[7] = 0
+    vnet[8] = 16
+    vnet[9] = 0
+
+
+cdef class _Frames:
+    """Buffer views of a list of frames, released with the object."""
+    cdef Py_buffer *views
+    cdef const uint8_t **fs
+    cdef size_t *ns
+    cdef Py_ssize_t n, nviews
+
+    def __cinit__(self, frames):
+        cdef Py_ssize_t i
+        self.n = len(frames)
+        self.nviews = 0
+        self.views = <Py_buffer *>calloc(self.n if self.n else 1, sizeof(Py_buffer))
+        self.fs = <const uint8_t **>calloc(self.n if self.n else 1, sizeof(uint8_t *))
+        self.ns = <size_t *>calloc(self.n if self.n else 1, sizeof(size_t))
+        if self.views == NULL or self.fs == NULL or self.ns == NULL:
+            raise MemoryError()
+        for i in range(self.n):
+            PyObject_GetBuffer(frames[i], &self.views[i], PyBUF_SIMPLE)
+            self.nviews = i + 1
+            self.fs[i] = <const uint8_t *>self.views[i].buf
+            self.ns[i] = <size_t>self.views[i].len
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.views != NULL:
+            for i in range(self.nviews):
+                PyBuffer_Release(&self.views[i])
+        free(self.views)
+        free(self.fs)
+        free(self.ns)
+
+
+def gro_coalesce(frames) -> list:
+    """gro.coalesce, in C: [(virtio-net header, frame, frames merged), ...]."""
+    cdef _Frames fr = _Frames(frames)
+    cdef gro_unit *units = <gro_unit *>calloc(fr.n if fr.n else 1, sizeof(gro_unit))
+    cdef Py_ssize_t nu, i, j
+    cdef gro_unit *u
+    cdef bytearray vnet, out
+    cdef uint8_t *o
+    cdef size_t off, plen
+    cdef list result = []
+    if units == NULL:
+        raise MemoryError()
+    try:
+        nu = gro_plan(fr.fs, fr.ns, fr.n, units)
+        for i in range(nu):
+            u = &units[i]
+            if u.count == 1:
+                result.append((bytes(10), frames[u.first], 1))
+                continue
+            vnet = bytearray(10)
+            out = bytearray(u.hlen + u.size)
+            o = <uint8_t *>(<char *>out)
+            gro_header(u, fr.fs[u.first], o, <uint8_t *>(<char *>vnet))
+            off = u.hlen
+            for j in range(u.first, u.first + u.count):
+                plen = fr.ns[j] - (<size_t>u.hlen)
+                memcpy(o + off, fr.fs[j] + u.hlen, plen)
+                off += plen
+            result.append((bytes(vnet), bytes(out), u.count))
+        return result
+    finally:
+        free(units)
+
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    const int EINTR
+
+
+def tap_send(int fd, frames) -> tuple:
+    """TapDevice.send in C: every frame written to the TAP `fd`, consecutive TCP segments
+    merged (gro.coalesce), each write gathered with writev(2); returns (sent, lengths
+    dropped, lengths too big), counted per original frame as TapDevice.send does."""
+    cdef _Frames fr = _Frames(frames)
+    cdef gro_unit *units = <gro_unit *>calloc(fr.n if fr.n else 1, sizeof(gro_unit))
+    cdef iovec *iov = <iovec *>calloc(fr.n + 2, sizeof(iovec))
+    cdef int *errs = <int *>calloc(fr.n if fr.n else 1, sizeof(int))
+    cdef uint8_t hdr[128]
+    cdef uint8_t vnet[10]
+    cdef uint8_t none[10]
+    cdef Py_ssize_t nu = 0, i, j
+    cdef int cnt, sent = 0
+    cdef ssize_t r
+    cdef size_t merged
+    cdef gro_unit *u
+    cdef list dropped = [], too_big = []
+    memset(none, 0, 10)
+    if units == NULL or iov == NULL or errs == NULL:
+        free(units)
+        free(iov)
+        free(errs)
+        raise MemoryError()
+    try:
+        with nogil:
+            nu = gro_plan(fr.fs, fr.ns, fr.n, units)
+            for i in range(nu):
+                u = &units[i]
+                if u.count == 1:
+                    iov[0].iov_base = none
+                    iov[0].iov_len = 10
+                    iov[1].iov_base = <void *>fr.fs[u.first]
+                    iov[1].iov_len = fr.ns[u.first]
+                    cnt = 2
+                else:
+                    # hlen <= 34 + 60: the header fits.
+                    gro_header(u, fr.fs[u.first], hdr, vnet)
+                    iov[0].iov_base = vnet
+                    iov[0].iov_len = 10
+                    iov[1].iov_base = hdr
+                    iov[1].iov_len = u.hlen
+                    cnt = 2
+                    for j in range(u.first, u.first + u.count):
+                        iov[cnt].iov_base = <void *>(fr.fs[j] + u.hlen)
+                        iov[cnt].iov_len = fr.ns[j] - <size_t>u.hlen
+                        cnt += 1
+                while True:
+                    r = writev(fd, iov, cnt)
+                    if r >= 0 or errno != EINTR:
+                        break
+                errs[i] = 0 if r >= 0 else errno
+        for i in range(nu):
+            u = &units[i]
+            if errs[i] == 0:
+                sent += u.count
+                continue
+            merged = fr.ns[u.first] if u.count == 1 else u.hlen + u.size
+            (too_big if errs[i] == EMSGSIZE_ else dropped).extend(
+                [merged // u.count] * u.count)
+        return sent, dropped, too_big
+    finally:
+        free(units)
+        free(iov)
+        free(errs)
+
+
+# -- the AF_PACKET receive ring (TPACKET_V2), read in C ------------------------------------------
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    static inline uint32_t esp_ring_status(const uint8_t *p) {
+        return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE);
+    }
+    static inline void esp_ring_release(uint8_t *p) {
+        __atomic_store_n((uint32_t *)p, 0u, __ATOMIC_RELEASE);   /* TP_STATUS_KERNEL */
+    }
+    static inline uint32_t esp_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+    static inline uint16_t esp_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+    """
+    uint32_t esp_ring_status(const uint8_t *p) nogil
+    void esp_ring_release(uint8_t *p) nogil
+    uint32_t esp_u32(const uint8_t *p) nogil
+    uint16_t esp_u16(const uint8_t *p) nogil
+
+
+def ring_read(ring, Py_ssize_t head, Py_ssize_t frame_size, Py_ssize_t frame_nr,
+              Py_ssize_t limit) -> tuple:
+    """PacketSocketDevice.recv_batch's ring walk, in C: up to `limit` frames from the
+    TPACKET_V2 ring `ring` (a writable buffer of frame_nr slots of frame_size bytes) from
+    slot `head`, each slot handed back to the kernel once copied; a frame cut to the slot
+    is dropped, a VLAN tag the kernel moved to metadata is put back. Returns (frames,
+    next head). A slot whose header points outside it is handed back unread."""
+    cdef Py_buffer view
+    cdef uint8_t *base
+    cdef uint8_t *slot
+    cdef uint32_t status, length, snaplen
+    cdef uint16_t mac, tci, tpid
+    cdef Py_ssize_t taken = 0
+    cdef list out = []
+    cdef PyObject *f
+    cdef uint8_t *o
+    PyObject_GetBuffer(ring, &view, PyBUF_WRITABLE)
+    try:
+        if frame_size < 32 or frame_nr <= 0 or frame_size * frame_nr > view.len:
+            raise ValueError("the ring is smaller than its slots")
+        if not 0 <= head < frame_nr:
+            raise ValueError("head outside the ring")
+        base = <uint8_t *>view.buf
+        while taken < limit:
+            slot = base + head * frame_size
+            status = esp_ring_status(slot)
+            if not status & 1:                          # TP_STATUS_USER
+                break
+            taken += 1
+            length = esp_u32(slot + 4)
+            snaplen = esp_u32(slot + 8)
+            mac = esp_u16(slot + 12)
+            tci = esp_u16(slot + 24)
+            tpid = esp_u16(slot + 26)
+            # The kernel's header is trusted to be its own, but the copy stays in the slot.
+            if (length == snaplen and <size_t>mac + snaplen <= <size_t>frame_size
+                    and snaplen <= 0xFFFF):
+                if status & 0x10 and snaplen >= 12:     # TP_STATUS_VLAN_VALID
+                    if not status & 0x40 or not tpid:   # TP_STATUS_VLAN_TPID_VALID
+                        tpid = 0x8100
+                    f = _bytes_new(NULL, <Py_ssize_t>snaplen + 4)
+                    if f == NULL:
+                        raise MemoryError()
+                    o = <uint8_t *>_bytes_buf(f)
+                    memcpy(o, slot + mac, 12)
+                    o[12] = <uint8_t>(tpid >> 8)
+                    o[13] = <uint8_t>tpid
+                    o[14] = <uint8_t>(tci >> 8)
+                    o[15] = <uint8_t>tci
+                    memcpy(o + 16, slot + mac + 12, snaplen - 12)
+                else:
+                    f = _bytes_new(<const char *>(slot + mac), <Py_ssize_t>snaplen)
+                    if f == NULL:
+                        raise MemoryError()
+                out.append(<object>f)
+                _decref(f)
+            esp_ring_release(slot)
+            head = head + 1 if head + 1 < frame_nr else 0
+        return out, head
+    finally:
+        PyBuffer_Release(&view)

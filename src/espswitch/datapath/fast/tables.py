@@ -33,13 +33,16 @@ from typing import TYPE_CHECKING
 
 from espswitch.datapath.encap import UDP, Vxlan
 from espswitch.datapath.fast import _fastpath, is_compiled
-from espswitch.datapath.ports import DevicePort, PatchPort, SystemPort
+from espswitch.datapath.ports import DevicePort, PatchPort, SystemPort, TapPort
+from espswitch.datapath.protection import EspProtection
+from espswitch.datapath.tunnel import FOUND
+from espswitch.datapath.tunnel_port import TunnelPort
+from espswitch.ipsec.sa import ESP_PROTO
 
 if TYPE_CHECKING:
     from espswitch.datapath.bridge import Bridge
     from espswitch.datapath.datapath import Datapath
     from espswitch.datapath.ports import Port
-    from espswitch.datapath.protection import EspProtection
     from espswitch.ipsec.sa import InboundSA
 
 __all__ = ["FastTables"]
@@ -63,8 +66,15 @@ class FastTables:
         self.rx_ports: dict[Port, tuple[int, int]] = {}  # NIC port -> (port, bridge index)
         self.entries: list[list] = []  # MAC entry index -> the bridge's [port, last_seen]
         self.spis: list[tuple[EspProtection, InboundSA]] = []  # SPI index -> (ESP, SA)
+        self.tx_ports: dict[Port, tuple[int, int]] = {}  # VM port -> (port, bridge index)
+        self.tx_tunnels: set[Port] = set()
         self.rebuilds = 0
         self._built_at = -1.0
+        # The transmit side also depends on the route table, the neighbour cache and when
+        # the neighbour entries it used expire.
+        self._routes_seq = -1
+        self._neigh_seq = -1
+        self._valid_until = 0.0
         self._size = 0  # SPIs + MAC entries last installed
         #: frames delivered by the compiled pipeline
         self.hits = 0
@@ -74,13 +84,19 @@ class FastTables:
         self.upcalls = 0
         #: frames it did not touch, handed to the Python path unchanged
         self.misses = 0
+        #: frames from VM ports the compiled transmit pipeline sent (or its SA refused)
+        self.tx_hits = 0
+        #: frames from VM ports it left to the Python path
+        self.tx_misses = 0
 
     # -- tables ------------------------------------------------------------------------------
 
     def ensure(self) -> bool:
         """Rebuild the tables if anything changed since they were built; False when they
         are out of date and may not be rebuilt yet (see REBUILD_GAP)."""
-        if self.gen != self.dp.fast_gen:
+        dp = self.dp
+        if (self.gen != dp.fast_gen or self._routes_seq != dp.routes.seq
+                or self._neigh_seq != dp.neigh.seq or dp.now >= self._valid_until):
             if self._size > REBUILD_FREE:
                 t = time.monotonic()
                 if t - self._built_at < REBUILD_GAP:
@@ -109,23 +125,80 @@ class FastTables:
                 egress.add(row[2])
         macs: list[tuple[int, bytes, int]] = []
         entries: list[list] = []
+        entry_of: dict[tuple[Bridge, bytes], int] = {}
         for b in bridges:
             for (vid, mac), entry in b.macs.items():
                 i = pidx.get(entry[0])
                 if vid == 0 and i is not None:
+                    entry_of[(b, mac)] = len(entries)
                     macs.append((bidx[b], mac, i))
                     entries.append(entry)
         out_ok = [isinstance(p, DevicePort) and p.tag is None and p.trunks is None
                   for p in ports]
         self.table.set(spis, macs, out_ok)
-        self._size = len(spis) + len(macs)
-        self._built_at = time.monotonic()
-        self.ports, self.entries, self.spis = ports, entries, owners
         # A patch port could carry a miss to a VM ahead of a hit: such bridges stay slow.
         patched = {p.bridge for p in ports if isinstance(p, PatchPort)}
         self.rx_ports = {p: (pidx[p], bidx[p.bridge]) for p in ports
                          if isinstance(p, SystemPort) and p.bridge in egress
                          and p.bridge not in patched and p.tag is None and p.trunks is None}
+        self._routes_seq = dp.routes.seq
+        self._neigh_seq = dp.neigh.seq
+        self._valid_until = float("inf")
+        tuns = []
+        for p in ports:
+            row = self._tx_row(p, pidx, entry_of, out_ok)
+            if row is not None:
+                tuns.append(row)
+        self.tx_tunnels = {ports[row[0]] for row in tuns}
+        tunnel_bridges = {p.bridge for p in self.tx_tunnels}
+        tx_in = [isinstance(p, TapPort) and p.bridge in tunnel_bridges
+                 and not p.bridge.local_ips and p.bridge not in patched
+                 and p.tag is None and p.trunks is None for p in ports]
+        self.table.set_tx(tuns, tx_in)
+        self.tx_ports = {p: (pidx[p], bidx[p.bridge]) for p, ok in zip(ports, tx_in,
+                                                                         strict=True) if ok}
+        self._size = len(spis) + len(macs) + len(tuns)
+        self._built_at = time.monotonic()
+        self.ports, self.entries, self.spis = ports, entries, owners
+
+    def _tx_row(self, port: Port, pidx: dict, entry_of: dict, out_ok: list[bool]
+                ) -> tuple | None:
+        """The transmit table row of tunnel `port`; None when what it sends must take the
+        Python path (not ESP transport mode over VXLAN with a compiled SA, no route, next
+        hop not resolved or not learned on a plain NIC port, ...)."""
+        if not isinstance(port, TunnelPort) or port.tag is not None or port.trunks is not None:
+            return None
+        esp = port.protection
+        if not isinstance(esp, EspProtection) or type(port.encapsulation) is not Vxlan:
+            return None
+        sa = esp.fast_outbound()
+        if sa is None or not is_compiled(sa) or sa.expired:
+            return None
+        u = port.underlay
+        if u.V6:
+            return None  # the pipeline writes IPv4 headers only (fast_outbound says so too)
+        if u.stale():
+            port.resolve()
+        bridge, internal = u.egress_bridge, u.egress_port
+        if bridge is None or internal is None or u.local_ip is None:
+            return None
+        if internal.tag is not None or internal.trunks is not None:
+            return None
+        dp = self.dp
+        state, mac = dp.neigh.lookup(bridge.name, u.nexthop, dp.now)
+        if state != FOUND or mac is None or mac[0] & 1:
+            return None
+        self._valid_until = min(self._valid_until, dp.neigh.entries[(bridge.name, u.nexthop)][1])
+        nic = bridge.macs.get((0, mac))
+        phy_entry = entry_of.get((bridge, internal.mac))
+        if nic is None or phy_entry is None or bridge.macs[(0, internal.mac)][0] is not internal:
+            return None
+        out = pidx.get(nic[0])
+        if out is None or nic[0] is internal or not out_ok[out]:
+            return None
+        head = mac + internal.mac + b"\x08\x00" + u.template(ESP_PROTO, True)
+        enc = port.encapsulation
+        return (pidx[port], sa, head, enc.dst_port, enc.key, port.max_frame, out, phy_entry)
 
     def _spi_row(self, spi: int, esp: EspProtection, pidx: dict, bidx: dict
                  ) -> tuple[tuple, InboundSA, Bridge] | None:
@@ -155,15 +228,20 @@ class FastTables:
 
     def receive(self, port: Port, frames: list[bytes]) -> list[bytes]:
         """Run a batch received on `port` through the compiled pipeline; returns the frames
-        it did not touch (all of them when `port` is not a fast NIC port), for the
+        it did not touch (all of them when `port` is not a fast NIC or VM port), for the
         Python path."""
         if not self.ensure():
             if port in self.rx_ports:
                 self.misses += len(frames)
+            elif port in self.tx_ports:
+                self.tx_misses += len(frames)
             return frames
         where = self.rx_ports.get(port)
-        if where is None:  # not a NIC port on a tunnel's egress bridge
-            return frames
+        if where is None:
+            where = self.tx_ports.get(port)
+            if where is None:  # neither a NIC port on a tunnel's egress bridge nor a VM's
+                return frames
+            return self._transmit(port, frames, where)
         kinds, outputs, tunnel_rx, upcalls, drops, touched = _fastpath.rx_burst(
             self.table, frames, where[0], where[1])
         dp = self.dp
@@ -205,4 +283,38 @@ class FastTables:
             esp, sa = spis[s]
             f = frames[i]
             esp.input_opened(sa, bytes(f[26:30]), bytes(f[30:34]), nh, payload)
+        return missed
+
+    def _transmit(self, port: Port, frames: list[bytes], where: tuple[int, int]) -> list[bytes]:
+        """A batch from a VM port through the compiled transmit pipeline, with the side
+        effects the Python path would have had; returns the misses (reads as they came:
+        with their virtio-net header when the port's device gives one)."""
+        kinds, outputs, tunnel_tx, drops, touched, taken = _fastpath.tx_burst(
+            self.table, frames, where[0], where[1], port.vnet)
+        dp = self.dp
+        missed = [f for f, k in zip(frames, kinds, strict=True) if not k] if kinds.count(0) else []
+        self.tx_misses += len(missed)
+        if not taken[0]:
+            return missed
+        self.tx_hits += taken[0]
+        st = port.stats
+        st["rx_packets"] += taken[0]
+        st["rx_bytes"] += taken[1]
+        now = dp.now
+        entries = self.entries
+        for e in touched:
+            entries[e][1] = now
+        ports = self.ports
+        for t, (n, b) in tunnel_tx.items():
+            st = ports[t].stats
+            st["tx_packets"] += n
+            st["tx_bytes"] += b
+        for _i, t, _reason in drops:
+            # As EspProtection.protect counts what the SA refuses.
+            st = ports[t].stats
+            st["esp_expired_drops"] += 1
+            st["tx_dropped"] += 1
+        transmit = dp.transmit
+        for out, lst in outputs.items():
+            transmit(ports[out], lst)
         return missed
