@@ -6,7 +6,8 @@ import struct
 
 from espswitch.datapath import Datapath
 from espswitch.datapath.devices import MemoryDevices
-from espswitch.datapath.tunnel import Route, ip4
+from espswitch.datapath.tunnel import Route, ip4, ip_addr
+from espswitch.packet.udp import udp_checksum_ipv6
 
 BCAST = b"\xff" * 6
 
@@ -48,31 +49,46 @@ def vxlan(vni: int, inner: bytes) -> bytes:
     return struct.pack("!II", 0x08000000, vni << 8) + inner
 
 
+def ipv6(src: str, dst: str, nh: int, payload: bytes, hlim: int = 64) -> bytes:
+    """An IPv6 packet; a UDP payload gets its checksum (mandatory over IPv6)."""
+    s6, d6 = ip_addr(src), ip_addr(dst)
+    if nh == 17 and payload[6:8] == b"\0\0":
+        payload = payload[:6] + struct.pack("!H", udp_checksum_ipv6(s6, d6, payload)) + \
+            payload[8:]
+    return struct.pack("!IHBB16s16s", 6 << 28, len(payload), nh, hlim, s6, d6) + payload
+
+
 def arp(op: int, sha: bytes, spa: str, tha: bytes, tpa: str) -> bytes:
     return struct.pack("!HHBBH", 1, 0x0800, 6, 4, op) + sha + ip4(spa) + tha + ip4(tpa)
 
 
 class Hypervisor:
-    """An in-memory hypervisor: br-phy (eth0 + internal, address `ip`), br-int (vm, vxlan)."""
+    """An in-memory hypervisor: br-phy (eth0 + internal, address `ip`), br-int (vm, vxlan).
+
+    `ip` IPv4 (in 10.0.0.0/24) or IPv6 (in fd00::/64, the underlay's prefix then)."""
 
     def __init__(self, ip: str, remote: str, vni: int | None = 100, vm_tag: int | None = None,
                  tun_type: str = "vxlan", tun_options: dict[str, str] | None = None) -> None:
-        self.devs = MemoryDevices(system_names=("eth0",), mac_prefix=ip4(ip)[3])
+        raw = ip_addr(ip)
+        self.v6 = len(raw) == 16
+        self.devs = MemoryDevices(system_names=("eth0",), mac_prefix=raw[-1])
         self.dp = Datapath(self.devs)
         dp = self.dp
         dp.add_bridge("br-phy")
         dp.add_port("br-phy", "br-phy", "internal")
         dp.add_port("br-phy", "eth0", "system")
+        net = ip_addr("fd00::") if self.v6 else ip4("10.0.0.0")
         dp.routes.set_system(
             [
                 Route(
-                    prefix=int.from_bytes(ip4("10.0.0.0"), "big"),
-                    plen=24,
+                    prefix=int.from_bytes(net, "big"),
+                    plen=64 if self.v6 else 24,
                     dev="br-phy",
-                    src=ip4(ip),
+                    src=raw,
+                    v6=self.v6,
                 )
             ],
-            {"br-phy": [ip4(ip)]},
+            {"br-phy": [raw]},
         )
         dp.add_bridge("br-int")
         dp.add_port("br-int", "br-int", "internal")

@@ -127,7 +127,7 @@ def test_status_names_egress_iface():
     [
         ("vxlan", {}, "needs options:remote_ip"),
         ("vxlan", {"remote_ip": "10.0.0.9", "key": "16777216"}, "out of range"),
-        ("vxlan", {"remote_ip": "nope"}, "not an IPv4 address"),
+        ("vxlan", {"remote_ip": "nope"}, "not an IPv4 or IPv6 address"),
         ("vxlan", {"remote_ip": "10.0.0.9", "colour": "red"}, "does not take option colour"),
         ("stt", {}, "unknown interface type 'stt'"),
         ("gre", {"remote_ip": "10.0.0.9", "seq": "true"}, "options:seq .* not supported"),

@@ -44,6 +44,8 @@ class Keys:
     spi_2to1: int
     key_1to2: str  # hex keying material, RFC 7296 order
     key_2to1: str
+    #: the lab's tunnel endpoints, hv1's and hv2's (Lab.underlay_ips)
+    underlay: tuple[str, str] = ("192.0.2.1", "192.0.2.2")
 
     @classmethod
     def fresh(cls, esp: str, spi_1to2: int = SPI_1TO2, spi_2to1: int = SPI_2TO1) -> Keys:
@@ -60,8 +62,9 @@ class Keys:
 
     def sas(self) -> list[tuple[str, str, int, str]]:
         """(source, destination, SPI, key hex) of both directions on the underlay."""
-        return [("192.0.2.1", "192.0.2.2", self.spi_1to2, self.key_1to2),
-                ("192.0.2.2", "192.0.2.1", self.spi_2to1, self.key_2to1)]
+        one, two = self.underlay
+        return [(one, two, self.spi_1to2, self.key_1to2),
+                (two, one, self.spi_2to1, self.key_2to1)]
 
 
 def keyed_lab(keys: Keys, **extra: str) -> Lab:
@@ -292,7 +295,8 @@ def tshark_rows(pcap: str, keys: Keys, fields: Sequence[str],
         km = bytes.fromhex(key)
         enc_len = t.enc_key_len + t.salt_len
         enc, integ = km[:enc_len], km[enc_len:]
-        fields_sa = ["IPv4", src, dst, f"0x{spi:08x}", enc_alg, "0x" + enc.hex(), auth_alg,
+        family = "IPv6" if ":" in src else "IPv4"
+        fields_sa = [family, src, dst, f"0x{spi:08x}", enc_alg, "0x" + enc.hex(), auth_alg,
                      "0x" + integ.hex() if integ else ""]
         cmd += ["-o", "uat:esp_sa:" + ",".join(f'"{f}"' for f in fields_sa)]
     cmd += ["-Y", display_filter, "-T", "fields", "-E", "occurrence=l"]

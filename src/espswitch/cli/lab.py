@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from espswitch.cli.labkit import Hypervisor, LabError, Topology, Vm, run
 
 UNDERLAY = ("192.0.2.1", "192.0.2.2")
+UNDERLAY6 = ("2001:db8:e5::1", "2001:db8:e5::2")  # Lab(underlay_ips=UNDERLAY6): IPv6 underlay
 VM_IPS = ("198.51.100.1", "198.51.100.2")
 DEFAULT_VNI = 5001
 
@@ -174,6 +175,8 @@ class Lab(Topology):
     tunnel_options: tuple[dict[str, str], dict[str, str]] = field(
         default_factory=lambda: ({}, {}))
     vni: int = DEFAULT_VNI
+    #: the tunnel endpoints (br-phy's addresses): IPv4 or IPv6 (UNDERLAY6)
+    underlay_ips: tuple[str, str] = UNDERLAY
     other_config: dict[str, str] = field(default_factory=dict)
     hvs: list[LabHypervisor] = field(default_factory=list)
 
@@ -207,7 +210,7 @@ class Lab(Topology):
             if self.other_config:
                 hv.vsctl("set", "Open_vSwitch", ".",
                          *(f"other_config:{k}={v}" for k, v in self.other_config.items()))
-        self.underlay(a, b, *UNDERLAY, devs=(f"{self.tag}u1", f"{self.tag}u2"),
+        self.underlay(a, b, *self.underlay_ips, devs=(f"{self.tag}u1", f"{self.tag}u2"),
                       datapath_type="netdev")
         for hv, peer in ((a, b), (b, a)):
             hv.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int",

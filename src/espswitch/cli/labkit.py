@@ -223,7 +223,8 @@ class Topology:
     def underlay(self, a: Hypervisor, b: Hypervisor, ip_a: str, ip_b: str,
                  devs: tuple[str, str] = ("ul0", "ul0"), datapath_type: str = "") -> None:
         """A veth pair (`devs`) between the two, each end the system port of br-phy, which
-        gets the hypervisor's underlay address."""
+        gets the hypervisor's underlay address (IPv4 in a /24, or IPv6 in a /64 without
+        duplicate address detection, usable at once)."""
         run(["ip", "link", "add", devs[0], "netns", a.ns, "type", "veth", "peer", "name",
              devs[1], "netns", b.ns])
         dp = ["--", "set", "bridge", "br-phy", f"datapath_type={datapath_type}"] \
@@ -232,7 +233,10 @@ class Topology:
             hv.underlay_ip, hv.underlay_dev = ip, dev
             hv.sh("ip", "link", "set", dev, "up")
             hv.vsctl("add-br", "br-phy", *dp, "--", "add-port", "br-phy", dev)
-            hv.sh("ip", "addr", "add", f"{ip}/24", "dev", "br-phy")
+            if ":" in ip:
+                hv.sh("ip", "addr", "add", f"{ip}/64", "dev", "br-phy", "nodad")
+            else:
+                hv.sh("ip", "addr", "add", f"{ip}/24", "dev", "br-phy")
             hv.sh("ip", "link", "set", "br-phy", "up")
 
     def spawn(self, ns: str, *cmd: str, **kw: Any) -> subprocess.Popen[str]:

@@ -18,6 +18,7 @@ MAC_MAX = 8192
 TPID = b"\x81\x00"
 ETH_IPV4 = b"\x08\x00"
 ETH_ARP = b"\x08\x06"
+ETH_IPV6 = b"\x86\xdd"
 
 
 class Bridge:
@@ -29,7 +30,7 @@ class Bridge:
         self.ports: list[Port] = []
         # (vid, mac) -> [port, last_seen]
         self.macs: dict[tuple[int, bytes], list] = {}
-        #: IPv4 addresses (4 bytes) of tunnel endpoints reached through this bridge
+        #: addresses of tunnel endpoints reached through this bridge (IPv4: 4 bytes, IPv6: 16)
         self.local_ips: frozenset[bytes] = frozenset()
         self.mac_age = MAC_AGE
 
@@ -139,6 +140,11 @@ class Bridge:
                     continue
             elif et == ETH_ARP:
                 tunnels.snoop_arp(self, frame)
+            elif et == ETH_IPV6 and local_ips:
+                if vid == 0 and frame[38:54] in local_ips and tunnels.receive6(
+                        self, in_port, frame):
+                    continue
+                tunnels.snoop_nd(self, frame)
             dst = frame[0:6]
             if not dst[0] & 1:
                 entry = macs.get((vid, dst))

@@ -1,4 +1,5 @@
-"""IPv4 reassembly of the tunnel packets sent to a local endpoint (RFC 791), sans-IO.
+"""IPv4 and IPv6 reassembly of the tunnel packets sent to a local endpoint (RFC 791, RFC 8200
+§4.5), sans-IO.
 
 RFC 4303 §3.4.1: an IPsec receiver reassembles outer fragments before ESP processing. They
 reach espswitch when a peer sends ESP or VXLAN larger than the path MTU without DF; Linux's
@@ -16,6 +17,12 @@ state is kept: a fragment other than the last must carry at least `MIN_FRAGMENT`
 flood of 8-byte fragments would otherwise cost a datagram entry each), and a datagram may
 have at most `MAX_FRAGMENTS` pieces.
 Time comes in as `now`; nothing here reads a clock or touches a socket.
+
+IPv6 (`add6`): a fragment is the fixed 40-byte header followed directly by the Fragment
+header (other extension headers are not walked: such a packet is not a tunnel's); the
+datagram is named by source, destination and the 32-bit identification, and comes back
+as the IPv6 header with the Fragment header's next header and the whole payload length.
+Both families share the limits and the `ipfrag_*` counters.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ TIMEOUT = 30.0  # seconds, as Linux's net.ipv4.ipfrag_time
 MAX_DATAGRAMS = 256
 MAX_BYTES = 4 * 1024 * 1024
 MAX_PAYLOAD = 65535 - 20
+MAX_PAYLOAD6 = 65535  # IPv6's payload length does not count the 40-byte header
 # A non-last fragment smaller than this comes from no real path: IPv4 links carry at least
 # 576-byte datagrams in practice (RFC 791/1122), so a sender's fragments hold 552 or more.
 MIN_FRAGMENT = 256
@@ -52,7 +60,7 @@ class _Datagram:
         self.held = 0  # payload bytes in `pieces`
         self.cost = 0  # memory charged to the limit for this datagram
         self.total: int | None = None  # payload length, known from the last fragment
-        self.header: bytes | None = None  # IPv4 header of the first fragment
+        self.header: bytes | None = None  # IP header of the first fragment (IPv6: + Fragment)
         self.eth = b""  # link header of the first fragment
         self.frames: list[bytes] = []  # the fragments as received, for whoever wants them
 
@@ -109,16 +117,58 @@ class Reassembler:
             return None
         flags = frame[l3 + 6]
         offset = (((flags & 0x1F) << 8) | frame[l3 + 7]) * 8
-        more = flags & 0x20
-        start, stop = l3 + ihl, l3 + total_len
+        # Source, destination, protocol and identification name the datagram (RFC 791).
+        key = frame[l3 + 12 : l3 + 20] + frame[l3 + 9 : l3 + 10] + frame[l3 + 4 : l3 + 6]
+        d = self._collect(key, frame, l3, ihl, l3 + ihl, l3 + total_len, offset, flags & 0x20,
+                          MAX_PAYLOAD, now)
+        if d is None:
+            return None
+        hdr = bytearray(d.header)
+        hdr[2:4] = (len(hdr) + d.total).to_bytes(2, "big")
+        hdr[6] &= 0x40  # keep DF, clear MF and the offset
+        hdr[7] = 0
+        hdr[10:12] = ipv4_header_checksum(hdr).to_bytes(2, "big")
+        return d.eth + bytes(hdr) + self._body(d), d.frames
+
+    def add6(self, frame: bytes, l3: int, now: float) -> tuple[bytes, list[bytes]] | None:
+        """Take one IPv6 fragment (an IPv6 header at `l3` whose next header is Fragment);
+        returns and holds as `add` does."""
+        if len(frame) < l3 + 48 or frame[l3 + 6] != 44:
+            self._drop("malformed")
+            return None
+        stop = l3 + 40 + ((frame[l3 + 4] << 8) | frame[l3 + 5])
+        if stop > len(frame) or stop < l3 + 48:
+            self._drop("malformed")
+            return None
+        word = (frame[l3 + 42] << 8) | frame[l3 + 43]
+        # Source, destination and identification name the datagram (RFC 8200 §4.5).
+        key = b"6" + frame[l3 + 8 : l3 + 40] + frame[l3 + 44 : l3 + 48]
+        d = self._collect(key, frame, l3, 48, l3 + 48, stop, word & 0xFFF8, word & 1,
+                          MAX_PAYLOAD6, now)
+        if d is None:
+            return None
+        h = d.header
+        hdr = bytearray(h[:40])
+        hdr[6] = h[40]  # the Fragment header's next header
+        hdr[4:6] = d.total.to_bytes(2, "big")
+        return d.eth + bytes(hdr) + self._body(d), d.frames
+
+    @staticmethod
+    def _body(d: _Datagram) -> bytes:
+        pieces, frames = d.pieces, d.frames
+        return b"".join(frames[i][s0:s1] for i, s0, s1 in (pieces[o] for o in sorted(pieces)))
+
+    def _collect(self, key: bytes, frame: bytes, l3: int, hlen: int, start: int, stop: int,
+                 offset: int, more: int, max_payload: int, now: float) -> _Datagram | None:
+        """Hold the piece `frame[start:stop]` at payload offset `offset` of datagram `key`
+        (the first `hlen` bytes at `l3` are its header); the datagram, no longer held, once
+        it is whole, else None (held, or dropped and counted)."""
         size = stop - start
         end = offset + size
-        if (more and (size < MIN_FRAGMENT or size % 8)) or not size or end > MAX_PAYLOAD:
+        if (more and (size < MIN_FRAGMENT or size % 8)) or not size or end > max_payload:
             self._drop("too_small" if more and size < MIN_FRAGMENT else "malformed")
             return None
         cost = len(frame) + FRAGMENT_OVERHEAD
-        # Source, destination, protocol and identification name the datagram (RFC 791).
-        key = frame[l3 + 12 : l3 + 20] + frame[l3 + 9 : l3 + 10] + frame[l3 + 4 : l3 + 6]
         d = self.pending.get(key)
         if d is None:
             if len(self.pending) >= self.max_datagrams or \
@@ -159,7 +209,7 @@ class Reassembler:
             self._drop("malformed")
             return None
         if offset == 0:
-            d.header = frame[l3 : l3 + ihl]
+            d.header = frame[l3 : l3 + hlen]
             d.eth = frame[:l3]
         d.pieces[offset] = (len(frames), start, stop)
         frames.append(frame)
@@ -169,11 +219,4 @@ class Reassembler:
         if d.total is None or d.header is None or d.held != d.total:
             return None
         self._forget(key)
-        hdr = bytearray(d.header)
-        hdr[2:4] = (len(hdr) + d.total).to_bytes(2, "big")
-        hdr[6] &= 0x40  # keep DF, clear MF and the offset
-        hdr[7] = 0
-        hdr[10:12] = ipv4_header_checksum(hdr).to_bytes(2, "big")
-        pieces = d.pieces
-        body = b"".join(frames[i][s0:s1] for i, s0, s1 in (pieces[o] for o in sorted(pieces)))
-        return d.eth + bytes(hdr) + body, frames
+        return d

@@ -1,13 +1,14 @@
-"""Read the namespace's IPv4 routes and addresses from the kernel (pyroute2)."""
+"""Read the namespace's IPv4 and IPv6 routes and addresses from the kernel (pyroute2)."""
 
 from __future__ import annotations
 
 import socket
 
-from espswitch.datapath.tunnel import Route, ip4
+from espswitch.datapath.tunnel import Route, ip_addr
 
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
+IFA_F_DADFAILED = 0x08
 
 
 class KernelRoutes:
@@ -22,32 +23,37 @@ class KernelRoutes:
         ipr = self.ipr
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         addresses: dict[str, list[bytes]] = {}
-        for a in ipr.get_addr(family=socket.AF_INET):
-            name = names.get(a["index"])
-            local = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
-            if name and local:
-                addresses.setdefault(name, []).append(ip4(local))
         routes = []
-        for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
-            if r["type"] != RTN_UNICAST:
-                continue
-            oif = r.get_attr("RTA_OIF")
-            name = names.get(oif)
-            if name is None:
-                continue
-            dst = r.get_attr("RTA_DST") or "0.0.0.0"
-            gw = r.get_attr("RTA_GATEWAY")
-            src = r.get_attr("RTA_PREFSRC")
-            routes.append(
-                Route(
-                    prefix=int.from_bytes(ip4(dst), "big"),
-                    plen=r["dst_len"],
-                    dev=name,
-                    gw=ip4(gw) if gw else None,
-                    src=ip4(src) if src else None,
+        for family, default in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            for a in ipr.get_addr(family=family):
+                name = names.get(a["index"])
+                local = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+                flags = a.get_attr("IFA_FLAGS") or a["flags"]
+                if family == socket.AF_INET6 and flags & IFA_F_DADFAILED:
+                    continue  # another host has it: not ours to use
+                if name and local:
+                    addresses.setdefault(name, []).append(ip_addr(local))
+            for r in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+                if r["type"] != RTN_UNICAST:
+                    continue
+                oif = r.get_attr("RTA_OIF")
+                name = names.get(oif)
+                if name is None:
+                    continue
+                dst = r.get_attr("RTA_DST") or default
+                gw = r.get_attr("RTA_GATEWAY")
+                src = r.get_attr("RTA_PREFSRC")
+                routes.append(
+                    Route(
+                        prefix=int.from_bytes(ip_addr(dst), "big"),
+                        plen=r["dst_len"],
+                        dev=name,
+                        gw=ip_addr(gw) if gw else None,
+                        src=ip_addr(src) if src else None,
+                        v6=family == socket.AF_INET6,
+                    )
                 )
-            )
-        routes.sort(key=lambda r: (r.prefix, r.plen, r.dev))
+        routes.sort(key=lambda r: (r.v6, r.prefix, r.plen, r.dev))
         return routes, addresses
 
     def close(self) -> None:

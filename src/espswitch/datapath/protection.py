@@ -1,11 +1,14 @@
 """A tunnel's protection: clear, or ESP (RFC 4303) with its SA pairs, SPI demux and
 selectors, and the interface through which the IKE layer installs CHILD_SAs.
 
-Outbound, a protection turns a batch of inner frames into the IPv4 packets that carry them,
-using its port's encapsulation (`push`) and underlay (`header`): clear puts the underlay
-header in front of the encapsulated frame; ESP seals the encapsulated frame (transport mode,
-next header = the encapsulation's protocol) or a whole inner IPv4 packet (tunnel mode, next
-header 4), optionally in UDP/4500 (RFC 3948), behind an underlay header of protocol 50 (17).
+Outbound, a protection turns a batch of inner frames into the IP packets that carry them,
+using its port's encapsulation (`push`) and underlay (`packet`, `l4`): clear puts the
+underlay header in front of the encapsulated frame; ESP seals the encapsulated frame
+(transport mode, next header = the encapsulation's protocol) or a whole inner IP packet of
+the underlay's family (tunnel mode, next header 4 or 41), optionally in UDP/4500 (RFC
+3948), behind an underlay header of protocol 50 (17). Over IPv6 the UDP checksums (the
+encapsulation's, ESP-in-UDP's) are computed by the underlay: the sealed UDP is UDP over
+IPv6 once opened, and a peer's stack may check it.
 
 Inbound, clear tunnels get their frames from the tunnel layer's encapsulation demux; ESP to
 a local endpoint (IP protocol 50, or UDP/4500 that is not IKE) is matched to its tunnel by
@@ -27,7 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 from espswitch.datapath.counters import Counters
 from espswitch.datapath.errors import PortError
 from espswitch.datapath.fast import is_compiled, make_inbound_sa, make_outbound_sa
-from espswitch.datapath.tunnel import ip4_str
+from espswitch.datapath.tunnel import ip_str
 from espswitch.ike.options import IPSEC_OPTIONS, IkeKeying, ManualKeying, parse_ipsec_options
 from espswitch.ipsec.errors import DropReason, IpsecConfigError, SaRefused
 from espswitch.ipsec.policy import Selector
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
 
 ESP_PROTO = 50
 NH_IPV4 = 4
+NH_IPV6 = 41
 NAT_T_PORT = 4500
 RETIRED_KEEP = 60.0  # seconds a closed tunnel's SAs may be taken over by its reopened self
 _UDP = struct.Struct("!HHHH")
@@ -80,6 +84,11 @@ class Clear:
         header = port.underlay.header
         proto = port.encapsulation.PROTO
         out = []
+        if port.underlay.V6:
+            packet = port.underlay.packet
+            for frame in frames:
+                out.append(packet(proto, push(frame)))
+            return out, sum(map(len, frames))
         for frame in frames:
             l4 = push(frame)
             out.append(header(proto, len(l4)) + l4)
@@ -239,17 +248,19 @@ class IpsecLayer:
 
     # -- inbound ----------------------------------------------------------------------------
 
-    def _esp_input(self, bridge: Bridge, in_port: Port, frame: bytes, l3: int, ihl: int) -> bool:
-        total = (frame[l3 + 2] << 8) | frame[l3 + 3]
-        if total < ihl + 8 or l3 + total > len(frame) or frame[l3 + 6] & 0x3F or frame[l3 + 7]:
+    def _esp_input(self, bridge: Bridge, in_port: Port, frame: bytes, l3: int, l4: int,
+                   end: int) -> bool:
+        if end < l4 + 8 or end > len(frame) or (
+                frame[l3] >> 4 == 4 and (frame[l3 + 6] & 0x3F or frame[l3 + 7])):
             in_port.stats.drop("rx_malformed")
             self.ctx.count_drop("esp_malformed")
             return True
-        self._deliver(in_port, frame, l3, frame[l3 + ihl : l3 + total], False)
+        self._deliver(in_port, frame, l3, frame[l4:end], False)
         return True
 
-    def _nat_t_input(self, bridge: Bridge, in_port: Port, frame: bytes, l3: int, l4: int) -> bool:
-        end = l3 + ((frame[l3 + 2] << 8) | frame[l3 + 3])
+    def _nat_t_input(self, bridge: Bridge, in_port: Port, frame: bytes, l3: int, l4: int,
+                     end: int) -> bool:
+        # The outer UDP checksum is not checked, over IPv6 either: ESP's ICV covers more.
         payload = frame[l4 + 8 : end]
         if len(payload) == 1 and payload[0] == 0xFF:
             return True  # NAT keepalive (RFC 3948 §2.3): nothing to do
@@ -260,6 +271,10 @@ class IpsecLayer:
 
     def _deliver(self, in_port: Port, frame: bytes, l3: int, esp: bytes, encap: bool) -> None:
         spi = (esp[0] << 24) | (esp[1] << 16) | (esp[2] << 8) | esp[3]
+        if frame[l3] >> 4 == 4:
+            src, dst = frame[l3 + 12 : l3 + 16], frame[l3 + 16 : l3 + 20]
+        else:
+            src, dst = frame[l3 + 8 : l3 + 24], frame[l3 + 24 : l3 + 40]
         protection = self.protections.get(spi)
         if protection is None:
             self.sad.unknown_spi += 1
@@ -267,10 +282,9 @@ class IpsecLayer:
             ctx = self.ctx
             ctx.count_drop("esp_unknown_spi")
             if ctx.drop_log_due():
-                ctx.log_rl(f"ESP with unknown SPI 0x{spi:08x} from "
-                           f"{ip4_str(frame[l3 + 12 : l3 + 16])}, dropped")
+                ctx.log_rl(f"ESP with unknown SPI 0x{spi:08x} from {ip_str(src)}, dropped")
             return
-        protection.input_esp(frame[l3 + 12 : l3 + 16], frame[l3 + 16 : l3 + 20], esp, encap)
+        protection.input_esp(src, dst, esp, encap)
 
 
 class EspProtection:
@@ -287,6 +301,10 @@ class EspProtection:
             keying = parse_ipsec_options(options, remote_ip=remote_ip)
         except IpsecConfigError as e:
             raise PortError(f"interface {port.name}: {e}") from None
+        if isinstance(keying, IkeKeying) and port.underlay.V6:
+            raise PortError(f"interface {port.name}: IKEv2 over an IPv6 underlay is not "
+                            "supported yet; key this tunnel manually (spi_out, spi_in, "
+                            "esp_key_out, esp_key_in) or use IPv4 addresses")
         self.keying = keying
         self.transform = keying.transform
         self.mode = keying.mode
@@ -310,7 +328,7 @@ class EspProtection:
         self.followers: dict[int, TunnelPort] = {}  # key (VNI) -> follower (leader only)
         self._layer = IpsecLayer.of(self.ctx)
         if isinstance(keying, ManualKeying):
-            start = self._layer.seq_marks.start_for(ip4_str(remote_ip), keying.outbound)
+            start = self._layer.seq_marks.start_for(ip_str(remote_ip), keying.outbound)
             fast = self.ctx.fast_path
             self.sa_out: OutboundSA | None = make_outbound_sa(
                 keying.outbound, now=self.ctx.now, seq_start=start, fast=fast)
@@ -338,7 +356,7 @@ class EspProtection:
                 self.sa_out = old_out
             if old_in.params == self.sa_in.params and not old_in.expired:
                 self.sa_in = old_in
-        self._layer.seq_marks.track(ip4_str(self.port.underlay.remote_ip), self.sa_out)
+        self._layer.seq_marks.track(ip_str(self.port.underlay.remote_ip), self.sa_out)
         self._layer.add(self, self.sa_in)
 
     def close(self) -> None:
@@ -362,7 +380,7 @@ class EspProtection:
 
     def run(self, now: float) -> None:
         if self.ike is None and self.sa_out is not None:
-            self._layer.seq_marks.track(ip4_str(self.port.underlay.remote_ip), self.sa_out)
+            self._layer.seq_marks.track(ip_str(self.port.underlay.remote_ip), self.sa_out)
         if self._lingering and self._lingering[0][0] <= now:
             for _, sa_in in [e for e in self._lingering if e[0] <= now]:
                 sa_in.expire("deleted")
@@ -374,7 +392,7 @@ class EspProtection:
     def rebuild(self) -> None:
         """The local address or the peer's inner address changed: new selectors."""
         u = self.port.underlay
-        src = u.local_ip or b"\0\0\0\0"
+        src = u.local_ip or bytes(16 if u.V6 else 4)
         peer = u.remote_ip
         if self.mode is Mode.TUNNEL and self.inner_remote is not None:
             peer = self.inner_remote  # the inner header names the peer as it names itself
@@ -508,9 +526,9 @@ class EspProtection:
     # -- outbound -------------------------------------------------------------------------------
 
     def overhead(self, l4_len: int) -> int:
-        """ESP bytes (and UDP/4500, and tunnel mode's inner IPv4 header) added to `l4_len`
+        """ESP bytes (and UDP/4500, and tunnel mode's inner IP header) added to `l4_len`
         bytes of encapsulated frame: computed for this transform and mode, not guessed."""
-        payload = l4_len + (20 if self.mode is Mode.TUNNEL else 0)
+        payload = l4_len + (self.port.underlay.OVERHEAD if self.mode is Mode.TUNNEL else 0)
         return (8 if self.encap else 0) + payload - l4_len + self.transform.overhead(payload)
 
     def protect(self, frames: list[bytes]) -> tuple[list[bytes], int]:
@@ -525,10 +543,13 @@ class EspProtection:
         seal = sa_out.encrypt
         push = port.encapsulation.push
         proto = port.encapsulation.PROTO
-        header = port.underlay.header
+        u = port.underlay
+        header = u.header
         tunnel = self.mode is Mode.TUNNEL
         inner_dst = self.inner_remote
         encap = self.encap
+        if u.V6:
+            return self._protect6(frames, seal, push, proto, tunnel, inner_dst, encap)
         pkts = []
         nbytes = 0
         for frame in frames:
@@ -553,6 +574,33 @@ class EspProtection:
                             + _UDP.pack(NAT_T_PORT, self.encap_port, len(esp) + 8, 0) + esp)
             else:
                 pkts.append(header(ESP_PROTO, len(esp), df=True, ident=ident) + esp)
+        return pkts, nbytes
+
+    def _protect6(self, frames: list[bytes], seal, push, proto: int, tunnel: bool,
+                  inner_dst: bytes | None, encap: bool) -> tuple[list[bytes], int]:
+        """`protect` over IPv6: the UDP inside ESP and ESP-in-UDP carry their checksums."""
+        st = self.port.stats
+        u = self.port.underlay
+        packet, l4sum = u.packet, u.l4
+        pkts = []
+        nbytes = 0
+        for frame in frames:
+            l4 = push(frame)
+            try:
+                if tunnel:
+                    esp = seal(packet(proto, l4, dst=inner_dst), NH_IPV6)
+                else:
+                    esp = seal(l4sum(proto, l4), proto)
+            except SaRefused:
+                st["esp_expired_drops"] += 1
+                st["tx_dropped"] += 1
+                continue
+            nbytes += len(frame)
+            if encap:
+                pkts.append(packet(17, _UDP.pack(NAT_T_PORT, self.encap_port, len(esp) + 8, 0)
+                                   + esp))
+            else:
+                pkts.append(packet(ESP_PROTO, esp))
         return pkts, nbytes
 
     # -- inbound --------------------------------------------------------------------------------
@@ -581,7 +629,7 @@ class EspProtection:
             port.stats.drop(counter)
             if self.ctx.drop_log_due():
                 self.ctx.log_rl(
-                    f"{port.name}: ESP from {ip4_str(src)} dropped: {result.description}")
+                    f"{port.name}: ESP from {ip_str(src)} dropped: {result.description}")
 
     def input_opened(self, sa: InboundSA, src: bytes, dst: bytes, nh: int,
                      payload: bytes) -> None:
@@ -593,12 +641,15 @@ class EspProtection:
             self._use_pair_of(sa)
         sel = self.selector
         if self.mode is Mode.TUNNEL:
-            if nh != NH_IPV4 or not sel.match_tunnel(payload):
+            if nh != port.underlay.NH_INNER or not sel.match_tunnel(payload):
                 st.drop("esp_selector_drops")
                 return
-            l4 = (payload[0] & 0x0F) * 4
-            # match_tunnel checked the inner IPv4 header: the datagram ends at its length.
-            end = (payload[2] << 8) | payload[3]
+            if nh == NH_IPV4:
+                l4 = (payload[0] & 0x0F) * 4
+                # match_tunnel checked the inner IPv4 header: the datagram ends at its length.
+                end = (payload[2] << 8) | payload[3]
+            else:
+                l4, end = 40, 40 + ((payload[4] << 8) | payload[5])
         else:
             if not sel.match_transport(src, dst, nh, payload):
                 st.drop("esp_selector_drops")
@@ -625,7 +676,7 @@ class EspProtection:
         self.port.stats.drop("esp_plaintext_drops")
         if self.ctx.drop_log_due():
             self.ctx.log_rl(f"{self.port.name}: plaintext from "
-                            f"{ip4_str(self.port.underlay.remote_ip)} dropped")
+                            f"{ip_str(self.port.underlay.remote_ip)} dropped")
 
     def fast_inbound(self, spi: int) -> InboundSA | None:
         """The inbound SA `input_esp` opens packets with SPI `spi` with, if the compiled
@@ -640,8 +691,9 @@ class EspProtection:
 
     def fast_outbound(self) -> OutboundSA | None:
         """The outbound SA `protect` seals with, if the compiled transmit pipeline may seal
-        in its place: transport mode, ESP straight in IPv4 (not in UDP)."""
-        if self.mode is Mode.TUNNEL or self.encap:
+        in its place: transport mode, ESP straight in IPv4 (not in UDP, not over IPv6: the
+        compiled pipeline writes IPv4 headers only)."""
+        if self.mode is Mode.TUNNEL or self.encap or self.port.underlay.V6:
             return None
         return self.sa_out if self.leader is None else self.leader.esp.sa_out
 

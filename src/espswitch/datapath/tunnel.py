@@ -22,13 +22,24 @@ def ip4(text: str) -> bytes:
     return ipaddress.IPv4Address(text).packed
 
 
-def ip4_str(raw: bytes) -> str:
-    return str(ipaddress.IPv4Address(raw))
+def ip_addr(text: str) -> bytes:
+    """Parse an IPv4 (4 bytes) or IPv6 (16 bytes) address; ValueError if it is neither."""
+    return ipaddress.ip_address(text).packed
+
+
+def ip_str(raw: bytes) -> str:
+    """An address of 4 or 16 bytes as text (RFC 5952 form for IPv6)."""
+    return str(ipaddress.ip_address(bytes(raw)))
+
+
+# Every caller formats what may now be either family.
+ip4_str = ip_str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Route:
-    """One IPv4 route: prefix/plen out of device `dev`, optional gateway and source."""
+    """One route: prefix/plen out of device `dev`, optional gateway and source; IPv6 when
+    `v6` (the prefix is then a 128-bit number, the addresses 16 bytes)."""
 
     prefix: int
     plen: int
@@ -36,27 +47,36 @@ class Route:
     gw: bytes | None = None
     src: bytes | None = None
     user: bool = False
+    v6: bool = False
 
     def matches(self, addr: int) -> bool:
         if self.plen == 0:
             return True
-        shift = 32 - self.plen
+        shift = (128 if self.v6 else 32) - self.plen
         return (addr >> shift) == (self.prefix >> shift)
 
     def text(self) -> str:
-        net = ipaddress.IPv4Network((self.prefix, self.plen))
+        net = (ipaddress.IPv6Network if self.v6 else ipaddress.IPv4Network)(
+            (self.prefix, self.plen))
         s = f"{net} dev {self.dev}"
         if self.gw:
-            s += f" GW {ip4_str(self.gw)}"
+            s += f" GW {ip_str(self.gw)}"
         if self.src:
-            s += f" SRC {ip4_str(self.src)}"
+            s += f" SRC {ip_str(self.src)}"
         return s
 
 
-def parse_prefix(text: str) -> tuple[int, int]:
-    """'10.0.0.0/24' (or a bare address, /32) -> (int prefix, plen); ValueError if bad."""
-    net = ipaddress.IPv4Network(text, strict=False)
-    return int(net.network_address), net.prefixlen
+def parse_prefix(text: str) -> tuple[int, int, bool]:
+    """'10.0.0.0/24' or '2001:db8::/32' (or a bare address: a host route) ->
+    (int prefix, plen, IPv6?); ValueError if bad."""
+    net = ipaddress.ip_network(text, strict=False)
+    return int(net.network_address), net.prefixlen, net.version == 6
+
+
+def usable_source(addr: bytes) -> bool:
+    """Whether a local address may be a tunnel's source: not an IPv6 link-local one (a
+    tunnel endpoint is global or unique local)."""
+    return len(addr) == 4 or not (addr[0] == 0xFE and addr[1] & 0xC0 == 0x80)
 
 
 class RouteTable:
@@ -65,7 +85,7 @@ class RouteTable:
     def __init__(self) -> None:
         self.system: list[Route] = []
         self.user: list[Route] = []
-        # device name -> its IPv4 addresses (4 bytes each), from the kernel
+        # device name -> its addresses (4 bytes for IPv4, 16 for IPv6), from the kernel
         self.addresses: dict[str, list[bytes]] = {}
         self._local: frozenset[bytes] = frozenset()
         self.seq = 0
@@ -88,30 +108,37 @@ class RouteTable:
         return True
 
     def local_addresses(self) -> frozenset[bytes]:
-        """Every IPv4 address of this hypervisor (empty until the kernel's view is read)."""
+        """Every address of this hypervisor (empty until the kernel's view is read)."""
         return self._local
 
     def add(self, prefix: str, dev: str, gw: str | None = None) -> Route:
-        p, plen = parse_prefix(prefix)
-        gwb = ip4(gw) if gw else None
-        src = self.source_for(dev)
-        route = Route(prefix=p, plen=plen, dev=dev, gw=gwb, src=src, user=True)
-        self.user = [r for r in self.user if (r.prefix, r.plen) != (p, plen)] + [route]
+        """A user route; ValueError if the prefix or gateway is bad or of two families."""
+        p, plen, v6 = parse_prefix(prefix)
+        gwb = ip_addr(gw) if gw else None
+        if gwb is not None and (len(gwb) == 16) != v6:
+            raise ValueError(f"gateway {gw} is not of the family of {prefix}")
+        src = self.source_for(dev, v6)
+        route = Route(prefix=p, plen=plen, dev=dev, gw=gwb, src=src, user=True, v6=v6)
+        self.user = [r for r in self.user if (r.prefix, r.plen, r.v6) != (p, plen, v6)] + [route]
         self._changed()
         return route
 
     def delete(self, prefix: str) -> bool:
-        p, plen = parse_prefix(prefix)
+        p, plen, v6 = parse_prefix(prefix)
         before = len(self.user)
-        self.user = [r for r in self.user if (r.prefix, r.plen) != (p, plen)]
+        self.user = [r for r in self.user if (r.prefix, r.plen, r.v6) != (p, plen, v6)]
         if len(self.user) == before:
             return False
         self._changed()
         return True
 
-    def source_for(self, dev: str) -> bytes | None:
-        addrs = self.addresses.get(dev)
-        return addrs[0] if addrs else None
+    def source_for(self, dev: str, v6: bool = False) -> bytes | None:
+        """The first address of `dev` of the family that may be a tunnel's source."""
+        size = 16 if v6 else 4
+        for a in self.addresses.get(dev, ()):
+            if len(a) == size and usable_source(a):
+                return a
+        return None
 
     def device_of(self, addr: bytes) -> str | None:
         """The device that owns the local address `addr`."""
@@ -121,23 +148,27 @@ class RouteTable:
         return None
 
     def lookup(self, dst: bytes) -> Route | None:
+        """The longest prefix of `dst`'s family (4 or 16 bytes) that holds it."""
         a = int.from_bytes(dst, "big")
+        v6 = len(dst) == 16
         for r in self._sorted:
-            if r.matches(a):
+            if r.v6 is v6 and r.matches(a):
                 return r
         return None
 
     def show(self) -> str:
+        """As OVS's ovs/route/show: kernel routes ("Cached"), then user routes; IPv4 first."""
         lines = ["Route Table:"]
-        for r in sorted(self.system, key=lambda r: (-r.plen, r.prefix)):
+        for r in sorted(self.system, key=lambda r: (r.v6, -r.plen, r.prefix)):
             lines.append(f"Cached: {r.text()}")
-        for r in sorted(self.user, key=lambda r: (-r.plen, r.prefix)):
+        for r in sorted(self.user, key=lambda r: (r.v6, -r.plen, r.prefix)):
             lines.append(f"User: {r.text()}")
         return "\n".join(lines) + "\n"
 
 
 class NeighborCache:
-    """(bridge, IPv4) -> MAC, learned from ARP or set by hand; entries expire."""
+    """(bridge, IP) -> MAC, learned from ARP or neighbour discovery or set by hand; entries
+    expire. IPv4 keys are 4 bytes, IPv6 ones 16."""
 
     def __init__(self, age: float = NEIGH_AGE) -> None:
         self.age = age
@@ -187,7 +218,8 @@ class NeighborCache:
 
     def show(self, now: float) -> str:
         lines = [f"{'IP':<46}{'MAC':<20}Bridge", "=" * 74]
-        for (bridge, ip), (mac, _exp) in sorted(self.entries.items()):
+        for (bridge, ip), (mac, _exp) in sorted(self.entries.items(),
+                                                key=lambda e: (len(e[0][1]), e[0])):
             mac_s = ":".join(f"{b:02x}" for b in mac)
-            lines.append(f"{ip4_str(ip):<46}{mac_s:<20}{bridge}")
+            lines.append(f"{ip_str(ip):<46}{mac_s:<20}{bridge}")
         return "\n".join(lines) + "\n"

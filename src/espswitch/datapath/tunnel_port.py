@@ -1,15 +1,15 @@
 """Tunnel ports, composed of three parts: an underlay, an encapsulation and a protection.
 
-    TunnelPort = Ipv4Underlay (addresses, route, outer header)
+    TunnelPort = Ipv4Underlay | Ipv6Underlay (addresses, route, outer header)
                x Encapsulation (VXLAN today: key, UDP port, push/pop, registered by name)
                x Protection (Clear, or EspProtection: SA pairs, SPI demux, selectors, IKE)
 
 An interface type names one combination (`register_tunnel_type`): `vxlan` is VXLAN in the
 clear, `vxlanipsec` VXLAN that is never anything but ESP-protected. The port itself does
 what is common: options, MTU (the sum of the three overheads; the VMs' devices are lowered
-to what fits), too-big inner packets (ICMP "fragmentation needed" or fragments; the outer
-packet is never fragmented), status and the send/receive plumbing. It sees the datapath
-through a `PortContext` only.
+to what fits), too-big inner packets (ICMP "fragmentation needed" or fragments for IPv4,
+ICMPv6 Packet Too Big for IPv6; the outer packet is never fragmented), status and the
+send/receive plumbing. It sees the datapath through a `PortContext` only.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from espswitch.datapath.devices import device_mtu, set_device_mtu
 from espswitch.datapath.encap import ENCAPSULATIONS
 from espswitch.datapath.ports import Port, TapPort, register_port_type
 from espswitch.datapath.protection import Clear, EspProtection
-from espswitch.datapath.underlay import Ipv4Underlay
+from espswitch.datapath.underlay import Ipv4Underlay, make_underlay
 from espswitch.packet.errors import PacketError
 from espswitch.packet.icmp import build_frag_needed
+from espswitch.packet.icmpv6 import build_packet_too_big
 from espswitch.packet.ipv4 import fragment_ipv4
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 DEFAULT_UNDERLAY_MTU = 1500
 ETH_IPV4 = b"\x08\x00"
+ETH_IPV6 = b"\x86\xdd"
 
 
 class TunnelPort(Port):
@@ -51,7 +53,7 @@ class TunnelPort(Port):
     def __init__(self, ctx: PortContext, bridge: Bridge, name: str,
                  options: Mapping[str, str]) -> None:
         super().__init__(ctx, bridge, name, options)
-        self.underlay = Ipv4Underlay(ctx, self.TYPE, name, self.options)
+        self.underlay = make_underlay(ctx, self.TYPE, name, self.options)
         self.encapsulation = ENCAPSULATIONS[self.ENCAP](name, self.options)
         self.esp: EspProtection | None = None
         if self.PROTECTED:
@@ -141,12 +143,15 @@ class TunnelPort(Port):
         return out
 
     def _too_big(self, frame: bytes) -> list[bytes]:
-        """ICMP "fragmentation needed" back to the sender if DF is set, else fragments.
+        """ICMP "fragmentation needed" back to the sender if DF is set, else fragments;
+        for IPv6 (never fragmented on the way, RFC 8200 §5) ICMPv6 Packet Too Big.
 
         The outer packet is never fragmented: a receiver would have to reassemble it
         before it could even check the tunnel's integrity.
         """
         st = self.stats
+        if frame[12:14] == ETH_IPV6:
+            return self._too_big6(frame)
         if frame[12:14] != ETH_IPV4 or len(frame) < 34:
             st.drop("tx_too_big")
             return []
@@ -166,6 +171,23 @@ class TunnelPort(Port):
             st.drop("tx_too_big")
             return []
         return [frame[:14] + p for p in pieces]
+
+    def _too_big6(self, frame: bytes) -> list[bytes]:
+        """ICMPv6 Packet Too Big with the tunnel MTU back to the sender (RFC 4443 §3.2,
+        path MTU discovery RFC 8201), sent as if from the packet's destination."""
+        self.stats.drop("tx_too_big")
+        ip = frame[14:]
+        # Never about a packet from an unspecified or multicast source (RFC 4443 §2.4 e):
+        # there is nobody to tell. A multicast destination cannot be the answer's source.
+        if len(ip) < 40 or ip[0] >> 4 != 6 or ip[8:24] == bytes(16) or ip[8] == 0xFF \
+                or ip[24] == 0xFF:
+            return []
+        try:
+            icmp = build_packet_too_big(ip, self.inner_mtu, ip[24:40])
+        except (PacketError, ValueError):
+            return []
+        self.ctx.defer_rx(self, frame[6:12] + frame[0:6] + ETH_IPV6 + icmp)
+        return []
 
     # -- traffic --------------------------------------------------------------------------------
 
@@ -190,7 +212,7 @@ class TunnelPort(Port):
             st = self.stats
             st["tx_packets"] += len(pkts)
             st["tx_bytes"] += nbytes
-            self.ctx.tunnels.output_ipv4(self, pkts)
+            self.ctx.tunnels.output_ip(self, pkts)
 
     def input_clear(self, frame: bytes) -> None:
         """An inner frame that arrived without ESP for this tunnel's address and key."""
@@ -324,7 +346,7 @@ def register_tunnel_type(type_name: str, encap: str, protected: bool) -> type[Tu
         "ENCAP": encap, "PROTECTED": protected,
         "OPTIONS": TunnelPort.options_for(protected, encap),
         "COUNTERS": (EspProtection if protected else Clear).COUNTERS,
-        "__doc__": f"`{type_name}`: {encap} over IPv4, "
+        "__doc__": f"`{type_name}`: {encap} over IPv4 or IPv6, "
                    f"{'always ESP-protected' if protected else 'clear'}.",
     })
     register_port_type(type_name)(cls)

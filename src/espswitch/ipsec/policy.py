@@ -18,8 +18,8 @@ _HALVES = tuple(struct.Struct(f"!{2 * i}H") for i in range(16))
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Selector:
-    """Protocol `proto` from `src` to `dst` (addresses as 4 bytes); for UDP, to port `dport`
-    from any port."""
+    """Protocol `proto` from `src` to `dst` (addresses as 4 bytes, or 16 for IPv6); for
+    UDP, to port `dport` from any port."""
 
     src: bytes
     dst: bytes
@@ -36,8 +36,18 @@ class Selector:
 
     def match_tunnel(self, inner: bytes) -> bool:
         """Tunnel mode: a sound inner IPv4 header (version, header length, total length
-        within what was decrypted, checksum; no fragment) and, for UDP, its port."""
+        within what was decrypted, checksum; no fragment) and, for UDP, its port. With IPv6
+        selectors, a sound inner IPv6 header (version, payload length within what was
+        decrypted, the protocol as next header: no extension header) and the port."""
         n = len(inner)
+        if len(self.src) == 16:
+            if n < 48 or inner[0] >> 4 != 6 or inner[6] != self.proto:
+                return False
+            if 40 + (inner[4] << 8 | inner[5]) > n or (inner[4] << 8 | inner[5]) < 8:
+                return False
+            if inner[8:24] != self.src or inner[24:40] != self.dst:
+                return False
+            return self.proto != UDP or (inner[42] << 8 | inner[43]) == self.dport
         if n < 28 or inner[0] >> 4 != 4 or inner[9] != self.proto:
             return False
         if inner[6] & 0x3F or inner[7]:

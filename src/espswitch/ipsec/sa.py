@@ -101,8 +101,9 @@ class SaParams:
         object.__setattr__(self, "mode", Mode(self.mode))
         for name in ("tunnel_src", "tunnel_dst"):
             addr = getattr(self, name)
-            if addr is not None and len(addr) != 4:
-                raise IpsecConfigError(f"{name} must be a 4-byte IPv4 address")
+            if addr is not None and len(addr) not in (4, 16):
+                raise IpsecConfigError(f"{name} must be an IPv4 (4 bytes) or IPv6 (16 bytes) "
+                                       "address")
         ReplayWindow(self.replay_window)  # checks the size
 
 
@@ -296,7 +297,9 @@ class OutboundSA(_SaBase):
         self._ident = 0
         # Tunnel mode's outer header for protect(); a caller that builds its own outer
         # header (the datapath, whose local address may change) uses encrypt() instead.
-        if params.mode is Mode.TUNNEL and params.tunnel_src and params.tunnel_dst:
+        # protect() builds IPv4 outer headers only; IPv6 tunnels use encrypt() (the datapath).
+        if params.mode is Mode.TUNNEL and params.tunnel_src and params.tunnel_dst and \
+                len(params.tunnel_src) == len(params.tunnel_dst) == 4:
             self._outer = bytearray(
                 struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0x4000, 64, ESP_PROTO, 0,
                             params.tunnel_src, params.tunnel_dst))
@@ -427,7 +430,7 @@ class OutboundSA(_SaBase):
         mv = memoryview(packet)
         if self.mode is Mode.TUNNEL:
             if self._outer is None:
-                raise ValueError("tunnel-mode protect() needs tunnel_src and tunnel_dst")
+                raise ValueError("tunnel-mode protect() needs IPv4 tunnel_src and tunnel_dst")
             return self._protect_tunnel(mv)
         ihl, total = _ipv4_bounds(mv)
         if mv[6] & 0x3F or mv[7]:

@@ -14,6 +14,7 @@ __all__ = [
     "fold",
     "internet_checksum",
     "ipv4_pseudo_header_sum",
+    "ipv6_pseudo_header_sum",
     "ones_complement_sum",
 ]
 
@@ -77,4 +78,15 @@ def ipv4_pseudo_header_sum(src4: Buffer, dst4: Buffer, proto: int, length: int) 
     if len(src4) != 4 or len(dst4) != 4:
         raise ValueError("pseudo header addresses must be 4 bytes")
     n = int.from_bytes(src4, "big") + int.from_bytes(dst4, "big") + (proto & 0xFF) + length
+    return fold(n)
+
+
+def ipv6_pseudo_header_sum(src16: Buffer, dst16: Buffer, next_header: int, length: int) -> int:
+    """Return the ones' sum of the IPv6 pseudo header (RFC 8200 §8.1): both addresses, the
+    upper-layer length as 32 bits, three zero bytes and the next header value."""
+    if len(src16) != 16 or len(dst16) != 16:
+        raise ValueError("pseudo header addresses must be 16 bytes")
+    # Adding the addresses as two 128-bit integers is the same modulo 0xFFFF as adding
+    # their 16-bit words (2**16 == 1 mod 0xFFFF).
+    n = int.from_bytes(src16, "big") + int.from_bytes(dst16, "big") + length + next_header
     return fold(n)

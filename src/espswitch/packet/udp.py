@@ -1,11 +1,15 @@
-"""UDP headers (RFC 768) and their checksum over the IPv4 pseudo header."""
+"""UDP headers (RFC 768) and their checksum over the IPv4 or IPv6 pseudo header."""
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 
-from espswitch.packet.checksum import ipv4_pseudo_header_sum, ones_complement_sum
+from espswitch.packet.checksum import (
+    ipv4_pseudo_header_sum,
+    ipv6_pseudo_header_sum,
+    ones_complement_sum,
+)
 from espswitch.packet.errors import PacketError, TruncatedPacket
 from espswitch.packet.ipv4 import IPV4_PROTO_UDP
 
@@ -18,7 +22,9 @@ __all__ = [
     "build_udp",
     "parse_udp",
     "udp_checksum_ipv4",
+    "udp_checksum_ipv6",
     "verify_udp_checksum_ipv4",
+    "verify_udp_checksum_ipv6",
 ]
 
 UDP_HLEN = 8
@@ -111,3 +117,30 @@ def build_udp(
     if src_ip is not None and dst_ip is not None:
         struct.pack_into("!H", seg, UDP_OFF_CHECKSUM, udp_checksum_ipv4(src_ip, dst_ip, seg))
     return bytes(seg)
+
+
+def udp_checksum_ipv6(src: Buffer, dst: Buffer, udp_segment: Buffer) -> int:
+    """Return the checksum for ``udp_segment`` between IPv6 addresses (RFC 8200 §8.1).
+
+    The checksum field's current contents are ignored; a computed 0 is returned as 0xFFFF.
+    Over IPv6 the checksum is mandatory: zero on the wire means none was computed, which
+    only tunnels may accept (RFC 6935, 6936).
+    """
+    n = len(udp_segment)
+    if n < UDP_HLEN:
+        raise TruncatedPacket(f"UDP segment of {n} bytes, shorter than its header")
+    stored = (udp_segment[UDP_OFF_CHECKSUM] << 8) | udp_segment[UDP_OFF_CHECKSUM + 1]
+    initial = ipv6_pseudo_header_sum(src, dst, IPV4_PROTO_UDP, n) + (~stored & 0xFFFF)
+    return (~ones_complement_sum(udp_segment, initial) & 0xFFFF) or 0xFFFF
+
+
+def verify_udp_checksum_ipv6(src: Buffer, dst: Buffer, udp_segment: Buffer,
+                             accept_zero: bool = False) -> bool:
+    """Check the checksum of a UDP segment received over IPv6; a zero checksum is accepted
+    only with `accept_zero` (a tunnel's choice, RFC 6936 §5)."""
+    hdr = parse_udp(udp_segment)
+    if hdr.checksum == 0:
+        return accept_zero
+    seg = memoryview(udp_segment)[: hdr.length]
+    initial = ipv6_pseudo_header_sum(src, dst, IPV4_PROTO_UDP, hdr.length)
+    return ones_complement_sum(seg, initial) == 0xFFFF

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import TYPE_CHECKING
 
 from espswitch.datapath.ports import format_mac
-from espswitch.datapath.tunnel import ip4
+from espswitch.datapath.tunnel import ip_addr
 from espswitch.vswitchd import ipsec_appctl, unixctl
 
 if TYPE_CHECKING:
@@ -50,9 +49,9 @@ def register(sw: Switchd) -> None:
             conn.reply_error(f"no such bridge: {bridge}")
             return
         try:
-            ipb = ip4(ip)
+            ipb = ip_addr(ip)
         except ValueError:
-            conn.reply_error(f"bad IPv4 address: {ip}")
+            conn.reply_error(f"bad IP address: {ip} (IPv4 or IPv6)")
             return
         try:
             macb = bytes.fromhex(mac.replace(":", ""))
@@ -77,13 +76,10 @@ def register(sw: Switchd) -> None:
         prefix, dev = argv[0], argv[1]
         gw = argv[2] if len(argv) > 2 else None
         try:
-            ipaddress.IPv4Network(prefix, strict=False)
-            if gw:
-                ip4(gw)
+            dp.routes.add(prefix, dev, gw)
         except ValueError as e:
             conn.reply_error(f"bad route: {e}")
             return
-        dp.routes.add(prefix, dev, gw)
         dp.run(dp.now)
         conn.reply("OK\n")
 

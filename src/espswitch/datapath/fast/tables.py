@@ -192,6 +192,8 @@ class FastTables:
         else:
             return None
         u = port.underlay
+        if u.V6:
+            return None  # the pipeline writes IPv4 headers only (fast_outbound says so too)
         if u.stale():
             port.resolve()
         bridge, internal = u.egress_bridge, u.egress_port
@@ -224,6 +226,8 @@ class FastTables:
         sel = esp.selector
         if sa is None or not is_compiled(sa) or sel is None or port not in pidx:
             return None
+        if len(sel.dst) != 4:
+            return None  # the compiled pipeline parses IPv4 only: IPv6 takes the Python path
         enc = port.encapsulation
         if type(enc) is not Vxlan or sel.proto != UDP or sel.dport != enc.dst_port:
             return None
