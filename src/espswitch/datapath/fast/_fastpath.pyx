@@ -1609,13 +1609,18 @@ cdef void rx_classify(RxTable t, rx_pkt *p, int in_port, int in_bridge) noexcept
     p.kind = RX_MISS
     p.src_entry = -1
     p.inner_entry = -1
-    # IPv4 (tagged or not) carrying ESP or UDP (ESP in UDP, clear tunnels): if it stays a
-    # miss, the Python path may open it with an installed SA or deliver to a tunnel.
+    # IPv4 or IPv6 (tagged or not) carrying ESP, UDP (ESP in UDP, VXLAN, Geneve), GRE or
+    # an IPv6 fragment: if it stays a miss, the Python path may open it with an installed
+    # SA or deliver it through a tunnel.
     p.cuts = 0
     if n >= 14 + 20 and f[12] == 0x08 and f[13] == 0x00:
-        p.cuts = f[23] == 50 or f[23] == 17
+        p.cuts = f[23] == 50 or f[23] == 17 or f[23] == 47
     elif n >= 18 + 20 and f[12] == 0x81 and f[13] == 0x00 and f[16] == 0x08 and f[17] == 0:
-        p.cuts = f[27] == 50 or f[27] == 17
+        p.cuts = f[27] == 50 or f[27] == 17 or f[27] == 47
+    elif n >= 14 + 40 and f[12] == 0x86 and f[13] == 0xDD:
+        p.cuts = f[20] == 50 or f[20] == 17 or f[20] == 47 or f[20] == 44
+    elif n >= 18 + 40 and f[12] == 0x81 and f[13] == 0x00 and f[16] == 0x86 and f[17] == 0xDD:
+        p.cuts = f[24] == 50 or f[24] == 17 or f[24] == 47 or f[24] == 44
     # Ethernet + a 20-byte IPv4 header + SPI and sequence number.
     if n < 14 + 20 + 8:
         return
