@@ -2128,6 +2128,35 @@ cdef inline size_t tx_capacity(const tx_tun *k, size_t inner) noexcept nogil:
     return 34 + esp_sealed_len(k.sa, 16 + inner)
 
 
+cdef inline void tx_vxlan(const tx_tun *k, const tx_pkt *p, int j, size_t inner,
+                          uint8_t *pl) noexcept nogil:
+    """encap.Vxlan.push at pl: UDP (checksum 0), VXLAN, and the j-th inner frame of p."""
+    tx_inner(p, j, pl + 16)
+    put32(pl, (flow_port(pl + 16, inner) << 16) | k.dport)
+    put32(pl + 4, <uint32_t>(16 + inner) << 16)
+    put32(pl + 8, 0x08000000)
+    put32(pl + 12, k.vni_word)
+
+
+cdef inline size_t tx_outer(const tx_tun *k, uint8_t *o, size_t payload,
+                            uint32_t ident) noexcept nogil:
+    """underlay.header at o: the tunnel's Ethernet + IPv4 template with the total length,
+    `ident` and the checksum for `payload` bytes after it; returns the frame's length."""
+    cdef size_t total = 20 + payload
+    cdef uint32_t s = k.csum_base + <uint32_t>total + ident
+    memcpy(o, k.head, 34)
+    o[16] = <uint8_t>(total >> 8)
+    o[17] = <uint8_t>total
+    o[18] = <uint8_t>(ident >> 8)
+    o[19] = <uint8_t>ident
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    s = ~s & 0xFFFF
+    o[24] = <uint8_t>(s >> 8)
+    o[25] = <uint8_t>s
+    return 14 + total
+
+
 cdef Py_ssize_t tx_run(RxTable t, tx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
                        uint8_t **bufs, size_t *lens, int *results, uint64_t *seq,
                        int *acct_tun, int *account, int *cut) noexcept nogil:
@@ -2162,27 +2191,9 @@ cdef Py_ssize_t tx_run(RxTable t, tx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
                 slot = p.first + p.done
                 o = bufs[slot]
                 inner = tx_seg_len(p, p.done)
-                pl = o + 34
-                tx_inner(p, p.done, pl + 16)
-                put32(pl, (flow_port(pl + 16, inner) << 16) | k.dport)
-                put32(pl + 4, <uint32_t>(16 + inner) << 16)
-                put32(pl + 8, 0x08000000)
-                put32(pl + 12, k.vni_word)
-                memcpy(o, k.head, 34)
-                total = 20 + 16 + inner
+                tx_vxlan(k, p, p.done, inner, o + 34)
                 k.ident[0] = <uint16_t>(k.ident[0] + 1)
-                ident = k.ident[0]
-                o[16] = <uint8_t>(total >> 8)
-                o[17] = <uint8_t>total
-                o[18] = <uint8_t>(ident >> 8)
-                o[19] = <uint8_t>ident
-                s = k.csum_base + <uint32_t>total + ident
-                s = (s & 0xFFFF) + (s >> 16)
-                s = (s & 0xFFFF) + (s >> 16)
-                s = ~s & 0xFFFF
-                o[24] = <uint8_t>(s >> 8)
-                o[25] = <uint8_t>s
-                lens[slot] = 14 + total
+                lens[slot] = tx_outer(k, o, 16 + inner, k.ident[0])
                 results[slot] = 0
                 p.done += 1
             p.kind = TX_TAKEN
@@ -2193,13 +2204,9 @@ cdef Py_ssize_t tx_run(RxTable t, tx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
             o = bufs[slot]
             inner = tx_seg_len(p, p.done)
             plen = 16 + inner
-            # encap.Vxlan.push, where ESP's payload goes: UDP (checksum 0), VXLAN, frame.
+            # VXLAN where ESP's payload goes, sealed in place.
             pl = o + 34 + 8 + k.sa.iv_len
-            tx_inner(p, p.done, pl + 16)
-            put32(pl, (flow_port(pl + 16, inner) << 16) | k.dport)
-            put32(pl + 4, <uint32_t>plen << 16)
-            put32(pl + 8, 0x08000000)
-            put32(pl + 12, k.vni_word)
+            tx_vxlan(k, p, p.done, inner, pl)
             pthread_mutex_lock(&k.sa.lock)
             r = esp_seal(k.sa, pl, plen, 17, NULL, o + 34, tx_capacity(k, inner) - 34,
                          &esp_len, &sq, account)
@@ -2207,23 +2214,9 @@ cdef Py_ssize_t tx_run(RxTable t, tx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
             results[slot] = r
             p.done += 1
             if r == 0:
-                # underlay.header: the template with total length, ID and checksum. The
-                # ID of an ESP packet (DF set, RFC 6864) is its sequence number's low 16
-                # bits.
-                memcpy(o, k.head, 34)
-                total = 20 + esp_len
-                ident = <uint32_t>(sq & 0xFFFF)
-                o[16] = <uint8_t>(total >> 8)
-                o[17] = <uint8_t>total
-                o[18] = <uint8_t>(ident >> 8)
-                o[19] = <uint8_t>ident
-                s = k.csum_base + <uint32_t>total + ident
-                s = (s & 0xFFFF) + (s >> 16)
-                s = (s & 0xFFFF) + (s >> 16)
-                s = ~s & 0xFFFF
-                o[24] = <uint8_t>(s >> 8)
-                o[25] = <uint8_t>s
-                lens[slot] = 14 + total
+                # The ID of an ESP packet (DF set, RFC 6864) is its sequence number's low
+                # 16 bits.
+                lens[slot] = tx_outer(k, o, esp_len, <uint32_t>(sq & 0xFFFF))
             elif r <= ERR_CAPACITY:
                 cut[0] = 1
                 return i              # the caller raises: OpenSSL refused a call
