@@ -303,12 +303,7 @@ class TunnelLayer:
         spa = frame[28:32]
         if spa == b"\0\0\0\0" or sha[0] & 1 or spa in bridge.local_ips:
             return
-        dp = self.dp
-        dp.neigh.learn(bridge.name, spa, sha, dp.now)
-        key = (bridge.name, spa)
-        self.arp_tries.pop(key, None)
-        if key in self.queues:
-            self.ready.append(key)
+        self._snooped(bridge, spa, sha)
 
     def snoop_nd(self, bridge: Bridge, frame: bytes) -> None:
         """Learn tunnel neighbours from IPv6 neighbour discovery crossing a bridge that has
@@ -322,6 +317,10 @@ class TunnelLayer:
         _typ, ip, mac = found
         if mac is None or mac[0] & 1 or ip == bytes(16) or ip in bridge.local_ips:
             return
+        self._snooped(bridge, ip, mac)
+
+    def _snooped(self, bridge: Bridge, ip: bytes, mac: bytes) -> None:
+        """A neighbour seen in ARP or ND: learned, and what waited for it released."""
         dp = self.dp
         dp.neigh.learn(bridge.name, ip, mac, dp.now)
         key = (bridge.name, ip)
