@@ -45,9 +45,10 @@ def test_cpu_cost_is_microseconds_per_1448_bytes_in_total_and_per_side() -> None
 
 def test_ratios_and_targets_of_one_run() -> None:
     results = [_row(e2e.OURS, 3.0, 0.15), _row(e2e.PYTHON_PATH, 0.5, 0.9),
-               _row(e2e.OVS, 1.0, 0.5), _row(e2e.KERNEL, 12.0, 0.08),
-               _row(e2e.BASELINE, 0.25, 0.6)]
+               _row(e2e.OURS_V6, 2.7, 0.16), _row(e2e.OVS, 1.0, 0.5),
+               _row(e2e.KERNEL, 12.0, 0.08), _row(e2e.BASELINE, 0.25, 0.6)]
     r = e2e.ratios(results)
+    assert r[e2e.V6_RATIO] == pytest.approx(0.9)
     assert r["vxlanipsec_vs_libipsec"] == pytest.approx(12.0)
     assert r["vxlanipsec_vs_ovs_userspace_vxlan"] == pytest.approx(3.0)
     assert r["vxlanipsec_vs_kernel_vxlan"] == pytest.approx(0.25)
@@ -55,7 +56,8 @@ def test_ratios_and_targets_of_one_run() -> None:
     assert r[e2e.RTT_DELTA] == pytest.approx(0.07)
     assert e2e.targets(r) == {"vxlanipsec_vs_libipsec": True,
                               "vxlanipsec_vs_ovs_userspace_vxlan": True,
-                              "vxlanipsec_vs_kernel_vxlan": True, e2e.RTT_DELTA: True}
+                              "vxlanipsec_vs_kernel_vxlan": True, e2e.RTT_DELTA: True,
+                              e2e.V6_RATIO: True}
     assert "NOT met" not in e2e.summary(r)
 
 
@@ -67,7 +69,7 @@ def test_a_failed_or_missing_path_gives_no_ratio_and_no_verdict() -> None:
     assert r["vxlanipsec_vs_ovs_userspace_vxlan"] is None
     t = e2e.targets(r)
     assert t["vxlanipsec_vs_kernel_vxlan"] is False and t[e2e.RTT_DELTA] is False
-    assert t["vxlanipsec_vs_libipsec"] is None
+    assert t["vxlanipsec_vs_libipsec"] is None and t[e2e.V6_RATIO] is None
     text = e2e.table(results)
     assert "FAILED: boom" in text and e2e.OVS in text
 
@@ -81,8 +83,8 @@ def test_table_shows_switch_cpu_per_side() -> None:
 
 def test_default_paths_in_order_and_unknown_path_is_refused() -> None:
     assert e2e.PATHS == ("espswitch-vxlanipsec-aes128gcm16", "espswitch-vxlanipsec-python",
-                         "espswitch-vxlan", "ovs-userspace-vxlan", "kernel-vxlan",
-                         "strongswan-libipsec")
+                         "espswitch-vxlanipsec-ipv6-underlay", "espswitch-vxlan",
+                         "ovs-userspace-vxlan", "kernel-vxlan", "strongswan-libipsec")
     assert set(e2e.BENCHES) == set(e2e.PATHS)
     r = subprocess.run(["espswitch", "bench", "e2e", "--paths", "nope"], capture_output=True,
                        text=True, timeout=60)
