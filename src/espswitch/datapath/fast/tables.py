@@ -192,8 +192,6 @@ class FastTables:
         else:
             return None
         u = port.underlay
-        if u.V6:
-            return None  # the pipeline writes IPv4 headers only (fast_outbound says so too)
         if u.stale():
             port.resolve()
         bridge, internal = u.egress_bridge, u.egress_port
