@@ -69,7 +69,7 @@ class IkeAppctl:
             as_json = "--json" in argv
             names = [self._leader_name(a) for a in argv if a != "--json"]
             if names and names[0] not in self.sync.peers:
-                conn.reply_error(f"no IKE-keyed vxlanipsec interface named {names[0]}")
+                conn.reply_error(f"no IKE-keyed tunnel interface named {names[0]}")
                 return
             rows = self.show(names[0] if names else None)
             counters = dict(self.core.counters)
@@ -83,7 +83,7 @@ class IkeAppctl:
             name = self._leader_name(argv[0])
             what = argv[1] if len(argv) > 1 else "child"
             if name not in self.sync.peers:
-                conn.reply_error(f"no IKE-keyed vxlanipsec interface named {name}")
+                conn.reply_error(f"no IKE-keyed tunnel interface named {name}")
                 return
             if what not in ("child", "ike"):
                 conn.reply_error(f"ike/rekey: say child or ike, not {what!r}")
