@@ -42,7 +42,9 @@ class IkeAppctl:
                     "peer_id": s.remote_id, "fragmentation": s.fragmentation,
                     "children": [{"name": c.name, "state": c.state,
                                   "spi_in": f"0x{c.spi_in:08x}", "spi_out": f"0x{c.spi_out:08x}",
-                                  "esp": c.transform, "mode": c.mode} for c in s.children],
+                                  "esp": c.transform, "mode": c.mode,
+                                  "local_ts": c.local_ts, "remote_ts": c.remote_ts}
+                                 for c in s.children],
                 })
             out.append({
                 "interface": pname, "local": p.cfg.local_addr, "remote": p.cfg.remote_addr,
@@ -121,5 +123,6 @@ def _format(rows: list[dict[str, object]]) -> str:
                          + (", IKE fragmentation" if s["fragmentation"] else ""))
             for c in s["children"]:
                 lines.append(f"    CHILD_SA {c['name']} {c['state']}: spi_in {c['spi_in']} "
-                             f"spi_out {c['spi_out']}, {c['esp']} {c['mode']}")
+                             f"spi_out {c['spi_out']}, {c['esp']} {c['mode']}, "
+                             f"{c['local_ts']} === {c['remote_ts']}")
     return "\n".join(lines) + "\n"
