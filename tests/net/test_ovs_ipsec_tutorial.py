@@ -32,7 +32,16 @@ import pytest
 
 from espswitch.cli.lab import Lab
 
-from .ipsec_helpers import received, scapy, statistics, status, underlay_ipv4, wait_for
+from .ipsec_helpers import (
+    BackgroundPing,
+    iperf3,
+    received,
+    scapy,
+    statistics,
+    status,
+    underlay_ipv4,
+    wait_for,
+)
 
 pytestmark = pytest.mark.net
 
@@ -128,8 +137,19 @@ def test_ovs_ipsec_tutorial(netlab_ok, keys, kind, tmp_path):
         scapy_udp = scapy().UDP
         assert not [p for p in pkts if p.haslayer(scapy_udp)
                     and p[scapy_udp].dport in (4789, 6081)]
+        # TCP both ways (path MTU across the tunnel's ESP and encapsulation overhead).
+        for src in (0, 1):
+            r = iperf3(lab, src, ("-t", "2"))
+            assert "error" not in r and r["end"]["sum_received"]["bytes"] > 0, r
+        # A rekey of the CHILD_SA in use ("out" for vxlan and geneve) under pings.
+        spi = status(lab, 0, TUN)["spi_out"]
+        with BackgroundPing(lab, 100, 0.02) as bg:
+            lab.appctl(lab.hvs[0], "ike/rekey", TUN, "child")
+            ping = bg.result()
+        assert received(ping) >= 98, ping.stdout
+        assert wait_for(lambda: status(lab, 0, TUN).get("spi_out") not in (None, spi), 10)
         st = statistics(lab, 0, TUN)
-        assert st.get("esp_auth_failures", 0) == 0
+        assert st.get("esp_auth_failures", 0) == 0 and st.get("esp_selector_drops", 0) == 0
         # 2. Self-signed certificates, pinned with remote_cert.
         for i, hv in enumerate(lab.hvs):
             me, peer = hosts[i], hosts[1 - i]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from espswitch.ike import IkeCore
 from espswitch.vswitchd import unixctl
-from espswitch.vswitchd.ike_peers import PeerSync, command
+from espswitch.vswitchd.ike_peers import PeerSync, child_in_use, command
 
 if TYPE_CHECKING:
     from espswitch.datapath import Datapath
@@ -91,8 +91,11 @@ class IkeAppctl:
                 conn.reply_error(f"ike/rekey: say child or ike, not {what!r}")
                 return
             now = time.monotonic()
-            fn = self.core.rekey_child if what == "child" else self.core.rekey_ike
-            err = command(fn, name, now)
+            if what == "child":  # the CHILD_SA in use, not one that only receives
+                child = child_in_use(self.core, name, self.sync.peers[name].port)
+                err = command(self.core.rekey_child, name, now, child)
+            else:
+                err = command(self.core.rekey_ike, name, now)
             self.flush(now)
             if err is not None:
                 conn.reply_error(f"{name}: cannot rekey: {err}")

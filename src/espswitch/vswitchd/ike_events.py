@@ -20,7 +20,7 @@ from espswitch.ike import (
     IkeSaUp,
 )
 from espswitch.ike.ts import single_host
-from espswitch.vswitchd.ike_peers import RETRY, IkePeer, PeerSync, command
+from espswitch.vswitchd.ike_peers import RETRY, IkePeer, PeerSync, child_in_use, command
 
 __all__ = ["CHILD_LINGER", "PortEvents"]
 
@@ -98,10 +98,8 @@ class PortEvents:
             return
         due = (soft.packets is not None and max(sa_out.packets, sa_in.packets) >= soft.packets) \
             or (soft.bytes is not None and max(sa_out.bytes, sa_in.bytes) >= soft.bytes)
-        # The CHILD_SA of the pair in use (a VXLAN or Geneve tunnel has a receive-only one).
-        child = next((c.name for s in self.core.ike_sas(name) for c in s.children
-                      if c.spi_in == sa_in.spi), None)
-        if due and command(self.core.rekey_child, name, now, child) is None:
+        if due and command(self.core.rekey_child, name, now,
+                           child_in_use(self.core, name, p.port)) is None:
             p.rekey_asked = sa_out.spi
 
 

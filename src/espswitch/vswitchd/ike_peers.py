@@ -230,6 +230,16 @@ def child_selectors(port: IpsecTunnelPort) -> list[tuple[str, str, str]]:
     return [("out", "dynamic[udp]", udp_port), ("in", udp_port, "dynamic[udp]")]
 
 
+def child_in_use(core: IkeCore, name: str, port: IpsecTunnelPort) -> str | None:
+    """The name of the CHILD_SA whose pair protects what `port` (peer `name`) sends: the one
+    a CHILD_SA rekey is about (a VXLAN or Geneve tunnel also has a receive-only one)."""
+    sa_in = port.sa_in
+    if sa_in is None:
+        return None
+    return next((c.name for s in core.ike_sas(name) for c in s.children
+                 if c.spi_in == sa_in.spi), None)
+
+
 def command(fn: Callable[..., None], name: str, now: float, *args: object) -> str | None:
     """Run a core command for peer `name`; its error as text, or None."""
     try:
