@@ -202,3 +202,23 @@ def test_two_child_sas_one_for_each_direction(kind):
     assert a.tun.sa_out.spi == s1
     assert a.tun.remove_child(s2)
     assert a.tun.sa_out is None and a.tun.ipsec_state() == "connecting"
+
+
+def test_a_receive_only_pair_stays_receive_only_when_it_moves():
+    """A reconfigured port hands its IKE pairs to its new port object (`adopt_child`):
+    what each pair is to the tunnel goes along."""
+    a, _ = pair("vxlan", {"psk": "swordfish"}, {"psk": "swordfish"})
+    out_rx, in_rx = ((4789, 4789), (0, 65535)), ((0, 65535), (4789, 4789))
+    a.tun.install_child(params(0x101, KEY_AB), params(0x102, KEY_BA), sends=True,
+                        rx_ports=out_rx)
+    a.tun.install_child(params(0x104, KEY_AB), params(0x103, KEY_BA), sends=False,
+                        rx_ports=in_rx)
+    b = Hypervisor("10.0.0.3", "10.0.0.2", 100, tun_type="vxlan",
+                   tun_options={"psk": "swordfish"})
+    for sa_out, sa_in in a.tun.child_sas():
+        role = a.tun.esp.child_role(sa_in.spi)
+        a.tun.release_child(sa_in.spi)
+        b.tun.adopt_child(sa_out, sa_in, *role)
+    assert b.tun.sa_out.spi == 0x101
+    assert b.tun.esp.child_role(0x103) == (False, in_rx)
+    assert b.tun.esp.child_role(0x102) == (True, out_rx)

@@ -31,6 +31,7 @@ from espswitch.packet.ipv4 import fragment_ipv4
 if TYPE_CHECKING:
     from espswitch.datapath.bridge import Bridge
     from espswitch.datapath.context import PortContext
+    from espswitch.datapath.protection import PortRanges
     from espswitch.ike.options import IkeKeying
     from espswitch.ipsec.sa import InboundSA, Mode, OutboundSA, SaParams
 
@@ -317,8 +318,9 @@ class IpsecTunnelPort(TunnelPort):
     def follow(self, leader: TunnelPort | None) -> None:
         self.esp.follow(leader)
 
-    def adopt_child(self, sa_out: OutboundSA, sa_in: InboundSA) -> None:
-        self.esp.adopt_child(sa_out, sa_in)
+    def adopt_child(self, sa_out: OutboundSA, sa_in: InboundSA, sends: bool = True,
+                    rx_ports: PortRanges | None = None) -> None:
+        self.esp.adopt_child(sa_out, sa_in, sends, rx_ports)
 
     def release_child(self, spi_in: int) -> tuple[OutboundSA, InboundSA] | None:
         return self.esp.release_child(spi_in)
