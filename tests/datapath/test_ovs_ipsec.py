@@ -142,9 +142,12 @@ def test_child_role_from_negotiated_selectors():
     # "out": UDP to the peer's 4789: it protects what we send; the peer sends from 4789.
     assert child_role(a.tun, ts("dynamic[udp]", me), ts("dynamic[udp/4789]", peer)) == (
         True, ((4789, 4789), (0, 65535)))
-    # "in": UDP to our 4789: only what the peer sends.
+    # "in": UDP to our 4789: only what the peer sends; the tunnel's selector is as narrow.
     assert child_role(a.tun, ts("dynamic[udp/4789]", me), ts("dynamic[udp]", peer)) == (
-        False, ((0, 65535), (4789, 4789)))
+        False, None)
+    # Narrower than the tunnel's: both ports checked.
+    assert child_role(a.tun, ts("dynamic[udp/4789]", me), ts("dynamic[udp/50000]", peer)) == (
+        False, ((50000, 50000), (4789, 4789)))
     # vxlanipsec's one CHILD_SA: both ways, no narrower ports.
     assert child_role(a.tun, ts("dynamic[udp]", me), ts("dynamic[udp]", peer)) == (True, None)
     g, _ = pair("gre", {"psk": "swordfish"}, {"psk": "swordfish"})

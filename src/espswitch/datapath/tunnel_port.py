@@ -379,7 +379,6 @@ def register_tunnel_type(type_name: str, encap: str, protected: bool,
         })
         cls.OPTIONS = variant.OPTIONS  # the IPsec options are known, only refused unkeyed
         cls.variant = classmethod(_ipsec_variant(variant))  # type: ignore[method-assign]
-        cls.IPSEC_VARIANT = variant
     return cls
 
 

@@ -106,7 +106,8 @@ class PortEvents:
 def child_role(port, local_ts, remote_ts) -> tuple[bool, PortRanges | None]:
     """What a negotiated CHILD_SA is to a tunnel of UDP encapsulation: (whether its
     selectors cover what the tunnel sends, UDP from a flow-hashed source port to the peer's
-    dst_port; the UDP ports its inbound SA may carry, when narrower than any). GRE, or any
+    dst_port; the UDP ports its inbound SA may carry, when narrower than the tunnel's own
+    selector, UDP to dst_port from any port). GRE, or any
     protocol that is not UDP: (True, None), the tunnel's own selector decides."""
     if port.encapsulation.PROTO != UDP:
         return True, None
@@ -121,7 +122,9 @@ def child_role(port, local_ts, remote_ts) -> tuple[bool, PortRanges | None]:
     # side's ranges: selectors of one side are one range in practice).
     src = (min(t.start_port for t in theirs), max(t.end_port for t in theirs))
     dst = (min(t.start_port for t in ours), max(t.end_port for t in ours))
-    if src == dst == (0, 65535):
+    if src == (0, 65535) and dst[0] <= dport <= dst[1]:
+        # The tunnel's own selector (UDP to dst_port from any port) is as narrow: nothing
+        # to add, and the compiled receive path may open this SA's packets.
         return sends, None
     return sends, (src, dst)
 
