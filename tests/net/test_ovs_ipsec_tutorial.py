@@ -94,9 +94,17 @@ def expected_selectors(lab: Lab, kind: str, hv: int) -> dict[str, tuple[str, str
             "in": (f"{me}/32[17/{port}]", f"{peer}/32[17]")}
 
 
+def ike_sas(lab: Lab, hv: int) -> list[dict]:
+    out = json.loads(lab.appctl(lab.hvs[hv], "ike/show", "--json", TUN).stdout)
+    return [sa for peer in out["peers"] for sa in peer["ike_sas"]]
+
+
 def both_established(lab: Lab, timeout: float = 30.0) -> None:
+    """Both sides established, and the IKE SA of crossing initiations that RFC 7296's rule
+    retires gone (until then a packet may still go on its CHILD_SAs as they are deleted)."""
     def ok():
-        return all(status(lab, i, TUN).get("ipsec_state") == "established" for i in (0, 1))
+        return all(status(lab, i, TUN).get("ipsec_state") == "established"
+                   and len(ike_sas(lab, i)) == 1 for i in (0, 1))
     assert wait_for(ok, timeout), (status(lab, 0, TUN), status(lab, 1, TUN),
                                    lab.appctl(lab.hvs[0], "ike/show").stdout)
 
