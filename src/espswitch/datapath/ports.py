@@ -58,6 +58,13 @@ class Port:
     #: options this type understands; anything else is a configuration error
     OPTIONS: ClassVar[frozenset[str]] = frozenset()
 
+    @classmethod
+    def variant(cls, options: Mapping[str, str]) -> type[Port]:
+        """The class that implements this type with these options (itself, unless the
+        options make it another kind of port: IPsec options on a `gre` tunnel, say);
+        raises PortError for options no variant takes."""
+        return cls
+
     def __init__(self, ctx: PortContext, bridge: Bridge, name: str,
                  options: Mapping[str, str]) -> None:
         self.ctx = ctx

@@ -50,6 +50,8 @@ NH_IPV6 = 41
 NAT_T_PORT = 4500
 RETIRED_KEEP = 60.0  # seconds a closed tunnel's SAs may be taken over by its reopened self
 _UDP = struct.Struct("!HHHH")
+#: ((source port lo, hi), (destination port lo, hi)) an inbound SA's selectors allow
+PortRanges = tuple[tuple[int, int], tuple[int, int]]
 
 
 class Clear:
@@ -316,6 +318,13 @@ class EspProtection:
         self.ike_error: str | None = None
         self.pairs: list[tuple[OutboundSA, InboundSA]] = []
         self._in_by_spi: dict[int, InboundSA] = {}
+        # CHILD_SAs whose selectors do not cover what the tunnel sends (Open vSwitch's
+        # "in" CHILD_SA of a VXLAN or Geneve tunnel: UDP to our port only): by inbound SPI.
+        # They open what arrives, and never protect what leaves.
+        self._receive_only: set[int] = set()
+        # Inbound SAs whose selectors are narrower than the tunnel's own (a UDP source or
+        # destination port range): inbound SPI -> ((source lo, hi), (destination lo, hi)).
+        self._rx_ports: dict[int, PortRanges] = {}
         # After a rekey: the new inbound SA whose first packet switches sending over to its pair.
         self._switch_on: InboundSA | None = None
         # Inbound SAs deleted by IKE that still open packets until (deadline, SA).
@@ -384,7 +393,7 @@ class EspProtection:
         if self._lingering and self._lingering[0][0] <= now:
             for _, sa_in in [e for e in self._lingering if e[0] <= now]:
                 sa_in.expire("deleted")
-                self._in_by_spi.pop(sa_in.spi, None)
+                self._forget(sa_in.spi)
                 self._layer.remove(sa_in)
                 self.ctx.fast_changed()
             self._lingering = [e for e in self._lingering if e[0] > now]
@@ -404,9 +413,16 @@ class EspProtection:
 
     def install_child(self, outbound: SaParams, inbound: SaParams, *,
                       encap: bool | None = None, encap_port: int | None = None,
-                      inner_remote: bytes | None = None, rekey: bool = False) -> None:
+                      inner_remote: bytes | None = None, rekey: bool = False,
+                      sends: bool = True, rx_ports: PortRanges | None = None) -> None:
         """Install a CHILD_SA pair; its inbound SA is accepted next to the ones already
         there (after a rekey the old one stays until `remove_child`).
+
+        `sends=False`: the pair's selectors do not cover what this tunnel sends (Open
+        vSwitch's selectors give a VXLAN or Geneve tunnel one CHILD_SA for UDP to the
+        peer's port and one for UDP to ours): its inbound SA opens packets, its outbound
+        SA is never used. `rx_ports`: the UDP ports the inbound SA's selectors allow, when
+        narrower than the tunnel's (checked after decryption, RFC 4301 §5.2).
 
         A fresh pair protects traffic at once. A rekey's new outbound SA is used only once
         the peer shows it has the pair (a packet arrives on the new inbound SA) or the old
@@ -422,7 +438,11 @@ class EspProtection:
         sa_out = make_outbound_sa(outbound, now=now, fast=fast)
         self.pairs.append((sa_out, sa_in))
         self._in_by_spi[sa_in.spi] = sa_in
-        if rekey and self.sa_out is not None and not self.sa_out.expired:
+        if rx_ports is not None:
+            self._rx_ports[sa_in.spi] = rx_ports
+        if not sends:
+            self._receive_only.add(sa_in.spi)
+        elif rekey and self.sa_out is not None and not self.sa_out.expired:
             self._switch_on = sa_in
         else:
             self.sa_out, self.sa_in = sa_out, sa_in
@@ -453,24 +473,47 @@ class EspProtection:
             self.encap, self.inner_remote = lead.encap, lead.inner_remote
             self.rebuild()
 
-    def adopt_child(self, sa_out: OutboundSA, sa_in: InboundSA) -> None:
+    def adopt_child(self, sa_out: OutboundSA, sa_in: InboundSA, sends: bool = True,
+                    rx_ports: PortRanges | None = None) -> None:
         """Take over a live SA pair of this tunnel's previous port object (sequence numbers
-        and replay window go on)."""
+        and replay window go on); `sends` and `rx_ports` as `child_role` gave them."""
         self._layer.add(self, sa_in)
         self.pairs.append((sa_out, sa_in))
         self._in_by_spi[sa_in.spi] = sa_in
-        self.sa_out, self.sa_in = sa_out, sa_in
+        if rx_ports is not None:
+            self._rx_ports[sa_in.spi] = rx_ports
+        if sends:
+            self.sa_out, self.sa_in = sa_out, sa_in
+        else:
+            self._receive_only.add(sa_in.spi)
         self.ctx.fast_changed()
+
+    def child_role(self, spi_in: int) -> tuple[bool, PortRanges | None]:
+        """(whether the pair of inbound SPI `spi_in` protects what is sent, the ports its
+        inbound SA allows): what `install_child` was told, for `adopt_child`."""
+        return spi_in not in self._receive_only, self._rx_ports.get(spi_in)
+
+    def _newest_sending(self) -> tuple[OutboundSA | None, InboundSA | None]:
+        """The newest installed pair that protects what is sent, or (None, None)."""
+        for sa_out, sa_in in reversed(self.pairs):
+            if sa_in.spi not in self._receive_only:
+                return sa_out, sa_in
+        return None, None
+
+    def _forget(self, spi_in: int) -> None:
+        self._in_by_spi.pop(spi_in, None)
+        self._receive_only.discard(spi_in)
+        self._rx_ports.pop(spi_in, None)
 
     def release_child(self, spi_in: int) -> tuple[OutboundSA, InboundSA] | None:
         """Forget a pair without expiring it (it moves to another port object)."""
         for pair in self.pairs:
             if pair[1].spi == spi_in:
                 self.pairs.remove(pair)
-                self._in_by_spi.pop(spi_in, None)
+                self._forget(spi_in)
                 self.ctx.fast_changed()
                 if self.sa_in is pair[1]:
-                    self.sa_out, self.sa_in = self.pairs[-1] if self.pairs else (None, None)
+                    self.sa_out, self.sa_in = self._newest_sending()
                 return pair
         return None
 
@@ -491,7 +534,7 @@ class EspProtection:
                 if sa_in is self._switch_on:
                     self._switch_on = None
                 if self.sa_out is sa_out or self.sa_in is sa_in:
-                    self.sa_out, self.sa_in = self.pairs[-1] if self.pairs else (None, None)
+                    self.sa_out, self.sa_in = self._newest_sending()
                     self._switch_on = None
                 self.ctx.fast_changed()
                 return True
@@ -520,7 +563,7 @@ class EspProtection:
     def _drop_pair(self, sa_out: OutboundSA, sa_in: InboundSA) -> None:
         sa_out.expire("deleted")
         sa_in.expire("deleted")
-        self._in_by_spi.pop(sa_in.spi, None)
+        self._forget(sa_in.spi)
         self._layer.remove(sa_in)
 
     # -- outbound -------------------------------------------------------------------------------
@@ -655,6 +698,11 @@ class EspProtection:
                 st.drop("esp_selector_drops")
                 return
             l4, end = 0, len(payload)
+        if self._rx_ports:
+            ports = self._rx_ports.get(sa.spi)
+            if ports is not None and not _ports_match(ports, payload, l4, end):
+                st.drop("esp_selector_drops")
+                return
         # The encapsulation checks its own header (the inner UDP length must hold it and an
         # Ethernet header, and end within what was decrypted; TFC padding may follow).
         found = port.encapsulation.pop(payload, l4, end)
@@ -685,8 +733,8 @@ class EspProtection:
         if self.mode is Mode.TUNNEL:
             return None
         sa = self.sa_in if self.ike is None else self._in_by_spi.get(spi)
-        if sa is None or sa is self._switch_on or sa.spi != spi:
-            return None
+        if sa is None or sa is self._switch_on or sa.spi != spi or spi in self._rx_ports:
+            return None  # (the compiled pipeline checks the tunnel's selector only)
         return sa
 
     def fast_outbound(self) -> OutboundSA | None:
@@ -739,6 +787,17 @@ class EspProtection:
         return [f"esp={self.transform.proposal}", f"mode={self.mode}",
                 f"esp_engine={self.engine()}"]
 
+    def _receive_only_sa(self, sa: OutboundSA | InboundSA) -> bool:
+        """Whether `sa` belongs to a receive-only pair of the keying tunnel (the newest one
+        for its selectors: older ones are rekeyed)."""
+        k = self.keyer
+        pair = next((p for p in k.pairs if sa in p), None)
+        if pair is None or pair[1].spi not in k._receive_only:
+            return False
+        later = k.pairs[k.pairs.index(pair) + 1:]
+        return not any(p[1].spi in k._receive_only and k._rx_ports.get(p[1].spi)
+                       == k._rx_ports.get(pair[1].spi) for p in later)
+
     def sa_rows(self) -> list[dict[str, object]]:
         """Every SA of this tunnel for ipsec/show: no key material, ever."""
         rows = []
@@ -750,7 +809,8 @@ class EspProtection:
         for sa in sas:
             if sa.expired:
                 state = "expired"
-            elif self.ike is not None and sa is not k.sa_out and sa is not k.sa_in:
+            elif self.ike is not None and sa is not k.sa_out and sa is not k.sa_in and \
+                    not self._receive_only_sa(sa):
                 state = "rekeyed"  # replaced, kept until IKE deletes it
             else:
                 state = "active"
@@ -776,3 +836,13 @@ class EspProtection:
                 row["replay_window"] = sa.window.size
             rows.append(row)
         return rows
+
+
+def _ports_match(ports: PortRanges, payload: bytes, l4: int, end: int) -> bool:
+    """Whether the UDP header at `payload[l4:end]` has ports within `ports`."""
+    if end - l4 < 8:
+        return False
+    (slo, shi), (dlo, dhi) = ports
+    sport = payload[l4] << 8 | payload[l4 + 1]
+    dport = payload[l4 + 2] << 8 | payload[l4 + 3]
+    return slo <= sport <= shi and dlo <= dport <= dhi

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from espswitch.datapath.devices import device_mtu, set_device_mtu
 from espswitch.datapath.encap import ENCAPSULATIONS
+from espswitch.datapath.errors import PortError
 from espswitch.datapath.ports import Port, TapPort, register_port_type
 from espswitch.datapath.protection import Clear, EspProtection
 from espswitch.datapath.underlay import Ipv4Underlay, make_underlay
@@ -30,6 +31,7 @@ from espswitch.packet.ipv4 import fragment_ipv4
 if TYPE_CHECKING:
     from espswitch.datapath.bridge import Bridge
     from espswitch.datapath.context import PortContext
+    from espswitch.datapath.protection import PortRanges
     from espswitch.ike.options import IkeKeying
     from espswitch.ipsec.sa import InboundSA, Mode, OutboundSA, SaParams
 
@@ -316,8 +318,9 @@ class IpsecTunnelPort(TunnelPort):
     def follow(self, leader: TunnelPort | None) -> None:
         self.esp.follow(leader)
 
-    def adopt_child(self, sa_out: OutboundSA, sa_in: InboundSA) -> None:
-        self.esp.adopt_child(sa_out, sa_in)
+    def adopt_child(self, sa_out: OutboundSA, sa_in: InboundSA, sends: bool = True,
+                    rx_ports: PortRanges | None = None) -> None:
+        self.esp.adopt_child(sa_out, sa_in, sends, rx_ports)
 
     def release_child(self, spi_in: int) -> tuple[OutboundSA, InboundSA] | None:
         return self.esp.release_child(spi_in)
@@ -338,9 +341,25 @@ class IpsecTunnelPort(TunnelPort):
         return self.esp.sa_rows()
 
 
-def register_tunnel_type(type_name: str, encap: str, protected: bool) -> type[TunnelPort]:
+#: Options that key a tunnel: any of them on an ordinary `vxlan`, `geneve` or `gre` tunnel
+#: makes it ESP-protected (as Open vSwitch's IPsec does with psk, remote_cert, remote_name).
+KEYING_OPTIONS = ("psk", "remote_cert", "remote_name", "spi_out", "spi_in", "esp_key_out",
+                  "esp_key_in")
+
+
+def keyed(options: Mapping[str, str]) -> bool:
+    """Whether `options` key the tunnel (manually or by IKEv2): then it is protected."""
+    return any(options.get(o) for o in KEYING_OPTIONS)
+
+
+def register_tunnel_type(type_name: str, encap: str, protected: bool,
+                         ipsec_optional: bool = False) -> type[TunnelPort]:
     """Register `Interface.type` `type_name` as a tunnel of encapsulation `encap`, protected
-    by ESP or clear. The class made here adds no behaviour, only which parts compose it."""
+    by ESP or clear. The class made here adds no behaviour, only which parts compose it.
+
+    With `ipsec_optional` (Open vSwitch's own tunnel types) the type is clear unless its
+    options key it (`keyed`): then the port made is the protected variant, of the same
+    type name, that never sends or accepts plaintext."""
     base = IpsecTunnelPort if protected else TunnelPort
     cls = type(f"{type_name.capitalize()}Port", (base,), {
         "ENCAP": encap, "PROTECTED": protected,
@@ -350,10 +369,38 @@ def register_tunnel_type(type_name: str, encap: str, protected: bool) -> type[Tu
                    f"{'always ESP-protected' if protected else 'clear'}.",
     })
     register_port_type(type_name)(cls)
+    if ipsec_optional:
+        variant = type(f"{type_name.capitalize()}IpsecPort", (IpsecTunnelPort,), {
+            "ENCAP": encap, "PROTECTED": True, "TYPE": type_name,
+            "OPTIONS": TunnelPort.options_for(True, encap),
+            "COUNTERS": EspProtection.COUNTERS,
+            "__doc__": f"`{type_name}` with IPsec options: {encap} over IPv4 or IPv6, "
+                       "ESP-protected (manual keys or IKEv2).",
+        })
+        cls.OPTIONS = variant.OPTIONS  # the IPsec options are known, only refused unkeyed
+        cls.variant = classmethod(_ipsec_variant(variant))  # type: ignore[method-assign]
     return cls
 
 
-VxlanPort = register_tunnel_type("vxlan", "vxlan", protected=False)
+def _ipsec_variant(variant: type[TunnelPort]):
+    """`Port.variant` of a type whose options may key it: the protected class when they do;
+    IPsec options on a tunnel they do not key are a configuration error."""
+
+    def pick(cls: type[Port], options: Mapping[str, str]) -> type[Port]:
+        if keyed(options):
+            return variant
+        stray = sorted(o for o in EspProtection.OPTIONS if options.get(o))
+        if stray:
+            raise PortError(
+                f"options:{stray[0]} is an IPsec option, but nothing keys this "
+                f"{cls.TYPE} tunnel: set options:psk, remote_cert or remote_name (IKEv2), "
+                "or spi_out, spi_in, esp_key_out and esp_key_in (manual keys)")
+        return cls
+
+    return pick
+
+
+VxlanPort = register_tunnel_type("vxlan", "vxlan", protected=False, ipsec_optional=True)
 VxlanIpsecPort = register_tunnel_type("vxlanipsec", "vxlan", protected=True)
-GenevePort = register_tunnel_type("geneve", "geneve", protected=False)
-GrePort = register_tunnel_type("gre", "gre", protected=False)
+GenevePort = register_tunnel_type("geneve", "geneve", protected=False, ipsec_optional=True)
+GrePort = register_tunnel_type("gre", "gre", protected=False, ipsec_optional=True)

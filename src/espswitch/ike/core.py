@@ -53,6 +53,7 @@ from espswitch.ike.message import Message, NotifyPayload, Payload, parse_header
 from espswitch.ike.sa_init import IkeSaInit
 from espswitch.ike.sas import ChildSa, IkeSa
 from espswitch.ike.state import RESPONDER_ACCEPTS, ChildState, IkeState
+from espswitch.ike.ts import format_ts
 from espswitch.ike.window import Window, give_up_time
 from espswitch.packet.esp import NAT_KEEPALIVE, NON_ESP_MARKER
 
@@ -69,6 +70,8 @@ class ChildInfo:
     mode: str
     transform: str
     state: str
+    local_ts: str = ""  # the negotiated selectors, strongSwan-like (`192.0.2.1/32[17/4789]`)
+    remote_ts: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -161,7 +164,9 @@ class IkeCore:
                 continue
             kids = tuple(ChildInfo(name=c.cfg.name, spi_in=c.spi_in, spi_out=c.spi_out,
                                    mode=c.mode, state=str(c.state),
-                                   transform=c.chosen.esp_transform_name if c.chosen else "")
+                                   transform=c.chosen.esp_transform_name if c.chosen else "",
+                                   local_ts=" ".join(map(format_ts, c.local_ts or ())),
+                                   remote_ts=" ".join(map(format_ts, c.remote_ts or ())))
                          for c in sa.children)
             out.append(IkeSaInfo(ike_id=sa.uid, peer=sa.peer.name, state=str(sa.state),
                                  initiator=sa.initiator, spi_i=sa.spi_i, spi_r=sa.spi_r,

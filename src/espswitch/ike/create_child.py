@@ -108,6 +108,11 @@ class CreateChildSa:
                                 notify=Notify.INVALID_SYNTAX)
         ke = msg.get(KePayload)
         candidates = [cfg] if cfg is not None else list(sa.peer.children)
+        if len(candidates) > 1:
+            # The configuration whose selectors hold all of the offered ones comes first:
+            # a peer's CHILD_SA for UDP to our port must not be narrowed into ours for UDP
+            # to its port (Open vSwitch's two CHILD_SAs of a VXLAN tunnel).
+            candidates.sort(key=lambda c: not _holds(sa, c, tsi.selectors, tsr.selectors))
         last: ProtocolError | None = None
         for c in candidates:
             local, remote = _nat_ts(sa, c, tsi.selectors, tsr.selectors)
@@ -449,6 +454,15 @@ def _nat_ts(sa: IkeSa, cfg: ChildConfig, theirs: tuple[TrafficSelector, ...],
     if sa.nat_local:
         local_addr = single_host(ours)
     return _our_ts(sa, cfg, local_addr=local_addr, remote_addr=remote_addr)
+
+
+def _holds(sa: IkeSa, cfg: ChildConfig, tsi: tuple[TrafficSelector, ...],
+           tsr: tuple[TrafficSelector, ...]) -> bool:
+    """Whether `cfg`'s selectors hold every offered one without narrowing (TSi the
+    initiator's side, ours the responder's)."""
+    local, remote = _nat_ts(sa, cfg, tsi, tsr)
+    return all(any(ts_subset(t, x) for x in remote) for t in tsi) and \
+        all(any(ts_subset(t, x) for x in local) for t in tsr)
 
 
 def _keymat(sa: IkeSa, chosen: Chosen, ni: bytes, nr: bytes,

@@ -1,6 +1,7 @@
-"""The IPsec options of a `vxlanipsec` interface as a whole: manual keying (whose options
-`espswitch.ipsec.config` parses) or IKEv2 keying (whose options are parsed here, proposals
-and identities checked with this package's own parsers), never both.
+"""The IPsec options of a protected tunnel (`vxlanipsec`, or `vxlan`, `geneve`, `gre` that
+these options key) as a whole: manual keying (whose options `espswitch.ipsec.config`
+parses) or IKEv2 keying (whose options are parsed here, proposals and identities checked
+with this package's own parsers), never both.
 
 Every error names the option and what it accepts, and never repeats a key's value.
 """
@@ -91,8 +92,8 @@ def parse_ipsec_options(options: Mapping[str, str], *, local_ip: bytes | None = 
     missing = missing_manual_options(options)
     if missing:
         raise IpsecConfigError(
-            f"vxlanipsec needs keys: set {', '.join(MANUAL_OPTIONS)} (manual keying) or psk "
-            f"(IKEv2); missing {', '.join(missing)}")
+            f"a protected tunnel needs keys: set {', '.join(MANUAL_OPTIONS)} (manual keying) "
+            f"or psk (IKEv2); missing {', '.join(missing)}")
     return parse_manual_keying(options, esp, local_ip=local_ip, remote_ip=remote_ip)
 
 

@@ -135,7 +135,7 @@ class Switchd:
         self._fast_path_said: tuple[bool, bool] | None = None
         self._bug_rl = RateLimit(vlog.err, interval=60.0, burst=3)
         appctl.register(self)
-        self.ike = ike.attach(self)  # IKEv2 for vxlanipsec tunnels keyed with psk/certs
+        self.ike = ike.attach(self)  # IKEv2 for tunnels keyed with psk/certs
         # Manually keyed SAs resume their sequence numbers after a restart.
         self.seq_store = SeqStore(seq_path or os.path.join(dirs.dbdir(), SEQ_FILENAME),
                                   vlog.warn)

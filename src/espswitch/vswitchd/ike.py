@@ -1,4 +1,5 @@
-"""IKEv2 for `vxlanipsec` tunnels keyed with `options:psk` (or certificates) in espswitchd.
+"""IKEv2 for tunnels (`vxlanipsec`, `vxlan`, `geneve`, `gre`) keyed with `options:psk` or
+certificates (`remote_cert`, `remote_name`) in espswitchd.
 
 One `IkeCore` serves every IKE-keyed tunnel of the daemon. Its UDP sockets (ports 500 and
 4500, bound to the wildcard address of the hypervisor's namespace, with IP_PKTINFO to learn

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from espswitch.ike import IkeCore
 from espswitch.vswitchd import unixctl
-from espswitch.vswitchd.ike_peers import PeerSync, command
+from espswitch.vswitchd.ike_peers import PeerSync, child_in_use, command
 
 if TYPE_CHECKING:
     from espswitch.datapath import Datapath
@@ -42,7 +42,9 @@ class IkeAppctl:
                     "peer_id": s.remote_id, "fragmentation": s.fragmentation,
                     "children": [{"name": c.name, "state": c.state,
                                   "spi_in": f"0x{c.spi_in:08x}", "spi_out": f"0x{c.spi_out:08x}",
-                                  "esp": c.transform, "mode": c.mode} for c in s.children],
+                                  "esp": c.transform, "mode": c.mode,
+                                  "local_ts": c.local_ts, "remote_ts": c.remote_ts}
+                                 for c in s.children],
                 })
             out.append({
                 "interface": pname, "local": p.cfg.local_addr, "remote": p.cfg.remote_addr,
@@ -69,7 +71,7 @@ class IkeAppctl:
             as_json = "--json" in argv
             names = [self._leader_name(a) for a in argv if a != "--json"]
             if names and names[0] not in self.sync.peers:
-                conn.reply_error(f"no IKE-keyed vxlanipsec interface named {names[0]}")
+                conn.reply_error(f"no IKE-keyed tunnel interface named {names[0]}")
                 return
             rows = self.show(names[0] if names else None)
             counters = dict(self.core.counters)
@@ -83,14 +85,17 @@ class IkeAppctl:
             name = self._leader_name(argv[0])
             what = argv[1] if len(argv) > 1 else "child"
             if name not in self.sync.peers:
-                conn.reply_error(f"no IKE-keyed vxlanipsec interface named {name}")
+                conn.reply_error(f"no IKE-keyed tunnel interface named {name}")
                 return
             if what not in ("child", "ike"):
                 conn.reply_error(f"ike/rekey: say child or ike, not {what!r}")
                 return
             now = time.monotonic()
-            fn = self.core.rekey_child if what == "child" else self.core.rekey_ike
-            err = command(fn, name, now)
+            if what == "child":  # the CHILD_SA in use, not one that only receives
+                child = child_in_use(self.core, name, self.sync.peers[name].port)
+                err = command(self.core.rekey_child, name, now, child)
+            else:
+                err = command(self.core.rekey_ike, name, now)
             self.flush(now)
             if err is not None:
                 conn.reply_error(f"{name}: cannot rekey: {err}")
@@ -121,5 +126,6 @@ def _format(rows: list[dict[str, object]]) -> str:
                          + (", IKE fragmentation" if s["fragmentation"] else ""))
             for c in s["children"]:
                 lines.append(f"    CHILD_SA {c['name']} {c['state']}: spi_in {c['spi_in']} "
-                             f"spi_out {c['spi_out']}, {c['esp']} {c['mode']}")
+                             f"spi_out {c['spi_out']}, {c['esp']} {c['mode']}, "
+                             f"{c['local_ts']} === {c['remote_ts']}")
     return "\n".join(lines) + "\n"

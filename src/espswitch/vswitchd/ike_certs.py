@@ -129,15 +129,20 @@ class Certificates:
                 return
 
 
+#: The interface types IKE may key (the others with IPsec options only when keyed).
+IKE_TUNNEL_TYPES = frozenset({"vxlanipsec", "vxlan", "geneve", "gre"})
+
+
 def subject_of(cert) -> Identity:
     """The certificate's subject as an ID_DER_ASN1_DN identity."""
     return Identity.of_subject(cert)
 
 
 def _certificate_keyed(cfg: IfaceConfig) -> tuple[bool, str | None]:
-    """(whether the interface is a vxlanipsec tunnel keyed by IKE with certificates, its
-    options:remote_cert). Options that do not parse are the port's own error to report."""
-    if cfg.type != "vxlanipsec":
+    """(whether the interface is a tunnel keyed by IKE with certificates, its
+    options:remote_cert): `vxlanipsec`, or `vxlan`, `geneve`, `gre` with IPsec options.
+    Options that do not parse are the port's own error to report."""
+    if cfg.type not in IKE_TUNNEL_TYPES:
         return False, None
     try:
         keying = parse_ipsec_options(dict(cfg.options))

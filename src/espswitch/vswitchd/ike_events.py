@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ovs.vlog
 
+from espswitch.datapath.encap import UDP
 from espswitch.datapath.errors import PortError
+from espswitch.datapath.protection import PortRanges
 from espswitch.ike import (
     ChildSaDeleted,
     ChildSaExpired,
@@ -18,12 +20,13 @@ from espswitch.ike import (
     IkeSaUp,
 )
 from espswitch.ike.ts import single_host
-from espswitch.vswitchd.ike_peers import RETRY, IkePeer, PeerSync, command
+from espswitch.vswitchd.ike_peers import RETRY, IkePeer, PeerSync, child_in_use, command
 
 __all__ = ["CHILD_LINGER", "PortEvents"]
 
 vlog = ovs.vlog.Vlog("ike")
 
+FLOW_PORT_MIN = 49152  # the lowest UDP source port a tunnel sends from (encap.flow_port)
 CHILD_LINGER = 2.0  # seconds a deleted CHILD_SA's inbound SA still opens packets
 
 
@@ -68,11 +71,12 @@ class PortEvents:
             window = port.ike.replay_window
             out = ev.outbound_params()
             inb = ev.inbound_params(replay_window=window)
+            sends, rx_ports = child_role(port, ev.local_ts, ev.remote_ts)
             try:
                 port.install_child(
                     out, inb, encap=ev.encap, rekey=ev.rekey_of is not None,
                     encap_port=ev.remote_addr[1] if ev.encap else None,
-                    inner_remote=_ipv4_host(ev.remote_ts))
+                    inner_remote=_ipv4_host(ev.remote_ts), sends=sends, rx_ports=rx_ports)
             except PortError as e:
                 vlog.err(f"{ev.peer}: CHILD_SA not installed: {e}")
                 return
@@ -94,8 +98,35 @@ class PortEvents:
             return
         due = (soft.packets is not None and max(sa_out.packets, sa_in.packets) >= soft.packets) \
             or (soft.bytes is not None and max(sa_out.bytes, sa_in.bytes) >= soft.bytes)
-        if due and command(self.core.rekey_child, name, now) is None:
+        if due and command(self.core.rekey_child, name, now,
+                           child_in_use(self.core, name, p.port)) is None:
             p.rekey_asked = sa_out.spi
+
+
+def child_role(port, local_ts, remote_ts) -> tuple[bool, PortRanges | None]:
+    """What a negotiated CHILD_SA is to a tunnel of UDP encapsulation: (whether its
+    selectors cover what the tunnel sends, UDP from a flow-hashed source port to the peer's
+    dst_port; the UDP ports its inbound SA may carry, when narrower than the tunnel's own
+    selector, UDP to dst_port from any port). GRE, or any
+    protocol that is not UDP: (True, None), the tunnel's own selector decides."""
+    if port.encapsulation.PROTO != UDP:
+        return True, None
+    dport = port.encapsulation.dst_port
+    ours = [t for t in local_ts if t.ip_proto in (0, UDP)]
+    theirs = [t for t in remote_ts if t.ip_proto in (0, UDP)]
+    sends = any(t.start_port <= FLOW_PORT_MIN and t.end_port == 65535 for t in ours) and \
+        any(t.start_port <= dport <= t.end_port for t in theirs)
+    if not ours or not theirs:
+        return sends, None
+    # What the peer sends within this CHILD_SA: from its ports to ours (the hull of each
+    # side's ranges: selectors of one side are one range in practice).
+    src = (min(t.start_port for t in theirs), max(t.end_port for t in theirs))
+    dst = (min(t.start_port for t in ours), max(t.end_port for t in ours))
+    if src == (0, 65535) and dst[0] <= dport <= dst[1]:
+        # The tunnel's own selector (UDP to dst_port from any port) is as narrow: nothing
+        # to add, and the compiled receive path may open this SA's packets.
+        return sends, None
+    return sends, (src, dst)
 
 
 def _ipv4_host(selectors) -> bytes | None:

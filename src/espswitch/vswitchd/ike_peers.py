@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 
 import ovs.vlog
 
+from espswitch.datapath.encap import GRE as GRE_PROTO
 from espswitch.datapath.errors import PortError
 from espswitch.datapath.tunnel import ip4_str
-from espswitch.datapath.tunnel_port import VxlanIpsecPort
+from espswitch.datapath.tunnel_port import IpsecTunnelPort
 from espswitch.ike import ChildConfig, Credentials, IkeCore, IkeError, PeerConfig
 from espswitch.ipsec.sa import Lifetime
 from espswitch.vswitchd.ike_certs import CERT_OPTIONS, Certificates, subject_of
@@ -40,7 +41,7 @@ class IkePeer:
     """One IKE-keyed port as the core knows it."""
 
     cfg: PeerConfig
-    port: VxlanIpsecPort
+    port: IpsecTunnelPort
     local_ip: bytes
     next_try: float = 0.0
     last_error: str | None = None
@@ -62,7 +63,7 @@ class PeerSync:
     def sync(self, now: float) -> None:
         """Make the core's peers match the IKE-keyed ports of the datapath."""
         want = {p.name: p for p in self.dp.ports.values()
-                if isinstance(p, VxlanIpsecPort) and p.ike is not None}
+                if isinstance(p, IpsecTunnelPort) and p.ike is not None}
         oc = self.certs.other_config()
         # Other paths, or files that changed since they were loaded (`Certificates.epoch`).
         oc_key = (*(oc.get(k) for k in CERT_OPTIONS), self.certs.epoch)
@@ -119,7 +120,7 @@ class PeerSync:
             self.changed = True
         self._link_followers(want, leads)
 
-    def _link_followers(self, want: dict[str, VxlanIpsecPort],
+    def _link_followers(self, want: dict[str, IpsecTunnelPort],
                         leads: dict[str, list[str]]) -> None:
         """Point each follower at its leader when their IKE settings agree; a follower
         whose settings differ stays `connecting`, with the reason in status:ike_error."""
@@ -145,12 +146,15 @@ class PeerSync:
                     port.ike_error = error
                     self.changed = True
 
-    def _follow_error(self, port: VxlanIpsecPort, leader: VxlanIpsecPort,
+    def _follow_error(self, port: IpsecTunnelPort, leader: IpsecTunnelPort,
                       p: IkePeer | None) -> str | None:
         """Why `port` cannot share the IKE SA of `leader` (same remote_ip), or None."""
         lead = leader.name
         if p is None or p.port is not leader:
             return f"shares remote_ip with IKE-keyed interface {lead}, which is not keyed"
+        if port.TYPE != leader.TYPE:
+            return (f"shares remote_ip with IKE-keyed interface {lead}, a {leader.TYPE} "
+                    f"tunnel: one IKE SA keys both, so they must be of one type")
         if port.local_ip != leader.local_ip or port.dst_port != leader.dst_port:
             return (f"shares remote_ip with IKE-keyed interface {lead} but not its local_ip "
                     "and dst_port")
@@ -165,16 +169,13 @@ class PeerSync:
                     "must agree")
         return None
 
-    def _peer_config(self, port: VxlanIpsecPort) -> PeerConfig:
+    def _peer_config(self, port: IpsecTunnelPort) -> PeerConfig:
         ike = port.ike
         local, remote = ip4_str(port.local_ip), ip4_str(port.remote_ip)
-        child = ChildConfig(
-            name="vxlan", mode=str(port.mode), esp_proposals=ike.esp,
-            # UDP between the two endpoints, any ports: one CHILD_SA must carry VXLAN both
-            # ways, and each side's VXLAN source port is a hash of the inner flow. The
-            # datapath narrows what it accepts to UDP to dst_port after decryption.
-            local_ts="dynamic[udp]", remote_ts="dynamic[udp]",
-            rekey_time=ike.rekey_time)
+        children = tuple(
+            ChildConfig(name=name, mode=str(port.mode), esp_proposals=ike.esp,
+                        local_ts=local_ts, remote_ts=remote_ts, rekey_time=ike.rekey_time)
+            for name, local_ts, remote_ts in child_selectors(port))
         if ike.psk is not None:
             creds = Credentials(psk=ike.psk)
             local_id, remote_id = local, ike.remote_name or remote
@@ -185,7 +186,7 @@ class PeerSync:
         return PeerConfig(
             name=port.name, local_addr=local, remote_addr=remote, credentials=creds,
             local_id=local_id, remote_id=remote_id, ike_proposals=ike.ike,
-            children=(child,), ike_rekey_time=ike.ike_rekey_time, dpd_delay=ike.dpd_delay,
+            children=children, ike_rekey_time=ike.ike_rekey_time, dpd_delay=ike.dpd_delay,
             dpd_timeout=max(ike.dpd_delay, DPD_TIMEOUT_MIN), encap=port.encap)
 
     def drop(self, name: str, now: float) -> None:
@@ -196,16 +197,47 @@ class PeerSync:
         vlog.info(f"{name}: IKE peer {p.cfg.remote_addr} removed")
         self.changed = True
 
-    def _move_children(self, old: VxlanIpsecPort, new: VxlanIpsecPort) -> None:
+    def _move_children(self, old: IpsecTunnelPort, new: IpsecTunnelPort) -> None:
         for sa_out, sa_in in old.child_sas():
             if sa_out.expired or sa_in.expired:
                 continue
+            sends, rx_ports = old.esp.child_role(sa_in.spi)
             old.release_child(sa_in.spi)
             try:
-                new.adopt_child(sa_out, sa_in)
+                new.adopt_child(sa_out, sa_in, sends, rx_ports)
             except PortError as e:
                 vlog.warn(f"{new.name}: {e}")
 
+
+
+def child_selectors(port: IpsecTunnelPort) -> list[tuple[str, str, str]]:
+    """The CHILD_SAs an IKE-keyed tunnel negotiates: (name, local_ts, remote_ts), `dynamic`
+    being each tunnel endpoint.
+
+    `vxlanipsec`: one CHILD_SA for UDP between the two endpoints, any ports: it carries
+    VXLAN both ways (each side's source port is a hash of the inner flow), and the datapath
+    narrows what it accepts to UDP to dst_port after decryption. Open vSwitch's own types
+    take the selectors ovs-monitor-ipsec gives them, so that a peer configured by it (or
+    as it would) agrees: `gre` one CHILD_SA for IP protocol 47 between the endpoints;
+    `vxlan` and `geneve` two, UDP to the peer's dst_port ("out", which protects what this
+    side sends) and UDP to ours ("in", which protects what the peer sends)."""
+    enc = port.encapsulation
+    if port.TYPE == "vxlanipsec":
+        return [("vxlan", "dynamic[udp]", "dynamic[udp]")]
+    if enc.PROTO == GRE_PROTO:
+        return [("gre", "dynamic[gre]", "dynamic[gre]")]
+    udp_port = f"dynamic[udp/{enc.dst_port}]"
+    return [("out", "dynamic[udp]", udp_port), ("in", udp_port, "dynamic[udp]")]
+
+
+def child_in_use(core: IkeCore, name: str, port: IpsecTunnelPort) -> str | None:
+    """The name of the CHILD_SA whose pair protects what `port` (peer `name`) sends: the one
+    a CHILD_SA rekey is about (a VXLAN or Geneve tunnel also has a receive-only one)."""
+    sa_in = port.sa_in
+    if sa_in is None:
+        return None
+    return next((c.name for s in core.ike_sas(name) for c in s.children
+                 if c.spi_in == sa_in.spi), None)
 
 
 def command(fn: Callable[..., None], name: str, now: float, *args: object) -> str | None:

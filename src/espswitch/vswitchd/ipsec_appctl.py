@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from espswitch.datapath.tunnel_port import VxlanIpsecPort
+from espswitch.datapath.tunnel_port import IpsecTunnelPort
 from espswitch.vswitchd import unixctl
 
 if TYPE_CHECKING:
@@ -56,11 +56,11 @@ def register(sw: Switchd) -> None:
     def ipsec_show(conn, argv, aux) -> None:
         as_json = "--json" in argv
         names = [a for a in argv if a != "--json"]
-        ports = [p for p in dp.ports.values() if isinstance(p, VxlanIpsecPort)]
+        ports = [p for p in dp.ports.values() if isinstance(p, IpsecTunnelPort)]
         if names:
             ports = [p for p in ports if p.name == names[0]]
             if not ports:
-                conn.reply_error(f"no vxlanipsec interface named {names[0]}")
+                conn.reply_error(f"no IPsec-protected interface named {names[0]}")
                 return
         rows = [row for p in sorted(ports, key=lambda p: p.name) for row in p.sa_rows()]
         if as_json:
