@@ -101,8 +101,9 @@ def test_the_gre_selector_is_protocol_47():
 
 
 @pytest.mark.parametrize(("options", "words"), [
-    ({"esp": "aes128gcm16"}, "options:esp is an IPsec option, but nothing keys this gre"),
-    ({"ipsec_encapsulation": "yes"}, "nothing keys this gre tunnel"),
+    ({"esp": "aes128gcm16"},
+     "interface vx0: options:esp is an IPsec option, but nothing keys this gre"),
+    ({"ipsec_encapsulation": "yes"}, "interface vx0: options:ipsec_encapsulation is an IPsec"),
     ({"spi_out": "0x1001"}, "a protected tunnel needs keys"),
     ({"psk": "x", "spi_in": "0x1001"}, "cannot be combined"),
 ])

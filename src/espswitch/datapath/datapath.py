@@ -125,7 +125,10 @@ class Datapath:
         if name in self.ports:
             other = self.ports[name].bridge.name
             raise PortError(f"interface {name} already exists on bridge {other}")
-        cls = port_class(type_).variant(options or {})
+        try:
+            cls = port_class(type_).variant(options or {})
+        except PortError as e:  # the variant's reasons do not know the port's name
+            raise PortError(f"interface {name}: {e}") from None
         port = cls(self.ctx, b, name, options or {})
         port.set_vlan(tag, trunks)
         port.ofport = self._pick_ofport(b, port, ofport)
