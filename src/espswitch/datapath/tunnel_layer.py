@@ -217,12 +217,8 @@ class TunnelLayer:
         if done is None:
             return True  # held, or dropped and counted
         whole, fragments = done
-        if not handler(bridge, in_port, whole, 14, 54, 54 + ((whole[18] << 8) | whole[19])):
-            self._bypass = True
-            try:
-                bridge.process(in_port, fragments, False)
-            finally:
-                self._bypass = False
+        self._reassembled(bridge, in_port, handler, whole, fragments, 54,
+                          54 + ((whole[18] << 8) | whole[19]))
         return True
 
     def _fragment(self, bridge: Bridge, in_port: Port, frame: bytes, handler: IpHandler) -> bool:
@@ -231,8 +227,14 @@ class TunnelLayer:
         if done is None:
             return True  # held, or dropped and counted
         whole, fragments = done
-        if not handler(bridge, in_port, whole, 14, 14 + (whole[14] & 15) * 4,
-                       14 + ((whole[16] << 8) | whole[17])):
+        self._reassembled(bridge, in_port, handler, whole, fragments,
+                          14 + (whole[14] & 15) * 4, 14 + ((whole[16] << 8) | whole[17]))
+        return True
+
+    def _reassembled(self, bridge: Bridge, in_port: Port, handler: IpHandler, whole: bytes,
+                     fragments: list[bytes], l4: int, end: int) -> None:
+        """A datagram made whole from outer fragments (IPv4 or IPv6), to its handler."""
+        if not handler(bridge, in_port, whole, 14, l4, end):
             # Not for a tunnel (UDP to another port, IKE's for one): the fragments go on
             # through the bridge as they came, for the kernel to reassemble.
             self._bypass = True
@@ -240,7 +242,6 @@ class TunnelLayer:
                 bridge.process(in_port, fragments, False)
             finally:
                 self._bypass = False
-        return True
 
     def _udp_input(self, bridge: Bridge, in_port: Port, frame: bytes, l3: int, l4: int,
                    end: int) -> bool:

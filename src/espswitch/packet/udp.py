@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from espswitch.packet.checksum import (
@@ -72,11 +73,17 @@ def udp_checksum_ipv4(src: Buffer, dst: Buffer, udp_segment: Buffer) -> int:
     The checksum field's current contents are ignored. A computed 0 is returned as 0xFFFF
     (RFC 768: zero on the wire means "no checksum").
     """
+    return _checksum(udp_segment, lambda n: ipv4_pseudo_header_sum(src, dst, IPV4_PROTO_UDP, n))
+
+
+def _checksum(udp_segment: Buffer, pseudo: Callable[[int], int]) -> int:
+    """The UDP checksum of `udp_segment` given its pseudo header's sum (`pseudo(length)`),
+    the stored checksum field taken out; 0 is sent as 0xFFFF."""
     n = len(udp_segment)
     if n < UDP_HLEN:
         raise TruncatedPacket(f"UDP segment of {n} bytes, shorter than its header")
     stored = (udp_segment[UDP_OFF_CHECKSUM] << 8) | udp_segment[UDP_OFF_CHECKSUM + 1]
-    initial = ipv4_pseudo_header_sum(src, dst, IPV4_PROTO_UDP, n) + (~stored & 0xFFFF)
+    initial = pseudo(n) + (~stored & 0xFFFF)
     return (~ones_complement_sum(udp_segment, initial) & 0xFFFF) or 0xFFFF
 
 
@@ -126,12 +133,7 @@ def udp_checksum_ipv6(src: Buffer, dst: Buffer, udp_segment: Buffer) -> int:
     Over IPv6 the checksum is mandatory: zero on the wire means none was computed, which
     only tunnels may accept (RFC 6935, 6936).
     """
-    n = len(udp_segment)
-    if n < UDP_HLEN:
-        raise TruncatedPacket(f"UDP segment of {n} bytes, shorter than its header")
-    stored = (udp_segment[UDP_OFF_CHECKSUM] << 8) | udp_segment[UDP_OFF_CHECKSUM + 1]
-    initial = ipv6_pseudo_header_sum(src, dst, IPV4_PROTO_UDP, n) + (~stored & 0xFFFF)
-    return (~ones_complement_sum(udp_segment, initial) & 0xFFFF) or 0xFFFF
+    return _checksum(udp_segment, lambda n: ipv6_pseudo_header_sum(src, dst, IPV4_PROTO_UDP, n))
 
 
 def verify_udp_checksum_ipv6(src: Buffer, dst: Buffer, udp_segment: Buffer,
