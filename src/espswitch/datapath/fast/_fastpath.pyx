@@ -2401,45 +2401,6 @@ cdef extern from *:
     const int EMSGSIZE_ "EMSGSIZE"
 
 
-def send_frames(int fd, frames) -> tuple:
-    """Send every frame on socket `fd` with sendmmsg(2), the GIL released; returns
-    (sent, lengths dropped, lengths too big for the link), as devices._send_all."""
-    cdef Py_ssize_t n = len(frames), i, nviews = 0
-    cdef Py_buffer *views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
-    cdef char **bufs = <char **>calloc(n if n else 1, sizeof(char *))
-    cdef size_t *lens = <size_t *>calloc(n if n else 1, sizeof(size_t))
-    cdef int *errs = <int *>calloc(n if n else 1, sizeof(int))
-    cdef int sent = 0
-    cdef list dropped = [], too_big = []
-    try:
-        if views == NULL or bufs == NULL or lens == NULL or errs == NULL:
-            raise MemoryError()
-        if n > 0x7FFFFFFF:
-            raise ValueError("too many frames")
-        for i in range(n):
-            PyObject_GetBuffer(frames[i], &views[i], PyBUF_SIMPLE)
-            nviews = i + 1
-            bufs[i] = <char *>views[i].buf
-            lens[i] = <size_t>views[i].len
-        with nogil:
-            esp_send_frames(fd, bufs, lens, <int>n, errs)
-        for i in range(n):
-            if errs[i] == 0:
-                sent += 1
-            elif errs[i] == EMSGSIZE_:
-                too_big.append(lens[i])
-            else:
-                dropped.append(lens[i])
-        return sent, dropped, too_big
-    finally:
-        for i in range(nviews):
-            PyBuffer_Release(&views[i])
-        free(views)
-        free(bufs)
-        free(lens)
-        free(errs)
-
-
 # -- receive-side coalescing for TAP writes (datapath/gro.py, in C) ----------------------------
 #
 # `gro_units` finds, in a batch of frames for one TAP, the runs gro.coalesce merges (the
@@ -2719,6 +2680,33 @@ def tap_send(int fd, frames) -> tuple:
     finally:
         free(units)
         free(iov)
+        free(errs)
+
+
+def send_frames(int fd, frames) -> tuple:
+    """Send every frame on socket `fd` with sendmmsg(2), the GIL released; returns
+    (sent, lengths dropped, lengths too big for the link), as devices._send_all."""
+    cdef _Frames fr = _Frames(frames)
+    cdef Py_ssize_t i
+    cdef int *errs = <int *>calloc(fr.n if fr.n else 1, sizeof(int))
+    cdef int sent = 0
+    cdef list dropped = [], too_big = []
+    if errs == NULL:
+        raise MemoryError()
+    try:
+        if fr.n > 0x7FFFFFFF:
+            raise ValueError("too many frames")
+        with nogil:
+            esp_send_frames(fd, <char **>fr.fs, fr.ns, <int>fr.n, errs)
+        for i in range(fr.n):
+            if errs[i] == 0:
+                sent += 1
+            elif errs[i] == EMSGSIZE_:
+                too_big.append(fr.ns[i])
+            else:
+                dropped.append(fr.ns[i])
+        return sent, dropped, too_big
+    finally:
         free(errs)
 
 
