@@ -68,10 +68,11 @@ class Hypervisor:
     `ip` IPv4 (in 10.0.0.0/24) or IPv6 (in fd00::/64, the underlay's prefix then)."""
 
     def __init__(self, ip: str, remote: str, vni: int | None = 100, vm_tag: int | None = None,
-                 tun_type: str = "vxlan", tun_options: dict[str, str] | None = None) -> None:
+                 tun_type: str = "vxlan", tun_options: dict[str, str] | None = None,
+                 wire: bool = False) -> None:
         raw = ip_addr(ip)
         self.v6 = len(raw) == 16
-        self.devs = MemoryDevices(system_names=("eth0",), mac_prefix=raw[-1])
+        self.devs = MemoryDevices(system_names=("eth0",), mac_prefix=raw[-1], wire=wire)
         self.dp = Datapath(self.devs)
         dp = self.dp
         dp.add_bridge("br-phy")

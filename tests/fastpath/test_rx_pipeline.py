@@ -34,11 +34,11 @@ def inner(dst: bytes = VM_MAC, src: bytes = PEER_VM, size: int = 64, tag: int = 
     return eth(dst, src, ipv4("192.168.1.1", "192.168.1.2", 1, bytes([tag]) * size))
 
 
-def hypervisor(fast_path: bool, **params: object) -> Hypervisor:
+def hypervisor(fast_path: bool, wire: bool = False, **params: object) -> Hypervisor:
     """A hypervisor whose tunnel opens with a compiled SA, the VM's MAC already learned."""
     hv = Hypervisor(LOCAL, REMOTE, vni=VNI, tun_type="vxlanipsec", tun_options={
         "esp": "aes128gcm16", "spi_in": hex(SPI_IN), "spi_out": hex(SPI_OUT),
-        "esp_key_in": KEY_IN.hex(), "esp_key_out": KEY_OUT.hex()})
+        "esp_key_in": KEY_IN.hex(), "esp_key_out": KEY_OUT.hex()}, wire=wire)
     esp = hv.tun.esp
     # The lead wires the SA factory into protection.py; until then the test installs it.
     layer = esp._layer

@@ -49,13 +49,13 @@ def frame(dst: bytes = PEER_VM, src: bytes = VM_MAC, size: int = 64, df: bool = 
     return eth(dst, src, bytes(ip))
 
 
-def hypervisor(fast_path: bool, **params: object) -> Hypervisor:
+def hypervisor(fast_path: bool, wire: bool = False, **params: object) -> Hypervisor:
     """A hypervisor whose tunnel seals with a compiled SA; the VM, the peer's VM, the
     peer hypervisor (next hop) and the internal port are learned: the Python path has
     sent one frame."""
     hv = Hypervisor(LOCAL, REMOTE, vni=VNI, tun_type="vxlanipsec", tun_options={
         "esp": "aes128gcm16", "spi_in": hex(SPI_IN), "spi_out": hex(SPI_OUT),
-        "esp_key_in": KEY_IN.hex(), "esp_key_out": KEY_OUT.hex()})
+        "esp_key_in": KEY_IN.hex(), "esp_key_out": KEY_OUT.hex()}, wire=wire)
     esp = hv.tun.esp
     if params:
         esp.sa_out = fast.make_outbound_sa(dataclasses.replace(esp.sa_out.params, **params),

@@ -42,6 +42,8 @@ SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
 PACKET_IGNORE_OUTGOING = 23
+SO_SNDBUFFORCE = 32  # socket(7): root may exceed wmem_max
+SO_RCVBUFFORCE = 33
 PACKET_AUXDATA = 8
 TP_STATUS_VLAN_VALID = 0x10
 TP_STATUS_KERNEL = 0
@@ -302,6 +304,13 @@ class TapDevice:
             out.append(mv[:n].tobytes())
         return out
 
+    def fast_output(self) -> tuple[int, int] | None:
+        """How the compiled pipelines write to this device themselves, exactly as `send`
+        (RxTable.set_outputs); None without the compiled module."""
+        if _tap_send is None or self.fd < 0:
+            return None
+        return fast._fastpath.OUTPUT_TAP, self.fd
+
     def send(self, frames: list[bytes]) -> SendResult:
         """Write every frame, consecutive TCP segments merged; (sent, dropped, too big)."""
         if _tap_send is not None:
@@ -460,6 +469,13 @@ class PacketSocketDevice:
             out.append(frame)
         return out
 
+    def fast_output(self) -> tuple[int, int] | None:
+        """How the compiled pipelines send on this device themselves, exactly as `send`
+        (RxTable.set_outputs); None without the compiled module."""
+        if _send_frames is None:
+            return None
+        return fast._fastpath.OUTPUT_PACKET, self.sock.fileno()
+
     def send(self, frames: list[bytes]) -> SendResult:
         if _send_frames is not None:
             return _send_frames(self.sock.fileno(), frames)
@@ -559,14 +575,33 @@ class LinuxDevices:
 
 
 class MemoryDevice:
-    """A device in memory: `inject()` frames to receive, read `sent` for what went out."""
+    """A device in memory: `inject()` frames to receive, read `sent` for what went out.
 
-    def __init__(self, name: str, mac: bytes) -> None:
+    With `wire` (OUTPUT_TAP or OUTPUT_PACKET of the compiled module), what goes out is
+    written to one end of a datagram socket pair exactly as the real TAP or packet socket
+    device writes it (GRO runs with their virtio-net headers, or one datagram a frame),
+    from Python (`send`) or by the compiled pipelines themselves (`fast_output`); `take()`
+    then returns the datagrams as they arrived at the other end.
+    """
+
+    def __init__(self, name: str, mac: bytes, wire: int | None = None) -> None:
         self.name = name
         self.mac = mac
         self.inbox: list[bytes] = []
         self.sent: list[bytes] = []
         self.closed = False
+        self.wire = wire
+        #: calls of `send` (with `wire`: what Python wrote, not the compiled pipelines)
+        self.send_calls = 0
+        self._pair: tuple[socket.socket, socket.socket] | None = None
+        if wire is not None:
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            # A socket pair has no queue length limit, only its buffer: large enough
+            # that a test's batches never meet it.
+            a.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 64 << 20)
+            b.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+            b.setblocking(False)
+            self._pair = (a, b)
 
     def fileno(self) -> int:
         return -1
@@ -578,16 +613,38 @@ class MemoryDevice:
         out, self.inbox = self.inbox[:limit], self.inbox[limit:]
         return out
 
+    def fast_output(self) -> tuple[int, int] | None:
+        if self._pair is None or self.wire is None:
+            return None
+        return self.wire, self._pair[0].fileno()
+
     def send(self, frames: list[bytes]) -> SendResult:
+        self.send_calls += 1
+        if self._pair is not None:
+            fd = self._pair[0].fileno()
+            if self.wire == fast._fastpath.OUTPUT_TAP:
+                return _tap_send(fd, frames)
+            return _send_frames(fd, frames)
         self.sent.extend(frames)
         return len(frames), [], []
 
     def take(self) -> list[bytes]:
+        if self._pair is not None:
+            out = []
+            while True:
+                try:
+                    out.append(self._pair[1].recv(1 << 17))
+                except BlockingIOError:
+                    return out
         out, self.sent = self.sent, []
         return out
 
     def close(self) -> None:
         self.closed = True
+        if self._pair is not None:
+            for sock in self._pair:
+                sock.close()
+            self._pair = None
 
 
 class MemoryDevices:
@@ -596,25 +653,28 @@ class MemoryDevices:
     `system_names` lists the system devices that "exist"; others fail like the kernel's.
     """
 
-    def __init__(self, system_names: tuple[str, ...] = (), mac_prefix: int = 0) -> None:
+    def __init__(self, system_names: tuple[str, ...] = (), mac_prefix: int = 0,
+                 wire: bool = False) -> None:
         self.system_names = set(system_names)
+        #: devices write to socket pairs as the real ones do (MemoryDevice's `wire`)
+        self.wire = wire
         self.devices: dict[str, MemoryDevice] = {}
         self._next_mac = 1
         self._prefix = mac_prefix
         # bump a name's generation to simulate a device deleted and created again
         self.generation: dict[str, int] = {}
 
-    def _new(self, name: str) -> MemoryDevice:
+    def _new(self, name: str, wire: int | None = None) -> MemoryDevice:
         mac = bytes([0x02, 0, 0, 0, self._prefix & 0xFF, self._next_mac])
         self._next_mac += 1
-        dev = MemoryDevice(name, mac)
+        dev = MemoryDevice(name, mac, wire if self.wire else None)
         self.devices[name] = dev
         return dev
 
     def open_tap(self, name: str, persist: bool = False, offload: bool = False
                  ) -> MemoryDevice:
         check_ifname(name)
-        return self._new(name)
+        return self._new(name, fast._fastpath.OUTPUT_TAP if self.wire else None)
 
     def track_tap(self, dev: MemoryDevice, now: float) -> None:
         pass
@@ -626,7 +686,7 @@ class MemoryDevices:
         check_ifname(name)
         if name not in self.system_names:
             raise PortError(f"system device '{name}' does not exist")
-        dev = self._new(name)
+        dev = self._new(name, fast._fastpath.OUTPUT_PACKET if self.wire else None)
         dev.ifindex = self.ifindex(name)
         return dev
 

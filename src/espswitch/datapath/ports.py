@@ -18,6 +18,7 @@ from espswitch.datapath.gso import complete as gso_complete
 if TYPE_CHECKING:
     from espswitch.datapath.bridge import Bridge
     from espswitch.datapath.context import PortContext
+    from espswitch.datapath.devices import SendResult
 
 PORT_TYPES: dict[str, type[Port]] = {}
 
@@ -154,13 +155,18 @@ class DevicePort(Port):
         return self.dev.recv_batch(limit)
 
     def send(self, frames: list[bytes]) -> None:
-        sent, dropped, too_big = self.dev.send(frames)
+        self.count_sent(sum(map(len, frames)), self.dev.send(frames))
+
+    def count_sent(self, nbytes: int, result: SendResult) -> None:
+        """Count what the device's `send` did with frames of `nbytes` bytes in all (also
+        for the compiled pipelines, which write to the device themselves)."""
+        sent, dropped, too_big = result
         st = self.stats
         st["tx_packets"] += sent
         if not dropped and not too_big:
-            st["tx_bytes"] += sum(map(len, frames))
+            st["tx_bytes"] += nbytes
             return
-        st["tx_bytes"] += sum(map(len, frames)) - sum(dropped) - sum(too_big)
+        st["tx_bytes"] += nbytes - sum(dropped) - sum(too_big)
         if dropped:
             st.drop("tx_queue_full", len(dropped))
         if too_big:

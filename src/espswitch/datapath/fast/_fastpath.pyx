@@ -41,7 +41,8 @@ salt and IV mask are cleansed (OPENSSL_cleanse) when the SA is freed.
 
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
 import weakref
@@ -1281,6 +1282,18 @@ cdef enum:
     RX_CANDIDATE = 4
     RX_CLEAR = 5         # plain VXLAN to a clear tunnel, its inner frame to a known port
 
+cdef enum:
+    OUT_PYTHON = 0   # handed back to Python, for the port's own `send`
+    OUT_TAP = 1      # written as TapDevice.send does: GRO runs, writev to the TAP
+    OUT_PACKET = 2   # sent as PacketSocketDevice.send does: sendmmsg on the socket
+
+
+OUTPUT_TAP = OUT_TAP
+"""RxTable.set_outputs: a TAP device's fd, written as TapDevice.send writes."""
+OUTPUT_PACKET = OUT_PACKET
+"""RxTable.set_outputs: an AF_PACKET socket's fd, sent as PacketSocketDevice.send sends."""
+
+
 cdef struct rx_spi:
     uint32_t spi
     esp_sa *sa
@@ -1372,6 +1385,10 @@ cdef class RxTable:
     # Clear tunnels' IPv4 ID counters: buffers exported by the underlays' arrays.
     cdef Py_buffer *ident_views
     cdef Py_ssize_t nviews
+    # Per port index: how the pipelines write its output themselves (OUT_*), and the fd.
+    cdef uint8_t *out_kind
+    cdef int *out_fd
+    cdef int nouts
 
     def __cinit__(self):
         self.spis = NULL
@@ -1390,6 +1407,9 @@ cdef class RxTable:
         self._tx_cores = []
         self.ident_views = NULL
         self.nviews = 0
+        self.out_kind = NULL
+        self.out_fd = NULL
+        self.nouts = 0
 
     def __dealloc__(self):
         cdef Py_ssize_t i
@@ -1402,6 +1422,39 @@ cdef class RxTable:
         for i in range(self.nviews):
             PyBuffer_Release(&self.ident_views[i])
         free(self.ident_views)
+        free(self.out_kind)
+        free(self.out_fd)
+
+    def set_outputs(self, outputs) -> None:
+        """How each port index's output is written: `outputs[i]` is None (handed back to
+        Python, for the port's own `send`) or (OUT_TAP or OUT_PACKET, file descriptor), for
+        a port whose `send` is exactly TapDevice.send / PacketSocketDevice.send with the
+        port's counters (see `write_frames`). The slow path reinstalls this whenever a
+        port's device may have changed, so a descriptor here is never a closed one."""
+        cdef Py_ssize_t i, n = len(outputs)
+        cdef uint8_t *kind = <uint8_t *>calloc(n if n else 1, 1)
+        cdef int *fd = <int *>calloc(n if n else 1, sizeof(int))
+        if kind == NULL or fd == NULL:
+            free(kind)
+            free(fd)
+            raise MemoryError()
+        try:
+            for i in range(n):
+                fd[i] = -1
+                if outputs[i] is None:
+                    continue
+                k, f = outputs[i]
+                if k not in (OUT_TAP, OUT_PACKET) or f < 0:
+                    raise ValueError("an output is (OUT_TAP or OUT_PACKET, fd >= 0)")
+                kind[i] = k
+                fd[i] = f
+        except BaseException:
+            free(kind)
+            free(fd)
+            raise
+        free(self.out_kind)
+        free(self.out_fd)
+        self.out_kind, self.out_fd, self.nouts = kind, fd, <int>n
 
     def set(self, spis, macs, out_ok) -> None:
         cdef Py_ssize_t i, n = len(spis), m = len(macs), cap = 4
@@ -1805,31 +1858,35 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
     """Run frames received on port index `in_port` (of bridge index `in_bridge`) through
     `table`; the GIL is released for the per-packet work.
 
-    Returns `(kinds, outputs, tunnel_rx, upcalls, drops, entries)`: `kinds` one byte
-    per frame (0 miss, 1 drop, 2 upcall, 3 hit); `outputs` {out port index: [inner frame,
-    ...]} in arrival order; `tunnel_rx` {tunnel port index: [packets, bytes]} delivered; `upcalls` of (frame index, spi index, next header, payload); `drops` of
-    (frame index, spi index, DropReason); `entries` the set of MAC entry indices whose age
-    to refresh (outer sources of every frame not missed, inner sources of hits).
+    Returns `(kinds, outputs, written, tunnel_rx, upcalls, drops, entries)`: `kinds` one
+    byte per frame (0 miss, 1 drop, 2 upcall, 3 hit); `outputs` {out port index: [inner
+    frame, ...]} in arrival order, for ports without an installed output; `written` {out
+    port index: (frames, bytes, (sent, dropped, too big))} for ports with one, already
+    written (`set_outputs`); `tunnel_rx` {tunnel port index: [packets, bytes]} delivered;
+    `upcalls` of (frame index, spi index, next header, payload); `drops` of (frame
+    index, spi index, DropReason); `entries` the set of MAC entry indices whose age to
+    refresh (outer sources of every frame not missed, inner sources of hits).
     """
-    cdef Py_ssize_t n = len(frames), i, done
+    cdef Py_ssize_t n = len(frames), i, j, done, nout
     cdef rx_pkt *pkts
     cdef Py_buffer *views
     cdef Py_ssize_t nviews = 0
-    cdef PyObject **outs
+    cdef uint8_t *arena = NULL
+    cdef const uint8_t **fs = NULL
+    cdef size_t *ns = NULL
     cdef rx_pkt *p
-    cdef int account = 0, cut = 0
-    cdef size_t cap
+    cdef int account = 0, cut = 0, port
+    cdef size_t cap, total = 0
     cdef bytearray kinds = bytearray(n)
     cdef list upcalls = [], drops = [], lst
-    cdef dict outputs = {}, tunnel_rx = {}
+    cdef dict outputs = {}, tunnel_rx = {}, written = {}
     cdef set entries = set()
     cdef int tunnel
     cdef object frame
     pkts = <rx_pkt *>calloc(n if n else 1, sizeof(rx_pkt))
     views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
-    outs = <PyObject **>calloc(n if n else 1, sizeof(PyObject *))
     try:
-        if pkts == NULL or views == NULL or outs == NULL:
+        if pkts == NULL or views == NULL:
             raise MemoryError()
         for i in range(n):
             PyObject_GetBuffer(frames[i], &views[i], PyBUF_SIMPLE)
@@ -1839,22 +1896,27 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
         with nogil:
             for i in range(n):
                 rx_classify(table, &pkts[i], in_port, in_bridge)
+        # One buffer for what the batch opens or copies out: what leaves through an
+        # installed output is written from here, everything else is copied into bytes.
         for i in range(n):
             p = &pkts[i]
             if p.kind == RX_CLEAR:
-                cap = p.stop - p.start
+                p.cap = p.stop - p.start
             elif p.kind == RX_CANDIDATE:
-                # A new bytes object per candidate, written in place (the ring-slot
-                # zero-copy is for later).
-                cap = open_capacity(table.spis[p.spi_idx].sa, p.stop - p.start)
+                p.cap = open_capacity(table.spis[p.spi_idx].sa, p.stop - p.start)
                 p.tunnel = table.spis[p.spi_idx].target
             else:
                 continue
-            outs[i] = _bytes_new(NULL, <Py_ssize_t>cap)
-            if outs[i] == NULL:
-                raise MemoryError()
-            p.out = <uint8_t *>_bytes_buf(outs[i]) if cap else NULL
-            p.cap = cap
+            total += (p.cap + 15) & ~(<size_t>15)
+        arena = <uint8_t *>malloc(total if total else 1)
+        if arena == NULL:
+            raise MemoryError()
+        total = 0
+        for i in range(n):
+            p = &pkts[i]
+            if p.kind == RX_CLEAR or p.kind == RX_CANDIDATE:
+                p.out = arena + total
+                total += (p.cap + 15) & ~(<size_t>15)
         i = 0
         while i < n:
             with nogil:
@@ -1872,16 +1934,11 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
             if p.kind == RX_DROP:
                 drops.append((i, p.spi_idx, _REASONS[-1 - p.result]))
             elif p.kind == RX_UPCALL:
-                upcalls.append((i, p.spi_idx, p.result, _hand_out(outs, i, p.out_len)))
+                upcalls.append((i, p.spi_idx, p.result,
+                                PyBytes_FromStringAndSize(<char *>p.out, p.out_len)))
             else:
                 if p.inner_entry >= 0:
                     entries.add(p.inner_entry)
-                frame = _hand_out(outs, i, p.stop - p.start)
-                lst = outputs.get(p.out_port)
-                if lst is None:
-                    outputs[p.out_port] = [frame]
-                else:
-                    lst.append(frame)
                 tunnel = p.tunnel
                 rx = tunnel_rx.get(tunnel)
                 if rx is None:
@@ -1889,17 +1946,39 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
                 else:
                     rx[0] += 1
                     rx[1] += p.stop - p.start
-        return kinds, outputs, tunnel_rx, upcalls, drops, entries
+                if out_direct(table, p.out_port):
+                    written[p.out_port] = None
+                    continue
+                frame = PyBytes_FromStringAndSize(<char *>p.out, p.stop - p.start)
+                lst = outputs.get(p.out_port)
+                if lst is None:
+                    outputs[p.out_port] = [frame]
+                else:
+                    lst.append(frame)
+        if written:
+            # Each installed output gets its hits in arrival order, in one write call.
+            fs = <const uint8_t **>calloc(n, sizeof(uint8_t *))
+            ns = <size_t *>calloc(n, sizeof(size_t))
+            if fs == NULL or ns == NULL:
+                raise MemoryError()
+            for port in list(written):
+                nout = 0
+                for j in range(n):
+                    p = &pkts[j]
+                    if p.kind == RX_HIT and p.out_port == port:
+                        fs[nout] = p.out
+                        ns[nout] = p.stop - p.start
+                        nout += 1
+                written[port] = write_port(table, port, fs, ns, nout)
+        return kinds, outputs, written, tunnel_rx, upcalls, drops, entries
     finally:
         for i in range(nviews):
             PyBuffer_Release(&views[i])
-        if outs != NULL:
-            for i in range(n):
-                if outs[i] != NULL:
-                    _decref(outs[i])
         free(pkts)
         free(views)
-        free(outs)
+        free(arena)
+        free(fs)
+        free(ns)
 
 
 cdef object _hand_out(PyObject **outs, Py_ssize_t i, size_t size):
@@ -2272,30 +2351,35 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False)
     transmit side; the GIL is released for the per-packet work. With `vnet`, each read
     starts with a virtio-net header (a TAP with offloads: see datapath/gso.py).
 
-    Returns `(kinds, outputs, tunnel_tx, drops, entries, taken)`: `kinds` one byte per
-    read (0 miss, 3 taken); `outputs` {NIC port index: [outer frame, ...]} in arrival
-    order; `tunnel_tx` {tunnel port index: [packets, inner bytes]}; `drops` of (read
-    index, tunnel port index, DropReason); `entries` the set of MAC entry indices whose
-    age to refresh (the inner sources, the internal ports' MACs on the egress bridges);
-    `taken` [frames, bytes] the input port received (segments counted one by one).
+    Returns `(kinds, outputs, written, tunnel_tx, drops, entries, taken)`: `kinds` one
+    byte per read (0 miss, 3 taken); `outputs` {NIC port index: [outer frame, ...]} in
+    arrival order, for ports without an installed output; `written` {NIC port index:
+    (frames, bytes, (sent, dropped, too big))} for ports with one, already sent;
+    `tunnel_tx` {tunnel port index: [packets, inner bytes]}; `drops` of (read index,
+    tunnel port index, DropReason); `entries` the set of MAC entry indices whose age to
+    refresh (the inner sources, the internal ports' MACs on the egress bridges); `taken`
+    [frames, bytes] the input port received (segments counted one by one).
     """
-    cdef Py_ssize_t n = len(frames), i, j, done, nout = 0, slot
+    cdef Py_ssize_t n = len(frames), i, j, done, nout = 0, slot, nw
     cdef tx_pkt *pkts
     cdef Py_buffer *views
     cdef Py_ssize_t nviews = 0
-    cdef PyObject **outs = NULL
+    cdef uint8_t *arena = NULL
     cdef uint8_t **bufs = NULL
     cdef size_t *lens = NULL
     cdef int *results = NULL
+    cdef int *slot_port = NULL
+    cdef const uint8_t **fs = NULL
+    cdef size_t *ns = NULL
     cdef tx_pkt *p
     cdef tx_tun *k
-    cdef int account = 0, cut = 0, r, acct_tun = 0
+    cdef int account = 0, cut = 0, r, acct_tun = 0, port
     cdef uint64_t seq = 0
-    cdef size_t cap, inner, raw_len
+    cdef size_t cap, inner, raw_len, total = 0
     cdef const uint8_t *raw
     cdef bytearray kinds = bytearray(n)
     cdef list drops = [], lst
-    cdef dict outputs = {}, tunnel_tx = {}
+    cdef dict outputs = {}, tunnel_tx = {}, written = {}
     cdef set entries = set()
     cdef list taken = [0, 0]
     pkts = <tx_pkt *>calloc(n if n else 1, sizeof(tx_pkt))
@@ -2322,22 +2406,29 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False)
                 if p.kind == TX_CANDIDATE:
                     p.first = nout
                     nout += p.nseg
-        outs = <PyObject **>calloc(nout if nout else 1, sizeof(PyObject *))
         bufs = <uint8_t **>calloc(nout if nout else 1, sizeof(uint8_t *))
         lens = <size_t *>calloc(nout if nout else 1, sizeof(size_t))
         results = <int *>calloc(nout if nout else 1, sizeof(int))
-        if outs == NULL or bufs == NULL or lens == NULL or results == NULL:
+        slot_port = <int *>calloc(nout if nout else 1, sizeof(int))
+        if bufs == NULL or lens == NULL or results == NULL or slot_port == NULL:
             raise MemoryError()
+        # One buffer for every outer frame of the batch: what leaves through an installed
+        # output is sent from here, everything else is copied into bytes.
         for i in range(n):
             p = &pkts[i]
-            if p.kind != TX_CANDIDATE:
-                continue
-            for j in range(p.nseg):
-                cap = tx_capacity(&table.tuns[p.tun], tx_seg_len(p, <int>j))
-                outs[p.first + j] = _bytes_new(NULL, <Py_ssize_t>cap)
-                if outs[p.first + j] == NULL:
-                    raise MemoryError()
-                bufs[p.first + j] = <uint8_t *>_bytes_buf(outs[p.first + j])
+            if p.kind == TX_CANDIDATE:
+                for j in range(p.nseg):
+                    cap = tx_capacity(&table.tuns[p.tun], tx_seg_len(p, <int>j))
+                    lens[p.first + j] = cap
+                    total += (cap + 15) & ~(<size_t>15)
+        arena = <uint8_t *>malloc(total if total else 1)
+        if arena == NULL:
+            raise MemoryError()
+        total = 0
+        for slot in range(nout):
+            bufs[slot] = arena + total
+            total += (lens[slot] + 15) & ~(<size_t>15)
+            slot_port[slot] = -1
         i = 0
         while i < n:
             with nogil:
@@ -2366,32 +2457,49 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False)
                     drops.append((i, k.port, _REASONS[-1 - r]))
                     continue
                 entries.add(k.phy_entry)
-                frame = _hand_out(outs, slot, lens[slot])
-                lst = outputs.get(k.out_port)
-                if lst is None:
-                    outputs[k.out_port] = [frame]
-                else:
-                    lst.append(frame)
                 tx = tunnel_tx.get(k.port)
                 if tx is None:
                     tunnel_tx[k.port] = [1, inner]
                 else:
                     tx[0] += 1
                     tx[1] += inner
-        return kinds, outputs, tunnel_tx, drops, entries, taken
+                if out_direct(table, k.out_port):
+                    slot_port[slot] = k.out_port
+                    written[k.out_port] = None
+                    continue
+                frame = PyBytes_FromStringAndSize(<char *>bufs[slot], lens[slot])
+                lst = outputs.get(k.out_port)
+                if lst is None:
+                    outputs[k.out_port] = [frame]
+                else:
+                    lst.append(frame)
+        if written:
+            # Each installed output gets its frames in arrival order, in one send call.
+            fs = <const uint8_t **>calloc(nout, sizeof(uint8_t *))
+            ns = <size_t *>calloc(nout, sizeof(size_t))
+            if fs == NULL or ns == NULL:
+                raise MemoryError()
+            for port in list(written):
+                nw = 0
+                for slot in range(nout):
+                    if slot_port[slot] == port:
+                        fs[nw] = bufs[slot]
+                        ns[nw] = lens[slot]
+                        nw += 1
+                written[port] = write_port(table, port, fs, ns, nw)
+        return kinds, outputs, written, tunnel_tx, drops, entries, taken
     finally:
         for i in range(nviews):
             PyBuffer_Release(&views[i])
-        if outs != NULL:
-            for i in range(nout):
-                if outs[i] != NULL:
-                    _decref(outs[i])
         free(pkts)
         free(views)
-        free(outs)
+        free(arena)
         free(bufs)
         free(lens)
         free(results)
+        free(slot_port)
+        free(fs)
+        free(ns)
 
 
 # -- batched transmission ----------------------------------------------------------------------
@@ -2652,97 +2760,128 @@ cdef extern from "<errno.h>" nogil:
     const int EINTR
 
 
-def tap_send(int fd, frames) -> tuple:
-    """TapDevice.send in C: every frame written to the TAP `fd`, consecutive TCP segments
-    merged (gro.coalesce), each write gathered with writev(2); returns (sent, lengths
-    dropped, lengths too big), counted per original frame as TapDevice.send does."""
-    cdef _Frames fr = _Frames(frames)
-    cdef gro_unit *units = <gro_unit *>calloc(fr.n if fr.n else 1, sizeof(gro_unit))
-    cdef iovec *iov = <iovec *>calloc(fr.n + 2, sizeof(iovec))
-    cdef int *errs = <int *>calloc(fr.n if fr.n else 1, sizeof(int))
+cdef Py_ssize_t tap_write(int fd, const uint8_t **fs, const size_t *ns, Py_ssize_t n,
+                          gro_unit *units, iovec *iov, int *errs) noexcept nogil:
+    """Write fs[i][0:ns[i]] to the TAP `fd`, consecutive TCP segments merged (gro_plan),
+    each write gathered with writev(2) (nothing is copied); returns the number of units,
+    errs[u] the errno of unit u (0: written). `iov` has room for n + 2 entries."""
     cdef uint8_t hdr[128]
     cdef uint8_t vnet[10]
     cdef uint8_t none[10]
-    cdef Py_ssize_t nu = 0, i, j
-    cdef int cnt, sent = 0
+    cdef Py_ssize_t nu, i, j
+    cdef int cnt
     cdef ssize_t r
-    cdef size_t merged
     cdef gro_unit *u
-    cdef list dropped = [], too_big = []
     memset(none, 0, 10)
-    if units == NULL or iov == NULL or errs == NULL:
-        free(units)
-        free(iov)
-        free(errs)
-        raise MemoryError()
+    nu = gro_plan(fs, ns, n, units)
+    for i in range(nu):
+        u = &units[i]
+        if u.count == 1:
+            iov[0].iov_base = none
+            iov[0].iov_len = 10
+            iov[1].iov_base = <void *>fs[u.first]
+            iov[1].iov_len = ns[u.first]
+            cnt = 2
+        else:
+            # hlen <= 34 + 60: the header fits.
+            gro_header(u, fs[u.first], hdr, vnet)
+            iov[0].iov_base = vnet
+            iov[0].iov_len = 10
+            iov[1].iov_base = hdr
+            iov[1].iov_len = u.hlen
+            cnt = 2
+            for j in range(u.first, u.first + u.count):
+                iov[cnt].iov_base = <void *>(fs[j] + u.hlen)
+                iov[cnt].iov_len = ns[j] - <size_t>u.hlen
+                cnt += 1
+        while True:
+            r = writev(fd, iov, cnt)
+            if r >= 0 or errno != EINTR:
+                break
+        errs[i] = 0 if r >= 0 else errno
+    return nu
+
+
+cdef tuple write_frames(int kind, int fd, const uint8_t **fs, const size_t *ns,
+                        Py_ssize_t n):
+    """Write the frames fs[i][0:ns[i]] as TapDevice.send (OUT_TAP) or
+    PacketSocketDevice.send (OUT_PACKET) does, the GIL released; returns (sent, lengths
+    dropped, lengths too big), counted per original frame as they count."""
+    cdef gro_unit *units = NULL
+    cdef iovec *iov = NULL
+    cdef int *errs = NULL
+    cdef gro_unit *u
+    cdef Py_ssize_t nu, i
+    cdef int sent = 0
+    cdef size_t merged
+    cdef list dropped = [], too_big = []
+    if n > 0x7FFFFFFF:
+        raise ValueError("too many frames")
+    errs = <int *>calloc(n if n else 1, sizeof(int))
+    if kind == OUT_TAP:
+        units = <gro_unit *>calloc(n if n else 1, sizeof(gro_unit))
+        iov = <iovec *>calloc(n + 2, sizeof(iovec))
     try:
-        with nogil:
-            nu = gro_plan(fr.fs, fr.ns, fr.n, units)
+        if errs == NULL or (kind == OUT_TAP and (units == NULL or iov == NULL)):
+            raise MemoryError()
+        if kind == OUT_TAP:
+            with nogil:
+                nu = tap_write(fd, fs, ns, n, units, iov, errs)
             for i in range(nu):
                 u = &units[i]
-                if u.count == 1:
-                    iov[0].iov_base = none
-                    iov[0].iov_len = 10
-                    iov[1].iov_base = <void *>fr.fs[u.first]
-                    iov[1].iov_len = fr.ns[u.first]
-                    cnt = 2
+                if errs[i] == 0:
+                    sent += u.count
+                    continue
+                merged = ns[u.first] if u.count == 1 else u.hlen + u.size
+                (too_big if errs[i] == EMSGSIZE_ else dropped).extend(
+                    [merged // u.count] * u.count)
+        elif kind == OUT_PACKET:
+            with nogil:
+                esp_send_frames(fd, <char **>fs, ns, <int>n, errs)
+            for i in range(n):
+                if errs[i] == 0:
+                    sent += 1
+                elif errs[i] == EMSGSIZE_:
+                    too_big.append(ns[i])
                 else:
-                    # hlen <= 34 + 60: the header fits.
-                    gro_header(u, fr.fs[u.first], hdr, vnet)
-                    iov[0].iov_base = vnet
-                    iov[0].iov_len = 10
-                    iov[1].iov_base = hdr
-                    iov[1].iov_len = u.hlen
-                    cnt = 2
-                    for j in range(u.first, u.first + u.count):
-                        iov[cnt].iov_base = <void *>(fr.fs[j] + u.hlen)
-                        iov[cnt].iov_len = fr.ns[j] - <size_t>u.hlen
-                        cnt += 1
-                while True:
-                    r = writev(fd, iov, cnt)
-                    if r >= 0 or errno != EINTR:
-                        break
-                errs[i] = 0 if r >= 0 else errno
-        for i in range(nu):
-            u = &units[i]
-            if errs[i] == 0:
-                sent += u.count
-                continue
-            merged = fr.ns[u.first] if u.count == 1 else u.hlen + u.size
-            (too_big if errs[i] == EMSGSIZE_ else dropped).extend(
-                [merged // u.count] * u.count)
+                    dropped.append(ns[i])
+        else:
+            raise ValueError("unknown output kind")
         return sent, dropped, too_big
     finally:
         free(units)
         free(iov)
         free(errs)
+
+
+def tap_send(int fd, frames) -> tuple:
+    """TapDevice.send in C: every frame written to the TAP `fd`, consecutive TCP segments
+    merged (gro.coalesce), each write gathered with writev(2); returns (sent, lengths
+    dropped, lengths too big), counted per original frame as TapDevice.send does."""
+    cdef _Frames fr = _Frames(frames)
+    return write_frames(OUT_TAP, fd, fr.fs, fr.ns, fr.n)
 
 
 def send_frames(int fd, frames) -> tuple:
     """Send every frame on socket `fd` with sendmmsg(2), the GIL released; returns
     (sent, lengths dropped, lengths too big for the link), as devices._send_all."""
     cdef _Frames fr = _Frames(frames)
+    return write_frames(OUT_PACKET, fd, fr.fs, fr.ns, fr.n)
+
+
+cdef tuple write_port(RxTable t, int port, const uint8_t **fs, const size_t *ns,
+                      Py_ssize_t n):
+    """write_frames to port index `port`'s installed output, with the totals its `send`
+    counts: (frames, bytes, (sent, dropped, too big))."""
     cdef Py_ssize_t i
-    cdef int *errs = <int *>calloc(fr.n if fr.n else 1, sizeof(int))
-    cdef int sent = 0
-    cdef list dropped = [], too_big = []
-    if errs == NULL:
-        raise MemoryError()
-    try:
-        if fr.n > 0x7FFFFFFF:
-            raise ValueError("too many frames")
-        with nogil:
-            esp_send_frames(fd, <char **>fr.fs, fr.ns, <int>fr.n, errs)
-        for i in range(fr.n):
-            if errs[i] == 0:
-                sent += 1
-            elif errs[i] == EMSGSIZE_:
-                too_big.append(fr.ns[i])
-            else:
-                dropped.append(fr.ns[i])
-        return sent, dropped, too_big
-    finally:
-        free(errs)
+    cdef size_t nbytes = 0
+    for i in range(n):
+        nbytes += ns[i]
+    return n, nbytes, write_frames(t.out_kind[port], t.out_fd[port], fs, ns, n)
+
+
+cdef inline bint out_direct(RxTable t, int port) noexcept nogil:
+    return 0 <= port < t.nouts and t.out_kind[port] != OUT_PYTHON
 
 
 # -- the AF_PACKET receive ring (TPACKET_V2), read in C ------------------------------------------

@@ -55,6 +55,10 @@ __all__ = ["FastTables"]
 REBUILD_FREE = 512
 REBUILD_GAP = 0.005
 
+# Port classes whose `send` is their device's send plus DevicePort.count_sent (SystemPort's
+# adds only the link-down case: no device, so no output installed).
+_PLAIN_SENDS = (DevicePort.send, SystemPort.send)
+
 
 class FastTables:
     """The receive tables of one datapath, rebuilt when its generation number moved."""
@@ -75,6 +79,7 @@ class FastTables:
         # the neighbour entries it used expire.
         self._routes_seq = -1
         self._neigh_seq = -1
+        self._fd_seq = -1  # the installed outputs are file descriptors
         self._valid_until = 0.0
         self._size = 0  # SPIs + MAC entries last installed
         #: frames delivered by the compiled pipeline
@@ -97,7 +102,8 @@ class FastTables:
         are out of date and may not be rebuilt yet (see REBUILD_GAP)."""
         dp = self.dp
         if (self.gen != dp.fast_gen or self._routes_seq != dp.routes.seq
-                or self._neigh_seq != dp.neigh.seq or dp.now >= self._valid_until):
+                or self._neigh_seq != dp.neigh.seq or self._fd_seq != dp.fd_seq
+                or dp.now >= self._valid_until):
             if self._size > REBUILD_FREE:
                 t = time.monotonic()
                 if t - self._built_at < REBUILD_GAP:
@@ -144,6 +150,9 @@ class FastTables:
                   for p in ports]
         self.table.set(spis, macs, out_ok)
         self.table.set_clear(clears)
+        self.table.set_outputs([self._output(p) if ok else None
+                                for p, ok in zip(ports, out_ok, strict=True)])
+        self._fd_seq = dp.fd_seq
         # A patch port could carry a miss to a VM ahead of a hit: such bridges stay slow.
         patched = {p.bridge for p in ports if isinstance(p, PatchPort)}
         self.rx_ports = {p: (pidx[p], bidx[p.bridge]) for p in ports
@@ -168,6 +177,17 @@ class FastTables:
         self._size = len(spis) + len(macs) + len(tuns)
         self._built_at = time.monotonic()
         self.ports, self.entries, self.spis = ports, entries, owners
+
+    @staticmethod
+    def _output(port: Port) -> tuple[int, int] | None:
+        """The output the compiled pipelines write to port `port` themselves: its device's
+        `fast_output`, when the port's `send` is the device's send and its counters
+        (`DevicePort.count_sent`); None: the port's own `send`, from Python."""
+        if type(port).send not in _PLAIN_SENDS:
+            return None
+        dev = port.dev
+        fast_output = getattr(dev, "fast_output", None)
+        return fast_output() if fast_output is not None else None
 
     def _tx_row(self, port: Port, pidx: dict, entry_of: dict, out_ok: list[bool]
                 ) -> tuple | None:
@@ -281,7 +301,7 @@ class FastTables:
             if where is None:  # neither a NIC port on a tunnel's egress bridge nor a VM's
                 return frames
             return self._transmit(port, frames, where)
-        kinds, outputs, tunnel_rx, upcalls, drops, touched = _fastpath.rx_burst(
+        kinds, outputs, written, tunnel_rx, upcalls, drops, touched = _fastpath.rx_burst(
             self.table, frames, where[0], where[1])
         dp = self.dp
         entries = self.entries
@@ -308,13 +328,16 @@ class FastTables:
         for i, s, reason in drops:
             spis[s][0].count_open_drop(reason, frames[i][26:30])
         ports = self.ports
-        if outputs:
+        if tunnel_rx:
             # Counted as the tunnel port's bridge counts what it forwards, then sent
-            # through each port's own `send` (TAP GRO, counters), one batch per port.
+            # through each port's own `send` (TAP GRO, counters), one batch per port, or
+            # written already by the compiled code exactly as that `send` writes.
             for t, (n, b) in tunnel_rx.items():
                 st = ports[t].stats
                 st["rx_packets"] += n
                 st["rx_bytes"] += b
+            for out, (_n, nbytes, result) in written.items():
+                ports[out].count_sent(nbytes, result)
             transmit = dp.transmit
             for out, lst in outputs.items():
                 transmit(ports[out], lst)
@@ -328,7 +351,7 @@ class FastTables:
         """A batch from a VM port through the compiled transmit pipeline, with the side
         effects the Python path would have had; returns the misses (reads as they came:
         with their virtio-net header when the port's device gives one)."""
-        kinds, outputs, tunnel_tx, drops, touched, taken = _fastpath.tx_burst(
+        kinds, outputs, written, tunnel_tx, drops, touched, taken = _fastpath.tx_burst(
             self.table, frames, where[0], where[1], port.vnet)
         dp = self.dp
         missed = [f for f, k in zip(frames, kinds, strict=True) if not k] if kinds.count(0) else []
@@ -353,6 +376,8 @@ class FastTables:
             st = ports[t].stats
             st["esp_expired_drops"] += 1
             st["tx_dropped"] += 1
+        for out, (_n, nbytes, result) in written.items():
+            ports[out].count_sent(nbytes, result)
         transmit = dp.transmit
         for out, lst in outputs.items():
             transmit(ports[out], lst)
