@@ -128,6 +128,8 @@ def set_device_mtu(name: str, mtu: int) -> bool:
 _send_frames = fast._fastpath.send_frames if fast.AVAILABLE else None
 # ... and TAP writes coalesced (gro.coalesce) and gathered with writev(2) in C.
 _tap_send = fast._fastpath.tap_send if fast.AVAILABLE else None
+# TapDevice.recv_raw: each read straight into its bytes object
+_tap_read = fast._fastpath.tap_read if fast.AVAILABLE else None
 
 
 def ring_walk(ring: mmap.mmap | bytearray, head: int, fs: int, nr: int,
@@ -294,6 +296,8 @@ class TapDevice:
     def recv_raw(self, limit: int = 32) -> list[bytes]:
         """Up to `limit` reads as they come, each with its virtio-net header (with
         offloads on, one read may stand for up to 45 frames: `gso.complete`)."""
+        if _tap_read is not None:
+            return _tap_read(self.fd, limit, BUF_SIZE)
         out = []
         readv, fd, bufs, mv = os.readv, self.fd, self._bufs, self._mv
         for _ in range(limit):

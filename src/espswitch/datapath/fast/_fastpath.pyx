@@ -2907,6 +2907,41 @@ cdef inline bint out_direct(RxTable t, int port) noexcept nogil:
     return 0 <= port < t.nouts and t.out_kind[port] != OUT_PYTHON
 
 
+cdef extern from "<unistd.h>" nogil:
+    ssize_t c_read "read"(int fd, void *buf, size_t count)
+
+
+def tap_read(int fd, Py_ssize_t limit, Py_ssize_t size) -> list:
+    """TapDevice.recv_raw in C: up to `limit` reads of at most `size` bytes from `fd`, each
+    read(2) straight into the bytes object it returns (one copy, no Python loop); stops
+    at the first read that fails (EAGAIN: nothing more)."""
+    cdef list out = []
+    cdef PyObject *b
+    cdef char *buf
+    cdef ssize_t r
+    cdef Py_ssize_t i
+    if size <= 0:
+        raise ValueError("size must be positive")
+    for i in range(limit):
+        b = _bytes_new(NULL, size)
+        if b == NULL:
+            raise MemoryError()
+        buf = _bytes_buf(b)
+        with nogil:
+            while True:
+                r = c_read(fd, buf, <size_t>size)
+                if r >= 0 or errno != EINTR:
+                    break
+        if r < 0:
+            _decref(b)
+            break
+        if _PyBytes_Resize(&b, <Py_ssize_t>r) < 0:
+            raise MemoryError()
+        out.append(<object>b)
+        _decref(b)
+    return out
+
+
 # -- the AF_PACKET receive ring (TPACKET_V2), read in C ------------------------------------------
 
 cdef extern from *:
