@@ -10,10 +10,12 @@ between a fast and a Python hypervisor, with every counter beside them.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from espswitch.datapath.fast import _fastpath
+from fastpath import test_encap_pipelines as encap
 from fastpath import test_rx_pipeline as rx
 from fastpath import test_tx_pipeline as tx
 from fastpath.diff import PIPELINES
@@ -144,3 +146,35 @@ def test_random_transmit_batches_write_what_the_python_path_writes(batches) -> N
 @given(st.lists(st.lists(st.sampled_from(tx.VNET_KINDS), min_size=1, max_size=8), max_size=5))
 def test_random_offload_batches_write_what_the_python_path_writes(batches) -> None:
     tx_both(batches, vnet=True)
+
+
+@pytest.mark.parametrize("v", encap.VARIANTS, ids=encap.ids)
+def test_every_encapsulation_and_underlay_is_written_by_the_compiled_code(v) -> None:
+    hv = encap.hypervisor(v, True, wire=True)
+    peer = encap.Peer(v)
+    peer.n = peer.sa.seq = 1
+    for name in ("vm", "eth0"):
+        hv.dev(name).send_calls = 0
+    hv.inject("eth0", *[peer.make(hv, "valid") for _ in range(4)])
+    hv.inject("vm", *[encap.make(hv, "plain", i) for i in range(4)])
+    assert (hv.dp._fast.hits, hv.dp._fast.tx_hits) == (4, 4)
+    assert len(hv.dev("vm").take()) == 4 and len(hv.dev("eth0").take()) == 4
+    assert hv.dev("vm").send_calls == 0 and hv.dev("eth0").send_calls == 0
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.randoms(use_true_random=False))
+@pytest.mark.parametrize("v", encap.VARIANTS, ids=encap.ids)
+def test_every_encapsulation_and_underlay_writes_what_the_python_path_writes(v, rnd) -> None:
+    rx_kinds = ("valid",) * 12 + encap.rx_kinds(v)
+    tx_kinds = ("plain",) * 10 + encap.TX_KINDS
+    script = []
+    for _ in range(12):
+        if rnd.random() < 0.5:
+            script.append(("eth0", [rnd.choice(rx_kinds) for _ in range(rnd.randint(1, 30))]))
+        else:
+            script.append(("vm", [rnd.choice(tx_kinds) for _ in range(rnd.randint(1, 30))]))
+    encap.run_both(v, script, wire=True)
+    kinds = ("tso",) * 6 + ("plain",) * 4 + encap.VNET_KINDS
+    encap.run_both(v, [("vm", [rnd.choice(kinds) for _ in range(rnd.randint(1, 8))])
+                       for _ in range(6)], vnet=True, wire=True)

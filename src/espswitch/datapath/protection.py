@@ -739,9 +739,8 @@ class EspProtection:
 
     def fast_outbound(self) -> OutboundSA | None:
         """The outbound SA `protect` seals with, if the compiled transmit pipeline may seal
-        in its place: transport mode, ESP straight in IPv4 (not in UDP, not over IPv6: the
-        compiled pipeline writes IPv4 headers only)."""
-        if self.mode is Mode.TUNNEL or self.encap or self.port.underlay.V6:
+        in its place: transport mode, ESP straight in IPv4 or IPv6 (not in UDP)."""
+        if self.mode is Mode.TUNNEL or self.encap:
             return None
         return self.sa_out if self.leader is None else self.leader.esp.sa_out
 

@@ -43,7 +43,7 @@ from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 import weakref
 
@@ -1260,7 +1260,8 @@ def bare_evp_round_trip(bytes key, bytes salt, Py_ssize_t size, Py_ssize_t n,
 # -- the receive pipeline: NIC -> VM (issue 10, first slice) -----------------------------------
 #
 # `RxTable` holds what the Python slow path installed (`espswitch.datapath.fast.tables`):
-# inbound SPIs with their tunnel descriptors and the bridges' learned MAC entries. `rx_burst`
+# inbound SPIs with their tunnel descriptors (IPv4 or IPv6 endpoints, VXLAN, Geneve or GRE),
+# clear tunnels, and the bridges' learned MAC entries. `rx_burst`
 # runs a batch of frames received on one NIC port through it without the GIL and sorts each
 # frame into one of four outcomes (the Python side turns them into exactly the side effects
 # the Python path would have had):
@@ -1280,7 +1281,14 @@ cdef enum:
     RX_UPCALL = 2
     RX_HIT = 3
     RX_CANDIDATE = 4
-    RX_CLEAR = 5         # plain VXLAN to a clear tunnel, its inner frame to a known port
+    RX_CLEAR = 5         # a clear tunnel's packet, its inner frame to a known port
+
+# Encapsulations (encap.py): what a row pushes and pops between the L4 header and the inner
+# frame. VXLAN and Geneve ride on UDP to the row's port; GRE is IP protocol 47.
+cdef enum:
+    ENC_VXLAN = 1
+    ENC_GENEVE = 2
+    ENC_GRE = 3
 
 cdef enum:
     OUT_PYTHON = 0   # handed back to Python, for the port's own `send`
@@ -1318,22 +1326,28 @@ OUTPUT_PACKET = OUT_PACKET
 cdef struct rx_spi:
     uint32_t spi
     esp_sa *sa
-    uint32_t remote      # the selector's source (the peer), big-endian bytes as a number
-    uint32_t local       # the selector's destination (our endpoint)
-    uint32_t dport       # the encapsulation's UDP port
-    uint32_t vni
+    uint8_t remote[16]   # the selector's source (the peer): 4 bytes (IPv4) or 16 (IPv6)
+    uint8_t local[16]    # the selector's destination (our endpoint)
+    int v6               # the underlay's family: IPv6 addresses, else IPv4
+    int enc              # ENC_*: what the opened payload must carry
+    int proto            # the selector's protocol (ESP's next header): 17 UDP, 47 GRE
+    uint32_t dport       # the encapsulation's UDP port (0: GRE)
+    uint32_t vni         # the tunnel's key (VNI, GRE key)
     int target           # port index of the tunnel
     int target_bridge
     int phy_bridge       # the bridge the ESP must arrive on (the tunnel's egress bridge)
 
 cdef struct rx_clear:
-    uint32_t remote      # the tunnel's remote_ip
-    uint32_t local       # its local address (packets to other local addresses: misses)
-    uint32_t dport       # VXLAN's UDP port
+    uint8_t remote[16]   # the tunnel's remote_ip (4 or 16 bytes, by `v6`)
+    uint8_t local[16]    # its local address (packets to other local addresses: misses)
+    int v6
+    int enc              # ENC_*
+    int proto            # the IP protocol it arrives as: 17 UDP, 47 GRE
+    uint32_t dport       # the encapsulation's UDP port (0: GRE)
     uint32_t vni
     int target           # port index of the tunnel
     int target_bridge
-    int phy_bridge       # the bridge the VXLAN packets arrive on
+    int phy_bridge       # the bridge the tunnel's packets arrive on
 
 cdef struct rx_mac:
     uint64_t key         # 0: empty; else (bridge + 1) << 48 | MAC
@@ -1344,11 +1358,18 @@ cdef struct tx_tun:
     esp_sa *sa           # the tunnel's outbound SA (transport mode, no UDP encapsulation),
                          # or NULL: a clear tunnel
     uint16_t *ident      # a clear tunnel's IPv4 ID counter (shared with its underlay)
-    uint8_t head[34]     # Ethernet (next hop, internal port, IPv4) + IPv4 header template:
-                         # total length, ID and checksum zero
-    uint32_t csum_base   # the sum of the template's IPv4 header words
-    uint32_t dport       # VXLAN's UDP destination port
-    uint32_t vni_word    # the VXLAN header's second word (VNI << 8)
+    uint8_t head[54]     # Ethernet (next hop, internal port, ethertype) + the outer IP header
+                         # template: IPv4 (total length, ID and checksum zero) or IPv6
+                         # (payload length zero)
+    size_t hlen          # 34 (IPv4) or 54 (IPv6): where the IP payload starts
+    int v6
+    uint32_t csum_base   # IPv4: the sum of the template's header words; IPv6: the sum of
+                         # the UDP pseudo header's addresses and next header
+    int proto            # the encapsulation's IP protocol (ESP's next header): 17 or 47
+    uint32_t dport       # UDP encapsulations: the destination port
+    uint8_t enc_head[8]  # after the UDP header, VXLAN's or Geneve's 8 bytes (with the VNI);
+                         # GRE: its whole header (4 bytes, 8 with a key)
+    size_t enc_len       # bytes pushed in front of the inner frame: 16 (UDP + 8), GRE 4 or 8
     size_t max_frame     # the largest inner frame the tunnel carries whole
     int port             # the tunnel's port index
     int out_port         # the NIC port index the outer frame leaves by
@@ -1373,6 +1394,29 @@ cdef struct rx_pkt:
     uint64_t seq
 
 
+ENCAPSULATIONS = {"vxlan": ENC_VXLAN, "geneve": ENC_GENEVE, "gre": ENC_GRE}
+"""The encapsulations the pipelines push and pop, by their encap.py names: the values the
+table rows take."""
+
+
+cdef int _enc_kind(enc) except -1:
+    if enc not in (ENC_VXLAN, ENC_GENEVE, ENC_GRE):
+        raise ValueError(f"unknown encapsulation {enc!r}")
+    return enc
+
+
+cdef int _endpoints(uint8_t *remote, uint8_t *local, a, b) except -1:
+    """Copy a row's two addresses (both IPv4 or both IPv6); 1 for IPv6, 0 for IPv4."""
+    cdef Py_ssize_t n = len(a)
+    if n not in (4, 16) or len(b) != n:
+        raise ValueError("two IPv4 (4-byte) or two IPv6 (16-byte) addresses are needed")
+    memset(remote, 0, 16)
+    memset(local, 0, 16)
+    memcpy(remote, <const char *>a, n)
+    memcpy(local, <const char *>b, n)
+    return n == 16
+
+
 cdef inline uint64_t mac_key(int bridge, const uint8_t *m) noexcept nogil:
     return ((<uint64_t>(bridge + 1)) << 48) | (<uint64_t>m[0] << 40) | (<uint64_t>m[1] << 32) \
         | (<uint64_t>m[2] << 24) | (<uint64_t>m[3] << 16) | (<uint64_t>m[4] << 8) | m[5]
@@ -1382,8 +1426,8 @@ cdef class RxTable:
     """The fast path's receive tables, filled by the slow path (never by a packet).
 
     `set(spis, macs, out_ok)`: `spis` is a list of (spi, compiled inbound SA or SaCore,
-    remote, local, dst_port, vni, target port index, target bridge index, egress bridge
-    index); `macs` a list of (bridge index, MAC, port index), position = entry index;
+    remote, local, encapsulation, dst_port, key, target port index, target bridge index,
+    egress bridge index); `macs` a list of (bridge index, MAC, port index), position = entry index;
     `out_ok[i]` whether port index i may be a fast output. The table keeps the SAs' cores
     alive while installed.
     """
@@ -1394,7 +1438,7 @@ cdef class RxTable:
     cdef uint8_t *out_ok
     cdef int nports
     cdef list _cores
-    # Clear VXLAN tunnels on the receive side (set_clear).
+    # Clear tunnels on the receive side (set_clear).
     cdef rx_clear *clears
     cdef int nclears
     # The transmit side (set_tx): tunnels by port index, and which ports are fast inputs.
@@ -1478,6 +1522,10 @@ cdef class RxTable:
         self.out_kind, self.out_fd, self.nouts = kind, fd, <int>n
 
     def set(self, spis, macs, out_ok) -> None:
+        """Install the receive side: `spis` (spi, compiled inbound SA or SaCore, remote,
+        local (both 4 or both 16 bytes), encapsulation (ENCAPSULATIONS), dst_port, key,
+        target port index, target bridge index, egress bridge index); `macs`, `out_ok`
+        as the class says."""
         cdef Py_ssize_t i, n = len(spis), m = len(macs), cap = 4
         cdef rx_spi *s
         cdef rx_mac *t
@@ -1498,16 +1546,17 @@ cdef class RxTable:
             raise MemoryError()
         try:
             for i in range(n):
-                spi, sa, remote, local, dport, vni, target, tbridge, pbridge = spis[i]
+                spi, sa, remote, local, enc, dport, vni, target, tbridge, pbridge = spis[i]
                 core = _core_of(sa)
-                if core.sa.outbound or len(remote) != 4 or len(local) != 4:
-                    raise ValueError("an inbound compiled SA and IPv4 addresses are needed")
+                if core.sa.outbound:
+                    raise ValueError("an inbound compiled SA is needed")
                 core._check_ready()
                 cores.append(core)
                 s[i].spi = spi
                 s[i].sa = &core.sa
-                s[i].remote = get32(<const uint8_t *><const char *>remote)
-                s[i].local = get32(<const uint8_t *><const char *>local)
+                s[i].v6 = _endpoints(s[i].remote, s[i].local, remote, local)
+                s[i].enc = _enc_kind(enc)
+                s[i].proto = 47 if enc == ENC_GRE else 17
                 s[i].dport = dport
                 s[i].vni = vni
                 s[i].target = target
@@ -1543,10 +1592,12 @@ cdef class RxTable:
     def set_tx(self, tuns, tx_in) -> None:
         """Install the transmit side: `tuns` a list of (tunnel port index, compiled
         outbound SA or SaCore, or for a clear tunnel its IPv4 ID counter (an array of one
-        unsigned short, shared with its underlay), 34-byte Ethernet + IPv4 template, VXLAN
-        UDP port, VNI, largest inner frame, NIC port index, MAC entry of the internal
-        port's MAC); `tx_in[i]` whether port index i may be a fast input. Ports are those
-        of `set`."""
+        unsigned short, shared with its underlay), Ethernet + outer IP header template (34
+        bytes: IPv4; 54: IPv6), encapsulation (ENCAPSULATIONS), UDP destination port (0 for
+        GRE), the encapsulation's header (VXLAN, Geneve: the 8 bytes after UDP; GRE: the
+        whole header, 4 or 8 bytes), largest inner frame, NIC port index, MAC entry of the
+        internal port's MAC); `tx_in[i]` whether port index i may be a fast input. Ports
+        are those of `set`."""
         cdef Py_ssize_t i, n = len(tuns), m = len(tx_in), nv = 0
         cdef tx_tun *t
         cdef int *of
@@ -1568,9 +1619,12 @@ cdef class RxTable:
             for i in range(m):
                 of[i] = -2 if tx_in[i] else -1   # -2: an input, not a tunnel
             for i in range(n):
-                port, sa, head, dport, vni, max_frame, out_port, phy_entry = tuns[i]
-                if len(head) != 34 or not 0 <= port < m:
-                    raise ValueError("a 34-byte header and a port index are needed")
+                port, sa, head, enc, dport, enc_head, max_frame, out_port, phy_entry = tuns[i]
+                if len(head) not in (34, 54) or not 0 <= port < m:
+                    raise ValueError("a 34 or 54-byte header and a port index are needed")
+                t[i].enc_len = len(enc_head) + (8 if _enc_kind(enc) != ENC_GRE else 0)
+                if len(enc_head) > 8 or t[i].enc_len not in (4, 8, 16):
+                    raise ValueError("an encapsulation header of 4 or 8 bytes is needed")
                 if isinstance(sa, (SaCore,)) or hasattr(sa, "_core"):
                     core = _core_of(sa)
                     if not core.sa.outbound:
@@ -1585,13 +1639,23 @@ cdef class RxTable:
                         raise ValueError("an IPv4 ID counter is one unsigned short")
                     t[i].ident = <uint16_t *>views[nv - 1].buf
                     cores.append(None)
-                memcpy(t[i].head, <const char *>head, 34)
+                t[i].hlen = len(head)
+                t[i].v6 = t[i].hlen == 54
+                memcpy(t[i].head, <const char *>head, t[i].hlen)
                 s = 0
-                for k in range(10):
-                    s += (<uint32_t>t[i].head[14 + 2 * k] << 8) | t[i].head[15 + 2 * k]
+                if t[i].v6:
+                    # The UDP pseudo header's constant part (RFC 8200 §8.1): addresses and
+                    # next header; the length is added per packet.
+                    for k in range(16):
+                        s += (<uint32_t>t[i].head[22 + 2 * k] << 8) | t[i].head[23 + 2 * k]
+                    s += 17
+                else:
+                    for k in range(10):
+                        s += (<uint32_t>t[i].head[14 + 2 * k] << 8) | t[i].head[15 + 2 * k]
                 t[i].csum_base = s
+                t[i].proto = 47 if enc == ENC_GRE else 17
                 t[i].dport = dport
-                t[i].vni_word = (<uint32_t>vni) << 8
+                memcpy(t[i].enc_head, <const char *>enc_head, len(enc_head))
                 t[i].max_frame = max_frame
                 t[i].port = port
                 t[i].out_port = out_port
@@ -1615,20 +1679,19 @@ cdef class RxTable:
         self._tx_cores = cores
 
     def set_clear(self, rows) -> None:
-        """Install the clear VXLAN tunnels of the receive side: `rows` a list of (remote,
-        local, dst_port, vni, target port index, target bridge index, egress bridge
-        index), addresses as 4 bytes."""
+        """Install the clear tunnels of the receive side: `rows` a list of (remote, local
+        (both 4 or both 16 bytes), encapsulation (ENCAPSULATIONS), dst_port, key, target
+        port index, target bridge index, egress bridge index)."""
         cdef Py_ssize_t i, n = len(rows)
         cdef rx_clear *c = <rx_clear *>calloc(n if n else 1, sizeof(rx_clear))
         if c == NULL:
             raise MemoryError()
         try:
             for i in range(n):
-                remote, local, dport, vni, target, tbridge, pbridge = rows[i]
-                if len(remote) != 4 or len(local) != 4:
-                    raise ValueError("IPv4 addresses are 4 bytes")
-                c[i].remote = get32(<const uint8_t *><const char *>remote)
-                c[i].local = get32(<const uint8_t *><const char *>local)
+                remote, local, enc, dport, vni, target, tbridge, pbridge = rows[i]
+                c[i].v6 = _endpoints(c[i].remote, c[i].local, remote, local)
+                c[i].enc = _enc_kind(enc)
+                c[i].proto = 47 if enc == ENC_GRE else 17
                 c[i].dport = dport
                 c[i].vni = vni
                 c[i].target = target
@@ -1673,13 +1736,116 @@ cdef class RxTable:
         return -1
 
 
+cdef struct rx_l3:
+    int v6
+    int proto            # IPv4 protocol, IPv6 next header
+    size_t l4            # where the L4 header starts
+    size_t end           # where the datagram ends by its header (within the frame)
+    const uint8_t *src
+    const uint8_t *dst
+    size_t alen          # 4 or 16
+
+
+cdef inline int rx_outer(const uint8_t *f, size_t n, rx_l3 *o) noexcept nogil:
+    """The outer IP header of an untagged frame, as the tunnel layer reads it (receive,
+    receive6): 1 with `o` filled for IPv4 without options and IPv6 without extension
+    headers, not a fragment, the datagram within the frame; 0 (a miss: the Python path
+    reassembles, walks or counts it) for anything else."""
+    cdef size_t total
+    if n >= 14 + 20 and f[12] == 0x08 and f[13] == 0x00:
+        if f[14] != 0x45 or (f[20] & 0x3F) or f[21]:
+            return 0                  # IP options, a fragment
+        total = (<size_t>f[16] << 8) | f[17]
+        if total < 20 or 14 + total > n:
+            return 0                  # malformed: counted by the Python path
+        o.v6 = 0
+        o.proto = f[23]
+        o.l4 = 34
+        o.end = 14 + total
+        o.src = f + 26
+        o.dst = f + 30
+        o.alen = 4
+        return 1
+    if n >= 14 + 40 and f[12] == 0x86 and f[13] == 0xDD:
+        if f[14] >> 4 != 6:
+            return 0
+        # The next header is the protocol itself: an extension header or a fragment (44)
+        # matches no row and stays a miss.
+        total = (<size_t>f[18] << 8) | f[19]
+        if 54 + total > n:
+            return 0                  # a payload length past the frame: counted by Python
+        o.v6 = 1
+        o.proto = f[20]
+        o.l4 = 54
+        o.end = 54 + total
+        o.src = f + 22
+        o.dst = f + 38
+        o.alen = 16
+        return 1
+    return 0
+
+
+cdef inline int same_addr(const uint8_t *a, const uint8_t *b, size_t n) noexcept nogil:
+    return memcmp(a, b, n) == 0
+
+
+cdef int encap_pop(int enc, const uint8_t *b, size_t l4, size_t end, size_t *start,
+                   size_t *stop, uint32_t *key) noexcept nogil:
+    """encap.<Vxlan|Geneve|Gre>.pop on b[l4:end] (l4 <= end): 1 with the key and the inner
+    frame b[start:stop] (at least 14 bytes) where the Python pop finds the same; 0 where it
+    refuses the packet and where the fast path leaves it to the Python path (Geneve
+    options, GRE checksums: the Python path skips, verifies and counts them)."""
+    cdef size_t udp_end, off
+    cdef uint32_t flags
+    if enc == ENC_GRE:
+        if end - l4 < 4 + 14:
+            return 0
+        flags = (<uint32_t>b[l4] << 8) | b[l4 + 1]
+        # Only the key bit may be set: routing, a version, sequence numbers, a checksum
+        # are the Python path's; the payload must be Ethernet.
+        if (flags & ~(<uint32_t>0x2000)) or b[l4 + 2] != 0x65 or b[l4 + 3] != 0x58:
+            return 0
+        off = l4 + 4
+        key[0] = 0
+        if flags:
+            if end - off < 4:
+                return 0
+            key[0] = get32(b + off)
+            off += 4
+        if end - off < 14:
+            return 0
+        start[0] = off
+        stop[0] = end
+        return 1
+    # VXLAN and Geneve: the UDP length holds their 8 bytes and an Ethernet header and ends
+    # within `end`; what follows it (Ethernet padding, TFC padding) is not the frame's.
+    if end - l4 < 8 + 8 + 14:
+        return 0
+    udp_end = l4 + ((<size_t>b[l4 + 4] << 8) | b[l4 + 5])
+    if udp_end < l4 + 8 + 8 + 14 or udp_end > end:
+        return 0
+    if enc == ENC_VXLAN:
+        if not (b[l4 + 8] & 0x08):
+            return 0                  # the I flag
+    elif (b[l4 + 8] != 0 or (b[l4 + 9] & 0xC0) or b[l4 + 10] != 0x65
+            or b[l4 + 11] != 0x58):
+        # Geneve: version 0 without options, neither the critical nor the control (OAM)
+        # bit, Ethernet inside (anything else the Python path skips or drops and counts).
+        return 0
+    key[0] = (<uint32_t>b[l4 + 12] << 16) | (<uint32_t>b[l4 + 13] << 8) | b[l4 + 14]
+    start[0] = l4 + 16
+    stop[0] = udp_end
+    return 1
+
+
 cdef void rx_classify(RxTable t, rx_pkt *p, int in_port, int in_bridge) noexcept nogil:
     """What can be decided before the ESP open, without touching any state: sets
-    p.kind to RX_CANDIDATE (with spi_idx) or RX_MISS."""
+    p.kind to RX_CANDIDATE (with spi_idx), RX_CLEAR or RX_MISS."""
     cdef const uint8_t *f = p.data
-    cdef size_t n = p.len, total
+    cdef size_t n = p.len
     cdef int e = -1, i
     cdef rx_spi *s
+    cdef rx_l3 o
     p.kind = RX_MISS
     p.src_entry = -1
     p.inner_entry = -1
@@ -1695,24 +1861,20 @@ cdef void rx_classify(RxTable t, rx_pkt *p, int in_port, int in_bridge) noexcept
         p.cuts = f[20] == 50 or f[20] == 17 or f[20] == 47 or f[20] == 44
     elif n >= 18 + 40 and f[12] == 0x81 and f[13] == 0x00 and f[16] == 0x86 and f[17] == 0xDD:
         p.cuts = f[24] == 50 or f[24] == 17 or f[24] == 47 or f[24] == 44
-    # Ethernet + a 20-byte IPv4 header + SPI and sequence number.
-    if n < 14 + 20 + 8:
+    if not rx_outer(f, n, &o):
         return
-    if f[12] == 0x08 and f[13] == 0x00 and f[14] == 0x45 and f[23] == 17:
-        rx_classify_clear(t, p, in_port, in_bridge)
+    if o.proto == 17 or o.proto == 47:
+        rx_classify_clear(t, p, in_port, in_bridge, &o)
         return
-    if f[12] != 0x08 or f[13] != 0x00 or f[14] != 0x45 or f[23] != 50:
-        return  # not IPv4 (or VLAN-tagged), IP options, not ESP
-    if (f[20] & 0x3F) or f[21]:
-        return  # a fragment: reassembled by the Python path
-    total = (<size_t>f[16] << 8) | f[17]
-    if total < 20 + 8 or 14 + total > n:
-        return  # malformed: counted by the Python path
-    i = t.find_spi(get32(f + 34))
+    # ESP: the SPI and sequence number at least.
+    if o.proto != 50 or o.end - o.l4 < 8:
+        return                        # not ESP; or malformed: counted by the Python path
+    i = t.find_spi(get32(f + o.l4))
     if i < 0:
         return
     s = &t.spis[i]
-    if s.phy_bridge != in_bridge or get32(f + 30) != s.local or get32(f + 26) != s.remote:
+    if (s.phy_bridge != in_bridge or s.v6 != o.v6 or not same_addr(o.dst, s.local, o.alen)
+            or not same_addr(o.src, s.remote, o.alen)):
         return
     if not (f[6] & 1):
         # The bridge learns the sender: only an entry already on this port is a no-op.
@@ -1720,53 +1882,113 @@ cdef void rx_classify(RxTable t, rx_pkt *p, int in_port, int in_bridge) noexcept
             return
         p.src_entry = e
     p.spi_idx = i
-    p.start = 34                      # the ESP packet is f[34:14 + total]
-    p.stop = 14 + total
+    p.start = o.l4                    # the ESP packet is f[l4:end]
+    p.stop = o.end
     p.kind = RX_CANDIDATE
 
 
-cdef void rx_classify_clear(RxTable t, rx_pkt *p, int in_port, int in_bridge) noexcept nogil:
-    """A UDP/IPv4 frame (no options): RX_CLEAR when it is VXLAN of a clear tunnel whose
-    inner frame goes to a known port, exactly as the Python path would take it
-    (tunnel_layer._encap_input, encap.Vxlan.pop); else it stays a miss."""
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    /* RFC 1071 section 2: the one's complement sum does not depend on byte order, so the
+       bulk is summed as native 32-bit words into 64 bits (the compiler vectorises it),
+       folded to 16 bits and, on a little-endian host, byte-swapped; what is left over
+       (at most 3 bytes) is added as big-endian words. Same folded value as the byte-pair
+       loop, including a nonzero sum that folds to 0xFFFF. */
+    static inline uint64_t esp_ones_sum(const uint8_t *p, size_t n, uint64_t s)
+    {
+        uint64_t a = 0, b = 0, c = 0, d = 0;
+        uint32_t w0, w1, w2, w3;
+        while (n >= 16) {
+            memcpy(&w0, p, 4); memcpy(&w1, p + 4, 4);
+            memcpy(&w2, p + 8, 4); memcpy(&w3, p + 12, 4);
+            a += w0; b += w1; c += w2; d += w3;
+            p += 16; n -= 16;
+        }
+        while (n >= 4) {
+            memcpy(&w0, p, 4);
+            a += w0;
+            p += 4; n -= 4;
+        }
+        a = (a & 0xFFFFFFFFu) + (a >> 32) + (b & 0xFFFFFFFFu) + (b >> 32)
+            + (c & 0xFFFFFFFFu) + (c >> 32) + (d & 0xFFFFFFFFu) + (d >> 32);
+        while (a >> 16)
+            a = (a & 0xFFFF) + (a >> 16);
+    #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        a = ((a & 0xFF) << 8) | (a >> 8);
+    #endif
+        s += a;
+        if (n >= 2) {
+            s += ((uint64_t)p[0] << 8) | p[1];
+            p += 2; n -= 2;
+        }
+        if (n)
+            s += (uint64_t)p[0] << 8;
+        return s;
+    }
+    """
+    # `s` plus the 16-bit big-endian words of p[0:n] (an odd last byte padded with 0), as
+    # a sum for csum_fold.
+    uint64_t ones_sum "esp_ones_sum"(const uint8_t *p, size_t n, uint64_t s) nogil
+
+
+cdef inline uint32_t csum_fold(uint64_t s) noexcept nogil:
+    """The checksum (complemented, 16 bits) of a word sum."""
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return <uint32_t>(~s & 0xFFFF)
+
+
+cdef inline uint64_t pseudo6_sum(const uint8_t *src, const uint8_t *dst, uint32_t proto,
+                                 size_t length) noexcept nogil:
+    """The IPv6 pseudo header's word sum (checksum.ipv6_pseudo_header_sum)."""
+    return ones_sum(src, 16, ones_sum(dst, 16, <uint64_t>proto + length))
+
+
+cdef void rx_classify_clear(RxTable t, rx_pkt *p, int in_port, int in_bridge,
+                            const rx_l3 *o) noexcept nogil:
+    """A UDP or GRE datagram (IPv4 or IPv6, see rx_outer): RX_CLEAR when it is a clear
+    tunnel's packet whose inner frame goes to a known port, exactly as the Python path
+    would take it (tunnel_layer._udp_encap_input / _ip_encap_input, the encapsulation's
+    pop, the endpoint by remote address and key); else it stays a miss."""
     cdef const uint8_t *f = p.data
-    cdef size_t n = p.len, total, udp_end
-    cdef uint32_t src, dst, dport, vni
+    cdef size_t start = 0, stop = 0, ulen
+    cdef uint32_t dport = 0, key = 0
     cdef int i, e = -1
     cdef rx_clear *c = NULL
-    if t.nclears == 0 or n < 14 + 20 + 8 + 8 + 14:
+    if t.nclears == 0:
         return
-    if (f[20] & 0x3F) or f[21]:
-        return                        # a fragment: reassembled by the Python path
-    total = (<size_t>f[16] << 8) | f[17]
-    if total < 20 + 8 + 8 + 14 or 14 + total > n:
-        return                        # malformed (or padded past the IP length): Python
-    src = get32(f + 26)
-    dst = get32(f + 30)
-    dport = (<uint32_t>f[36] << 8) | f[37]
+    if o.proto == 17:
+        if o.end - o.l4 < 8:
+            return
+        dport = (<uint32_t>f[o.l4 + 2] << 8) | f[o.l4 + 3]
     for i in range(t.nclears):
-        if (t.clears[i].remote == src and t.clears[i].local == dst
-                and t.clears[i].dport == dport and t.clears[i].phy_bridge == in_bridge):
-            c = &t.clears[i]
+        c = &t.clears[i]
+        if (c.proto == o.proto and c.dport == dport and c.phy_bridge == in_bridge
+                and c.v6 == o.v6 and same_addr(o.src, c.remote, o.alen)
+                and same_addr(o.dst, c.local, o.alen)
+                and encap_pop(c.enc, f, o.l4, o.end, &start, &stop, &key) and key == c.vni):
             break
+        c = NULL
     if c == NULL:
         return
-    udp_end = 34 + ((<size_t>f[38] << 8) | f[39])
-    if udp_end < 34 + 8 + 8 + 14 or udp_end > 14 + total or not (f[42] & 0x08):
-        return
-    vni = (<uint32_t>f[46] << 16) | (<uint32_t>f[47] << 8) | f[48]
-    if vni != c.vni:
-        return
+    if o.v6 and o.proto == 17 and (f[o.l4 + 6] or f[o.l4 + 7]):
+        # Over IPv6 a UDP checksum that is not zero must be right (the Python path
+        # counts a wrong one); zero is accepted for tunnels (RFC 6935).
+        ulen = (<size_t>f[o.l4 + 4] << 8) | f[o.l4 + 5]
+        if csum_fold(ones_sum(f + o.l4, ulen, pseudo6_sum(o.src, o.dst, 17, ulen))) != 0:
+            return
     if not (f[6] & 1):
         # The bridge learns the sender: only an entry already on this port is a no-op.
         if t.lookup(in_bridge, f + 6, &e) != in_port:
             return
         p.src_entry = e
-    if not rx_inner(t, p, f + 50, c.target, c.target_bridge):
+    if not rx_inner(t, p, f + start, c.target, c.target_bridge):
         return
     p.tunnel = c.target
-    p.start = 50
-    p.stop = udp_end
+    p.start = start
+    p.stop = stop
     p.kind = RX_CLEAR
 
 
@@ -1792,31 +2014,27 @@ cdef int rx_inner(RxTable t, rx_pkt *p, const uint8_t *inner, int target,
 
 
 cdef void rx_after_open(RxTable t, rx_pkt *p) noexcept nogil:
-    """The payload p.out[0:p.out_len] of an opened packet: selector, VXLAN pop, VNI and
-    MACs; sets HIT (the inner frame at p.out[p.start:p.stop], p.out_port) or UPCALL."""
+    """The payload p.out[0:p.out_len] of an opened packet: selector, the encapsulation's
+    pop, key and MACs; sets HIT (the inner frame at p.out[p.start:p.stop], p.out_port) or
+    UPCALL."""
     cdef rx_spi *s = &t.spis[p.spi_idx]
     cdef const uint8_t *pl = p.out
-    cdef size_t end = p.out_len, udp_end
-    cdef const uint8_t *inner
-    cdef int e = -1, out
+    cdef size_t end = p.out_len, start = 0, stop = 0
+    cdef uint32_t key = 0
     p.kind = RX_UPCALL
-    # Selector (transport mode): next header UDP, UDP to the tunnel's port; the outer
-    # addresses were matched before the open.
-    if p.result != 17 or end < 8 or ((<uint32_t>pl[2] << 8) | pl[3]) != s.dport:
+    # Selector (transport mode, Selector.match_transport): the next header is the
+    # encapsulation's protocol, UDP to the tunnel's port; the outer addresses were matched
+    # before the open. (No UDP checksum is checked inside ESP: its ICV covers more.)
+    if p.result != s.proto:
         return
-    # encap.Vxlan.pop: the UDP length holds VXLAN and an Ethernet header, within the payload.
-    if end < 8 + 8 + 14:
+    if s.proto == 17 and (end < 8 or ((<uint32_t>pl[2] << 8) | pl[3]) != s.dport):
         return
-    udp_end = (<size_t>pl[4] << 8) | pl[5]
-    if udp_end < 8 + 8 + 14 or udp_end > end or not (pl[8] & 0x08):
+    if not encap_pop(s.enc, pl, 0, end, &start, &stop, &key) or key != s.vni:
         return
-    if ((<uint32_t>pl[12] << 16) | (<uint32_t>pl[13] << 8) | pl[14]) != s.vni:
+    if not rx_inner(t, p, pl + start, s.target, s.target_bridge):
         return
-    inner = pl + 16                   # inner[0:udp_end - 16], at least 14 bytes
-    if not rx_inner(t, p, inner, s.target, s.target_bridge):
-        return
-    p.start = 16
-    p.stop = udp_end
+    p.start = start
+    p.stop = stop
     p.kind = RX_HIT
 
 
@@ -2018,11 +2236,12 @@ cdef object _hand_out(PyObject **outs, Py_ssize_t i, size_t size):
 #
 # `tx_burst` runs a batch of reads from one VM port (a TAP) through the tables the slow path
 # installed with `RxTable.set_tx`: the bridge's MAC lookup to a tunnel, then per frame (or
-# per TCP segment of a TSO super-frame, see datapath/gso.py) VXLAN push, ESP seal (transport
-# mode), the outer IPv4 and Ethernet headers, for the NIC port behind the tunnel's egress
-# bridge. Each outer packet is built in one buffer: the UDP and VXLAN headers and the inner
-# frame (a segment's headers and its slice of the payload, checksums completed) are written
-# where the ESP payload goes, and sealed in place.
+# per TCP segment of a TSO super-frame, see datapath/gso.py) the encapsulation's push (VXLAN,
+# Geneve, GRE), ESP seal (transport mode) or none (a clear tunnel), the outer IPv4 or IPv6
+# and Ethernet headers, for the NIC port behind the tunnel's egress bridge. Each outer packet
+# is built in one buffer: the encapsulation's headers and the inner frame (a segment's
+# headers and its slice of the payload, checksums completed) are written where the ESP
+# payload goes, and sealed in place.
 #
 #   MISS  nothing was touched: the Python path takes the read (and, for the batch's order,
 #         every read after it);
@@ -2069,59 +2288,6 @@ cdef inline uint32_t flow_port(const uint8_t *f, size_t n) noexcept nogil:
     if n > 26:
         c = crc32(c, f + 26, <unsigned int>(12 if n >= 38 else n - 26))
     return 49152 | (<uint32_t>c & 0x3FFF)
-
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    /* RFC 1071 section 2: the one's complement sum does not depend on byte order, so the
-       bulk is summed as native 32-bit words into 64 bits (the compiler vectorises it),
-       folded to 16 bits and, on a little-endian host, byte-swapped; what is left over
-       (at most 3 bytes) is added as big-endian words. Same folded value as the byte-pair
-       loop, including a nonzero sum that folds to 0xFFFF. */
-    static inline uint64_t esp_ones_sum(const uint8_t *p, size_t n, uint64_t s)
-    {
-        uint64_t a = 0, b = 0, c = 0, d = 0;
-        uint32_t w0, w1, w2, w3;
-        while (n >= 16) {
-            memcpy(&w0, p, 4); memcpy(&w1, p + 4, 4);
-            memcpy(&w2, p + 8, 4); memcpy(&w3, p + 12, 4);
-            a += w0; b += w1; c += w2; d += w3;
-            p += 16; n -= 16;
-        }
-        while (n >= 4) {
-            memcpy(&w0, p, 4);
-            a += w0;
-            p += 4; n -= 4;
-        }
-        a = (a & 0xFFFFFFFFu) + (a >> 32) + (b & 0xFFFFFFFFu) + (b >> 32)
-            + (c & 0xFFFFFFFFu) + (c >> 32) + (d & 0xFFFFFFFFu) + (d >> 32);
-        while (a >> 16)
-            a = (a & 0xFFFF) + (a >> 16);
-    #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        a = ((a & 0xFF) << 8) | (a >> 8);
-    #endif
-        s += a;
-        if (n >= 2) {
-            s += ((uint64_t)p[0] << 8) | p[1];
-            p += 2; n -= 2;
-        }
-        if (n)
-            s += (uint64_t)p[0] << 8;
-        return s;
-    }
-    """
-    # `s` plus the 16-bit big-endian words of p[0:n] (an odd last byte padded with 0), as
-    # a sum for csum_fold.
-    uint64_t ones_sum "esp_ones_sum"(const uint8_t *p, size_t n, uint64_t s) nogil
-
-
-cdef inline uint32_t csum_fold(uint64_t s) noexcept nogil:
-    """The checksum (complemented, 16 bits) of a word sum."""
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return <uint32_t>(~s & 0xFFFF)
 
 
 cdef int tx_offload(tx_pkt *p, const uint8_t *raw, size_t n) noexcept nogil:
@@ -2260,27 +2426,45 @@ cdef void tx_inner(const tx_pkt *p, int j, uint8_t *d) noexcept nogil:
 cdef inline size_t tx_capacity(const tx_tun *k, size_t inner) noexcept nogil:
     """The outer frame's length for an inner frame of `inner` bytes."""
     if k.sa == NULL:
-        return 34 + 16 + inner
-    return 34 + esp_sealed_len(k.sa, 16 + inner)
+        return k.hlen + k.enc_len + inner
+    return k.hlen + esp_sealed_len(k.sa, k.enc_len + inner)
 
 
-cdef inline void tx_vxlan(const tx_tun *k, const tx_pkt *p, int j, size_t inner,
+cdef inline void tx_encap(const tx_tun *k, const tx_pkt *p, int j, size_t inner,
                           uint8_t *pl) noexcept nogil:
-    """encap.Vxlan.push at pl: UDP (checksum 0), VXLAN, and the j-th inner frame of p."""
-    tx_inner(p, j, pl + 16)
+    """The encapsulation's push at pl (encap.Vxlan/Geneve/Gre.push): UDP and the 8-byte
+    VXLAN or Geneve header, or the GRE header; then the j-th inner frame of p. Over IPv6
+    the UDP checksum as the underlay's `l4` computes it; over IPv4 it stays 0."""
+    cdef uint32_t c
+    cdef size_t ulen
+    tx_inner(p, j, pl + k.enc_len)
+    if k.proto != 17:
+        memcpy(pl, k.enc_head, k.enc_len)
+        return
+    ulen = 16 + inner
     put32(pl, (flow_port(pl + 16, inner) << 16) | k.dport)
-    put32(pl + 4, <uint32_t>(16 + inner) << 16)
-    put32(pl + 8, 0x08000000)
-    put32(pl + 12, k.vni_word)
+    put32(pl + 4, <uint32_t>ulen << 16)
+    memcpy(pl + 8, k.enc_head, 8)
+    if k.v6:
+        c = csum_fold(ones_sum(pl, ulen, k.csum_base + ulen))
+        if c == 0:
+            c = 0xFFFF                # 0 means "no checksum" (RFC 768)
+        pl[6] = <uint8_t>(c >> 8)
+        pl[7] = <uint8_t>c
 
 
 cdef inline size_t tx_outer(const tx_tun *k, uint8_t *o, size_t payload,
                             uint32_t ident) noexcept nogil:
-    """underlay.header at o: the tunnel's Ethernet + IPv4 template with the total length,
-    `ident` and the checksum for `payload` bytes after it; returns the frame's length."""
+    """underlay.header at o: the tunnel's Ethernet + IP template completed for `payload`
+    bytes after it (IPv4: total length, `ident`, checksum; IPv6: payload length);
+    returns the frame's length."""
     cdef size_t total = 20 + payload
     cdef uint32_t s = k.csum_base + <uint32_t>total + ident
-    memcpy(o, k.head, 34)
+    memcpy(o, k.head, k.hlen)
+    if k.v6:
+        o[18] = <uint8_t>(payload >> 8)
+        o[19] = <uint8_t>payload
+        return 54 + payload
     o[16] = <uint8_t>(total >> 8)
     o[17] = <uint8_t>total
     o[18] = <uint8_t>(ident >> 8)
@@ -2322,14 +2506,15 @@ cdef Py_ssize_t tx_run(RxTable t, tx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
             continue
         k = &t.tuns[p.tun]
         if k.sa == NULL:
-            # A clear tunnel: Clear.protect, the IPv4 ID from the underlay's counter.
+            # A clear tunnel: Clear.protect; over IPv4 the ID from the underlay's counter.
             while p.done < p.nseg:
                 slot = p.first + p.done
                 o = bufs[slot]
                 inner = tx_seg_len(p, p.done)
-                tx_vxlan(k, p, p.done, inner, o + 34)
-                k.ident[0] = <uint16_t>(k.ident[0] + 1)
-                lens[slot] = tx_outer(k, o, 16 + inner, k.ident[0])
+                tx_encap(k, p, p.done, inner, o + k.hlen)
+                if not k.v6:
+                    k.ident[0] = <uint16_t>(k.ident[0] + 1)
+                lens[slot] = tx_outer(k, o, k.enc_len + inner, k.ident[0])
                 results[slot] = 0
                 p.done += 1
             p.kind = TX_TAKEN
@@ -2339,13 +2524,13 @@ cdef Py_ssize_t tx_run(RxTable t, tx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
             slot = p.first + p.done
             o = bufs[slot]
             inner = tx_seg_len(p, p.done)
-            plen = 16 + inner
-            # VXLAN where ESP's payload goes, sealed in place.
-            pl = o + 34 + 8 + k.sa.iv_len
-            tx_vxlan(k, p, p.done, inner, pl)
+            plen = k.enc_len + inner
+            # The encapsulated frame where ESP's payload goes, sealed in place.
+            pl = o + k.hlen + 8 + k.sa.iv_len
+            tx_encap(k, p, p.done, inner, pl)
             pthread_mutex_lock(&k.sa.lock)
-            r = esp_seal(k.sa, pl, plen, 17, NULL, o + 34, tx_capacity(k, inner) - 34,
-                         &esp_len, &sq, account)
+            r = esp_seal(k.sa, pl, plen, k.proto, NULL, o + k.hlen,
+                         tx_capacity(k, inner) - k.hlen, &esp_len, &sq, account)
             pthread_mutex_unlock(&k.sa.lock)
             results[slot] = r
             p.done += 1
@@ -2612,10 +2797,6 @@ cdef inline int gro_same_flow(const uint8_t *a, size_t ha, const uint8_t *b,
     return (memcmp(a, b, 16) == 0 and a[20] == b[20] and a[22] == b[22]
             and memcmp(a + 26, b + 26, 12) == 0 and memcmp(a + 42, b + 42, 4) == 0
             and memcmp(a + 48, b + 48, 2) == 0 and memcmp(a + 54, b + 54, ha - 54) == 0)
-
-
-cdef extern from "string.h" nogil:
-    int memcmp(const void *a, const void *b, size_t n)
 
 
 cdef Py_ssize_t gro_plan(const uint8_t **fs, const size_t *ns, Py_ssize_t n,

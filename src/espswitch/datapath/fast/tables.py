@@ -5,9 +5,13 @@ cache for ofproto: the slow path decides, the fast path only executes what was i
 It installs into one `_fastpath.RxTable`:
 
 - every inbound SPI that `EspProtection.fast_inbound` hands over (a compiled SA, transport
-  mode, VXLAN, not the SA whose first packet switches a rekey over), with its tunnel's
-  descriptor: the selector's addresses and UDP port, the VNI, the tunnel port, its bridge
-  and the bridge the ESP arrives on;
+  mode, not the SA whose first packet switches a rekey over), with its tunnel's
+  descriptor: the selector's addresses (IPv4 or IPv6), the encapsulation (VXLAN, Geneve,
+  GRE) with its UDP port and key, the tunnel port, its bridge and the bridge the ESP
+  arrives on;
+- every clear tunnel's receive row (the same descriptor without an SA), and every
+  tunnel's transmit row (its outbound SA or none, the outer Ethernet + IPv4/IPv6 header
+  template, the encapsulation's header bytes, the next hop's NIC port);
 - every MAC entry the bridges learned on VLAN 0, and which ports may be a fast output
   (a device port, untagged and not a trunk).
 
@@ -31,13 +35,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from espswitch.datapath.encap import UDP, Vxlan
+from espswitch.datapath.encap import UDP, Geneve, Gre, Vxlan
 from espswitch.datapath.fast import _fastpath, is_compiled
 from espswitch.datapath.ports import DevicePort, PatchPort, SystemPort, TapPort
 from espswitch.datapath.protection import Clear, EspProtection
 from espswitch.datapath.tunnel import FOUND
 from espswitch.datapath.tunnel_port import TunnelPort
-from espswitch.datapath.underlay import Ipv4Underlay
+from espswitch.datapath.underlay import Ipv4Underlay, Ipv6Underlay
 from espswitch.ipsec.sa import ESP_PROTO
 
 if TYPE_CHECKING:
@@ -58,6 +62,22 @@ REBUILD_GAP = 0.005
 # Port classes whose `send` is their device's send plus DevicePort.count_sent (SystemPort's
 # adds only the link-down case: no device, so no output installed).
 _PLAIN_SENDS = (DevicePort.send, SystemPort.send)
+
+# What the compiled pipelines push and pop, by exact type (a subclass may behave otherwise).
+_UNDERLAYS = (Ipv4Underlay, Ipv6Underlay)
+_ENCAPSULATIONS = {Vxlan: _fastpath.ENCAPSULATIONS["vxlan"],
+                   Geneve: _fastpath.ENCAPSULATIONS["geneve"],
+                   Gre: _fastpath.ENCAPSULATIONS["gre"]}
+
+
+def _encapsulation(port: TunnelPort) -> int | None:
+    """The compiled pipelines' number for `port`'s encapsulation; None when they do not
+    carry it (GRE with checksums: computed and verified by the Python path only)."""
+    enc = port.encapsulation
+    kind = _ENCAPSULATIONS.get(type(enc))
+    if kind is None or (type(enc) is Gre and enc.csum):
+        return None
+    return kind
 
 
 class FastTables:
@@ -192,23 +212,27 @@ class FastTables:
     def _tx_row(self, port: Port, pidx: dict, entry_of: dict, out_ok: list[bool]
                 ) -> tuple | None:
         """The transmit table row of tunnel `port`; None when what it sends must take the
-        Python path (not ESP transport mode over VXLAN with a compiled SA, no route, next
-        hop not resolved or not learned on a plain NIC port, ...)."""
+        Python path (not clear or ESP transport mode with a compiled SA, an encapsulation
+        or underlay the compiled path does not write, no route, next hop not resolved or
+        not learned on a plain NIC port, ...)."""
         if not isinstance(port, TunnelPort) or port.tag is not None or port.trunks is not None:
             return None
-        if type(port.underlay) is not Ipv4Underlay:
-            return None  # the compiled path writes IPv4 headers only
-        prot = port.protection
-        if type(port.encapsulation) is not Vxlan:
+        if type(port.underlay) not in _UNDERLAYS:
             return None
+        kind = _encapsulation(port)
+        if kind is None:
+            return None
+        prot = port.protection
+        enc = port.encapsulation
         if isinstance(prot, EspProtection):
             sa = prot.fast_outbound()
             if sa is None or not is_compiled(sa) or sa.expired:
                 return None
             proto, df = ESP_PROTO, True
         elif type(prot) is Clear:
-            sa = port.underlay.ip_ids  # what the compiled path counts IPv4 IDs in
-            proto, df = UDP, port.underlay.df
+            # What the compiled path counts IPv4 IDs in (IPv6 headers have none).
+            sa = port.underlay.ip_ids
+            proto, df = enc.PROTO, port.underlay.df
         else:
             return None
         u = port.underlay
@@ -231,9 +255,16 @@ class FastTables:
         out = pidx.get(nic[0])
         if out is None or nic[0] is internal or not out_ok[out]:
             return None
-        head = mac + internal.mac + b"\x08\x00" + u.template(proto, df)
-        enc = port.encapsulation
-        return (pidx[port], sa, head, enc.dst_port, enc.key, port.max_frame, out, phy_entry)
+        head = mac + internal.mac + u.ETHERTYPE + u.template(proto, df)
+        # The encapsulation's own bytes, from its push of an empty frame: after the UDP
+        # header for VXLAN and Geneve (the UDP ports and length are written per packet),
+        # the whole header for GRE.
+        pushed = enc.push(b"")
+        if len(pushed) != enc.overhead:
+            return None
+        enc_head = pushed[8:] if enc.PROTO == UDP else pushed
+        return (pidx[port], sa, head, kind, enc.dst_port, enc_head, port.max_frame, out,
+                phy_entry)
 
     def _spi_row(self, spi: int, esp: EspProtection, pidx: dict, bidx: dict
                  ) -> tuple[tuple, InboundSA, Bridge] | None:
@@ -244,10 +275,12 @@ class FastTables:
         sel = esp.selector
         if sa is None or not is_compiled(sa) or sel is None or port not in pidx:
             return None
-        if len(sel.dst) != 4:
-            return None  # the compiled pipeline parses IPv4 only: IPv6 takes the Python path
+        if type(port.underlay) not in _UNDERLAYS:
+            return None
         enc = port.encapsulation
-        if type(enc) is not Vxlan or sel.proto != UDP or sel.dport != enc.dst_port:
+        kind = _encapsulation(port)
+        # The compiled path checks the tunnel's own selector: its protocol and UDP port.
+        if kind is None or sel.proto != enc.PROTO or sel.dport != enc.dst_port:
             return None
         # The bridge's own rules decide what an inner frame does there: only the plain
         # case (untagged tunnel port, no tunnel endpoint on that bridge) is installed.
@@ -256,19 +289,20 @@ class FastTables:
         out_bridge = port.underlay.egress_bridge
         if out_bridge is None or out_bridge not in bidx or sel.dst not in out_bridge.local_ips:
             return None
-        return ((spi, sa, sel.src, sel.dst, sel.dport, enc.key, pidx[port], bidx[port.bridge],
-                 bidx[out_bridge]), sa, out_bridge)
+        return ((spi, sa, sel.src, sel.dst, kind, sel.dport, enc.key, pidx[port],
+                 bidx[port.bridge], bidx[out_bridge]), sa, out_bridge)
 
     @staticmethod
     def _clear_row(port: Port, pidx: dict, bidx: dict) -> tuple | None:
-        """The receive row of a clear VXLAN tunnel; None when its packets must take the
-        Python path (the same plain cases as an SPI's row)."""
+        """The receive row of a clear tunnel; None when its packets must take the Python
+        path (the same plain cases as an SPI's row)."""
         if not isinstance(port, TunnelPort) or type(port.protection) is not Clear:
             return None
-        if type(port.underlay) is not Ipv4Underlay:
+        if type(port.underlay) not in _UNDERLAYS:
             return None
         enc = port.encapsulation
-        if type(enc) is not Vxlan or port not in pidx:
+        kind = _ENCAPSULATIONS.get(type(enc))  # (GRE checksums: such packets are misses)
+        if kind is None or port not in pidx:
             return None
         if port.tag is not None or port.trunks is not None or port.bridge.local_ips:
             return None
@@ -280,7 +314,7 @@ class FastTables:
             return None
         if u.local_ip not in out_bridge.local_ips:
             return None
-        return (u.remote_ip, u.local_ip, enc.dst_port, enc.key, pidx[port],
+        return (u.remote_ip, u.local_ip, kind, enc.dst_port, enc.key, pidx[port],
                 bidx[port.bridge], bidx[out_bridge])
 
     # -- frames ------------------------------------------------------------------------------
@@ -326,7 +360,7 @@ class FastTables:
         self.hits += taken - len(drops) - len(upcalls)
         spis = self.spis
         for i, s, reason in drops:
-            spis[s][0].count_open_drop(reason, frames[i][26:30])
+            spis[s][0].count_open_drop(reason, _outer_src(frames[i]))
         ports = self.ports
         if tunnel_rx:
             # Counted as the tunnel port's bridge counts what it forwards, then sent
@@ -344,7 +378,7 @@ class FastTables:
         for i, s, nh, payload in upcalls:
             esp, sa = spis[s]
             f = frames[i]
-            esp.input_opened(sa, bytes(f[26:30]), bytes(f[30:34]), nh, payload)
+            esp.input_opened(sa, _outer_src(f), _outer_dst(f), nh, payload)
         return missed
 
     def _transmit(self, port: Port, frames: list[bytes], where: tuple[int, int]) -> list[bytes]:
@@ -382,3 +416,13 @@ class FastTables:
         for out, lst in outputs.items():
             transmit(ports[out], lst)
         return missed
+
+
+# The outer addresses of a frame the compiled pipeline took: untagged IPv4 without options,
+# or IPv6 without extension headers (the only ones it classifies).
+def _outer_src(frame: bytes) -> bytes:
+    return bytes(frame[22:38] if frame[12] == 0x86 else frame[26:30])
+
+
+def _outer_dst(frame: bytes) -> bytes:
+    return bytes(frame[38:54] if frame[12] == 0x86 else frame[30:34])
