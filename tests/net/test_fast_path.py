@@ -109,7 +109,11 @@ def test_geneve_and_ipv6_tunnels_take_the_fast_path(netlab_ok, kind):
         # NIC frames opened and delivered there: most of the transfer, both sides.
         assert after[0]["tx_hits"] - before[0]["tx_hits"] > 1000, (before, after)
         assert after[1]["hits"] - before[1]["hits"] > 1000, (before, after)
-        assert after[1]["misses"] - before[1]["misses"] < 100, (before, after)
+        # Misses: what Python must see (the VMs' broadcasts and multicasts are upcalls, and
+        # each ends its batch in C so that order holds): a small share, however large the
+        # batches are on a busy machine.
+        hits = after[1]["hits"] - before[1]["hits"]
+        assert (after[1]["misses"] - before[1]["misses"]) * 50 < hits, (before, after)
         for i in (0, 1):
             show = lab.appctl(lab.hvs[i], "dpif/show").stdout
             assert re.search(r"\(system\) fast-rx", show), show
