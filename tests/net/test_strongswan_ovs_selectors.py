@@ -18,13 +18,15 @@ with /128 host ranges (TS_IPV6_ADDR_RANGE) and the identities are ID_IPV6_ADDR.
   accepts it with transport mode and installs it, and strongSwan then fails to install it
   in kernel-libipsec, which has tunnel mode only ("IPsec SA: unsupported mode").
 
-What is not possible here, and why: traffic between espswitch and strongSwan over these
-tunnels. B would need a kernel Geneve or GRE (gretap) device, which this kernel does not
+- Traffic, `vxlan` in tunnel mode: B's kernel VXLAN device carried by strongSwan in those
+  two CHILD_SAs, pings both ways through libipsec (`ipsec0`).
+
+What is not possible here, and why: traffic over `geneve` and `gre`, and in transport
+mode. B would need a kernel Geneve or GRE (gretap) device, which this kernel does not
 have, and the kernel's ESP, which it does not have either (`ip xfrm state add ... aead
 rfc4106(gcm(aes))` fails: "Requested AEAD algorithm not found"); kernel-libipsec stands in
 for ESP in tunnel mode only. The data path with these very selectors is shown between two
-espswitch hypervisors (test_ovs_ipsec_tutorial.py), and with strongSwan for `vxlanipsec`
-in tunnel mode (test_strongswan_vxlan_interop.py).
+espswitch hypervisors (test_ovs_ipsec_tutorial.py, and test_ipv6_ike.py over IPv6).
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ import pytest
 
 from espswitch.cli.lab import CHARON
 
-from .ipsec_helpers import Charon, iface_status, wait_for
+from .ipsec_helpers import Charon, iface_status, received, wait_for
 from .lab import no_tx_offload, run
 
 pytestmark = pytest.mark.net
 
-A_VM = "198.51.100.1"
+A_VM, B_VX = "198.51.100.1", "198.51.100.2"
+VNI = 42
 PSK = "swordfish"
 UDP_PORT = {"vxlan": 4789, "geneve": 6081}
 
@@ -144,7 +147,7 @@ def topo(lab, tmp_path, request):
     a.add_vm("br-int", vm)
     charon = Charon(b, tmp_path / "charon")
     try:
-        yield {"a": a, "b": b, "charon": charon, "u": u}
+        yield {"a": a, "b": b, "charon": charon, "u": u, "vm_ns": vm.ns, "vm_tap": vm.tap}
     finally:
         charon.stop()
 
@@ -247,3 +250,46 @@ def test_transport_mode_negotiates_and_only_libipsec_refuses_it(topo, kind):
     dlog = daemon_log(a)
     assert dlog.count("CHILD_SA installed") >= len(names), dlog[-3000:]
     assert "transport" in dlog
+
+
+def test_strongswan_carries_kernel_vxlan_in_the_two_ovs_child_sas(topo):
+    """`vxlan` with options:psk in tunnel mode against B's kernel VXLAN device: VXLAN
+    each way goes in the CHILD_SA whose selectors name its direction (UDP to 4789)."""
+    a, b, charon, u = topo["a"], topo["b"], topo["charon"], topo["u"]
+    inner_mtu = 1350 if u.host == 32 else 1330  # ipsec0's MTU is 1400
+    vx = run(["ip", "link", "add", "vx0", "type", "vxlan", "id", str(VNI), "local", u.b,
+              "remote", u.a, "dstport", "4789"], b, check=False)
+    if vx.returncode:
+        pytest.skip(f"no kernel VXLAN devices here: {vx.stderr.strip()}")
+    to_a = ["to", f"{u.a}/{u.host}", "ipproto", "udp", "dport", "4789"]
+    for cmd in (["ip", "link", "set", "vx0", "mtu", str(inner_mtu), "up"],
+                ["ip", "addr", "add", f"{B_VX}/24", "dev", "vx0"],
+                # Only VXLAN to A goes into libipsec's table 220, and nothing in clear
+                # while it is empty.
+                ["ip", u.family, "rule", "add", "pref", "218", *to_a, "lookup", "220"],
+                ["ip", u.family, "rule", "add", "pref", "218", *to_a, "blackhole"]):
+        run(cmd, b)
+    charon.start(swanctl_conf(u, "vxlan", start=False, mode="tunnel"))
+    add_tunnel(topo, "vxlan", "options:ipsec_mode=tunnel", f"options:key={VNI}")
+
+    def up():
+        got = child_sas(charon.list_sas())
+        return len(got) == 2 and all(c["state"] == "INSTALLED" for c in got.values()) and \
+            iface_status(a).get("ipsec_state") == "established"
+
+    assert wait_for(up, 40), (charon.list_sas(), iface_status(a), charon.log()[-4000:])
+    vm_ns = topo["vm_ns"]
+    run(["ip", "link", "set", topo["vm_tap"], "mtu", str(inner_mtu)], vm_ns)
+
+    def ping(ns: str, dst: str, n: int) -> int:
+        r = run(["ping", "-n", "-q", "-c", str(n), "-i", "0.05", "-W", "2", dst], ns,
+                check=False, timeout=60)
+        return received(r)
+
+    assert wait_for(lambda: ping(vm_ns, B_VX, 1) == 1, 20), (
+        charon.list_sas(), a.appctl("ike/show").stdout)
+    assert ping(vm_ns, B_VX, 20) == 20
+    assert ping(b, A_VM, 20) == 20
+    tx = int(run(["cat", "/sys/class/net/ipsec0/statistics/tx_packets"], b).stdout)
+    assert tx >= 40, tx  # the VXLAN went through libipsec, not around it
+    assert iface_status(a).get("ipsec_state") == "established"
