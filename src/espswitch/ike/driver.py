@@ -120,9 +120,9 @@ class IkeSockets:
         """Bind `port` (or adopt `sock`, already bound to it); OSError if it cannot be."""
         if sock is None:
             sock = self._bind(port, family)
-        else:
-            # Learn each datagram's destination on adopted sockets too.
-            _want_pktinfo(sock)
+        # Learn each datagram's destination on adopted sockets too, and on those of a
+        # `bind` that did not ask for it (`received` skips a datagram without it).
+        _want_pktinfo(sock)
         self.sockets[(sock.family, port)] = sock
 
     def families(self) -> set[int]:
