@@ -39,6 +39,18 @@ class Side:
         self.seen: list = []
 
 
+def step(x: Side, y: Side, now: float = 0.0) -> int:
+    """Deliver what `x` has to send to `y` once, applying both sides' events."""
+    sent = x.core.datagrams_to_send()
+    for d in sent:
+        y.core.receive_datagram(d.data, src=d.src, dst=d.dst, now=now)
+    for side in (x, y):
+        for ev in side.core.events():
+            side.seen.append(ev)
+            side.events.apply(ev, now)
+    return len(sent)
+
+
 def run(a: Side, b: Side, now: float = 0.0) -> None:
     """Carry datagrams between the cores, applying their events, until both are quiet."""
     for _ in range(100):
@@ -57,7 +69,9 @@ def run(a: Side, b: Side, now: float = 0.0) -> None:
     raise AssertionError("the cores never went quiet")
 
 
-def keyed(kind: str, **options: str) -> tuple[Hypervisor, Hypervisor, Side, Side]:
+def keyed(kind: str, who: str | None = "a",
+          **options: str) -> tuple[Hypervisor, Hypervisor, Side, Side]:
+    """a and b with a `kind` tunnel keyed by a PSK; `who` ("a", or None) initiates."""
     vni = None if kind == "gre" else 100
     opts = {"psk": PSK, **options}
     a = Hypervisor(A6, B6, vni, tun_type=kind, tun_options=opts)
@@ -66,8 +80,9 @@ def keyed(kind: str, **options: str) -> tuple[Hypervisor, Hypervisor, Side, Side
     assert a.tun.ipsec_state() == "connecting"
     (cfg,) = [p.cfg for p in sa.peers.peers.values()]
     assert (cfg.local_addr, cfg.remote_addr) == (A6, B6)
-    sa.core.initiate("vx0", 0.0)
-    run(sa, sb)
+    if who is not None:
+        sa.core.initiate("vx0", 0.0)
+        run(sa, sb)
     return a, b, sa, sb
 
 
@@ -169,3 +184,32 @@ def test_plaintext_vxlan_over_ipv6_is_refused_by_an_ike_keyed_tunnel():
     b.inject("eth0", b.dev("br-phy").mac + a.dev("br-phy").mac + ETH_IPV6 + clear)
     assert b.dev("vm").take() == []
     assert b.tun.stats["esp_plaintext_drops"] == 1
+
+
+def test_a_second_child_sa_is_sent_on_only_once_the_peer_has_it():
+    """Both sides initiate; a's IKE_SA_INIT is lost (b was not configured yet) and b's
+    makes the IKE SA. a's retransmission then makes a second one, b the responder: b
+    installs that CHILD_SA before a has it, so b keeps sending on the pair in use (which a
+    can open) until a packet arrives on the new one or one pair is deleted."""
+    a, b, sa, sb = keyed("vxlanipsec", who=None)
+    sa.core.initiate("vx0", 0.0)
+    assert len(sa.core.datagrams_to_send()) == 1  # lost
+    sb.core.initiate("vx0", 0.0)
+    run(sa, sb)
+    crosses(a, b, inner4(), first=True)
+    crosses(b, a, reply4(), first=True)
+    old_b = b.tun.sa_out.spi
+    t = sa.core.next_deadline()
+    sa.core.on_timer(t)
+    assert step(sa, sb, t) == 1  # IKE_SA_INIT, retransmitted
+    assert step(sb, sa, t) == 1  # its response; a sends IKE_AUTH
+    assert step(sa, sb, t) == 1  # b answers and installs the new pair; a has not yet
+    assert len(b.tun.pairs) == 2 and len(a.tun.pairs) == 1
+    assert spi_of(crosses(b, a, reply4())) == old_b  # a can open it
+    run(sa, sb, t)
+    # However the cores settle the two IKE SAs, both sides send on a pair the other has.
+    for x, y, frame in ((a, b, inner4(2)), (b, a, reply4()), (a, b, inner4(3))):
+        assert spi_of(crosses(x, y, frame)) in [i.spi for _, i in y.tun.pairs]
+    assert a.tun.stats["esp_selector_drops"] == b.tun.stats["esp_selector_drops"] == 0
+    assert a.dp.drops.get("esp_unknown_spi") is None and b.dp.drops.get("esp_unknown_spi") \
+        is None

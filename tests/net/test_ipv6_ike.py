@@ -16,7 +16,7 @@ import pytest
 
 from espswitch.cli.lab import UNDERLAY6, Lab
 
-from .ipsec_helpers import PATTERN, iperf3, received, scapy, status, wait_for
+from .ipsec_helpers import PATTERN, established, iperf3, received, scapy, status, wait_for
 
 pytestmark = pytest.mark.net
 
@@ -25,15 +25,6 @@ CLEAR_PROTO = {"vxlanipsec": (17, 4789), "vxlan": (17, 4789), "geneve": (17, 608
                "gre": (47, 0)}
 CASES = [("vxlanipsec", "transport"), ("vxlanipsec", "tunnel"), ("vxlan", "transport"),
          ("geneve", "transport"), ("gre", "transport")]
-
-
-def established(lab: Lab, timeout: float = 30.0) -> tuple[dict, dict]:
-    def both():
-        st = (status(lab, 0), status(lab, 1))
-        return st if all(s.get("ipsec_state") == "established" for s in st) else None
-    st = wait_for(both, timeout)
-    assert st, f"not established: {status(lab, 0)} / {status(lab, 1)}"
-    return st
 
 
 def underlay6(pcap: str) -> list:
@@ -54,7 +45,7 @@ def test_ike_keyed_tunnel_over_an_ipv6_underlay(netlab_ok, tmp_path, kind, mode)
     opts = {"psk": PSK, "ipsec_mode": mode}
     lab = Lab(underlay_ips=UNDERLAY6, tunnel_type=kind, tunnel_options=(dict(opts), dict(opts)))
     with lab:
-        st1, st2 = established(lab)
+        st1, st2 = established(lab, 30)
         assert st1["ipsec_keying"] == "ikev2" and st1["ipsec_mode"] == mode
         assert "ike_error" not in st1 and "ike_error" not in st2
         assert lab.wait_for_ping(20), "the VMs never reached each other"

@@ -72,9 +72,15 @@ class PortEvents:
             out = ev.outbound_params()
             inb = ev.inbound_params(replay_window=window)
             sends, rx_ports = child_role(port, ev.local_ts, ev.remote_ts)
+            # A second pair for what an installed pair already protects (crossing
+            # initiations made two IKE SAs; one of them is about to go) is switched to as a
+            # rekey's is: once the peer sends on it, or the older pair is deleted. The
+            # IKE_AUTH responder has the pair before the initiator does, and sending on it
+            # at once loses what the initiator cannot open yet.
+            again = sends and port.sa_out is not None and not port.sa_out.expired
             try:
                 port.install_child(
-                    out, inb, encap=ev.encap, rekey=ev.rekey_of is not None,
+                    out, inb, encap=ev.encap, rekey=ev.rekey_of is not None or again,
                     encap_port=ev.remote_addr[1] if ev.encap else None,
                     inner_remote=_peer_host(ev.remote_ts, port), sends=sends, rx_ports=rx_ports)
             except PortError as e:
