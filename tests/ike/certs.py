@@ -56,7 +56,7 @@ class Ca:
         if email:
             sans.append(x509.RFC822Name(email))
         if ip:
-            sans.append(x509.IPAddress(ipaddress.IPv4Address(ip)))
+            sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
         b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(self.name)
              .public_key(key.public_key()).serial_number(x509.random_serial_number())
              .not_valid_before(_NOW - datetime.timedelta(days=1))

@@ -105,6 +105,16 @@ def wait_for(pred: Callable[[], object], timeout: float, interval: float = 0.25)
         time.sleep(interval)
 
 
+def established(lab: Lab, timeout: float = 15.0) -> tuple[dict, dict]:
+    """Wait until both sides report ipsec_state=established; return both statuses."""
+    def both():
+        st = (status(lab, 0), status(lab, 1))
+        return st if all(s.get("ipsec_state") == "established" for s in st) else None
+    st = wait_for(both, timeout)
+    assert st, f"not established: {status(lab, 0)} / {status(lab, 1)}"
+    return st
+
+
 def wait_for_counter(lab: Lab, hv_index: int, name: str, at_least: int,
                      timeout: float = STATS_TIMEOUT) -> int:
     """Poll Interface.statistics until counter `name` reaches `at_least`; its last value."""

@@ -21,6 +21,7 @@ from espswitch.cli.lab import Lab, run
 from .ipsec_helpers import (
     PATTERN,
     BackgroundPing,
+    established,
     ipsec_show,
     received,
     scapy,
@@ -47,16 +48,6 @@ def lab(netlab_ok):
 def set_options(lab: Lab, hv_index: int, **opts: str) -> None:
     lab.vsctl(lab.hvs[hv_index], "set", "interface", "tun0",
               *(f"options:{k}={v}" for k, v in opts.items()))
-
-
-def established(lab: Lab, timeout: float = 15.0) -> tuple[dict, dict]:
-    """Wait until both sides report ipsec_state=established; return both statuses."""
-    def both():
-        st = (status(lab, 0), status(lab, 1))
-        return st if all(s.get("ipsec_state") == "established" for s in st) else None
-    st = wait_for(both, timeout)
-    assert st, f"not established: {status(lab, 0)} / {status(lab, 1)}"
-    return st
 
 
 def configure(lab: Lab, **opts: str) -> tuple[dict, dict]:

@@ -1,13 +1,15 @@
 """strongSwan configured as Open vSwitch's ovs-monitor-ipsec configures it, against an
 espswitch `geneve`, `gre` or `vxlan` tunnel with `options:psk` (issue 12).
 
-Hypervisor A runs espswitch (br-phy on a veth underlay 192.0.2.1, br-int with a VM and
-`tun0` of the type under test, `options:psk` only, as an OVS operator writes it). Host B is
-a plain namespace (192.0.2.2) with charon, whose swanctl.conf carries the connections
+Each test runs over an IPv4 and over an IPv6 underlay. Hypervisor A runs espswitch (br-phy
+on a veth underlay, 192.0.2.1 or 2001:db8:6::1, br-int with a VM and `tun0` of the type
+under test, `options:psk` only, as an OVS operator writes it). Host B is a plain namespace
+(192.0.2.2 or 2001:db8:6::2) with charon, whose swanctl.conf carries the connections
 ovs-monitor-ipsec writes for such a tunnel: for `gre` one CHILD_SA
 `leftprotoport=gre`/`rightprotoport=gre`; for `vxlan` and `geneve` two, `<tun>-in-1`
 (`leftprotoport=udp/PORT`, `rightprotoport=udp`) and `<tun>-out-1` (`leftprotoport=udp`,
-`rightprotoport=udp/PORT`), PORT 4789 or 6081.
+`rightprotoport=udp/PORT`), PORT 4789 or 6081. Over IPv6 the selectors are the same
+with /128 host ranges (TS_IPV6_ADDR_RANGE) and the identities are ID_IPV6_ADDR.
 
 - Tunnel mode, either side initiating: strongSwan installs every CHILD_SA with exactly
   those selectors (`swanctl --list-sas`), espswitch shows their mirror images (`ike/show`)
@@ -16,13 +18,15 @@ ovs-monitor-ipsec writes for such a tunnel: for `gre` one CHILD_SA
   accepts it with transport mode and installs it, and strongSwan then fails to install it
   in kernel-libipsec, which has tunnel mode only ("IPsec SA: unsupported mode").
 
-What is not possible here, and why: traffic between espswitch and strongSwan over these
-tunnels. B would need a kernel Geneve or GRE (gretap) device, which this kernel does not
+- Traffic, `vxlan` in tunnel mode: B's kernel VXLAN device carried by strongSwan in those
+  two CHILD_SAs, pings both ways through libipsec (`ipsec0`).
+
+What is not possible here, and why: traffic over `geneve` and `gre`, and in transport
+mode. B would need a kernel Geneve or GRE (gretap) device, which this kernel does not
 have, and the kernel's ESP, which it does not have either (`ip xfrm state add ... aead
 rfc4106(gcm(aes))` fails: "Requested AEAD algorithm not found"); kernel-libipsec stands in
 for ESP in tunnel mode only. The data path with these very selectors is shown between two
-espswitch hypervisors (test_ovs_ipsec_tutorial.py), and with strongSwan for `vxlanipsec`
-in tunnel mode (test_strongswan_vxlan_interop.py).
+espswitch hypervisors (test_ovs_ipsec_tutorial.py, and test_ipv6_ike.py over IPv6).
 """
 
 from __future__ import annotations
@@ -31,33 +35,50 @@ import json
 import os
 import re
 import shutil
+from typing import NamedTuple
 
 import pytest
 
 from espswitch.cli.lab import CHARON
 
-from .ipsec_helpers import Charon, iface_status, wait_for
+from .ipsec_helpers import Charon, iface_status, received, wait_for
 from .lab import no_tx_offload, run
 
 pytestmark = pytest.mark.net
 
-A_IP, B_IP = "192.0.2.1", "192.0.2.2"
-A_VM = "198.51.100.1"
+A_VM, B_VX = "198.51.100.1", "198.51.100.2"
+VNI = 42
 PSK = "swordfish"
 UDP_PORT = {"vxlan": 4789, "geneve": 6081}
 
 
-def children(kind: str) -> dict[str, tuple[str, str]]:
+class Ends(NamedTuple):
+    """The underlay of one address family: A's and B's addresses, the subnet's and a
+    host's prefix lengths, ip(8)'s family flag."""
+
+    a: str
+    b: str
+    plen: int
+    host: int
+    family: str
+
+
+UNDERLAYS = {"ipv4": Ends("192.0.2.1", "192.0.2.2", 24, 32, "-4"),
+             "ipv6": Ends("2001:db8:6::1", "2001:db8:6::2", 64, 128, "-6")}
+
+
+def children(u: Ends, kind: str) -> dict[str, tuple[str, str]]:
     """ovs-monitor-ipsec's CHILD_SAs for a tunnel of `kind`, seen from B (left = B):
     name -> (local_ts, remote_ts)."""
+    a, b = f"{u.a}/{u.host}", f"{u.b}/{u.host}"
     if kind == "gre":
-        return {"tun0-1": (f"{B_IP}/32[gre]", f"{A_IP}/32[gre]")}
+        return {"tun0-1": (f"{b}[gre]", f"{a}[gre]")}
     port = UDP_PORT[kind]
-    return {"tun0-in-1": (f"{B_IP}/32[udp/{port}]", f"{A_IP}/32[udp]"),
-            "tun0-out-1": (f"{B_IP}/32[udp]", f"{A_IP}/32[udp/{port}]")}
+    return {"tun0-in-1": (f"{b}[udp/{port}]", f"{a}[udp]"),
+            "tun0-out-1": (f"{b}[udp]", f"{a}[udp/{port}]")}
 
 
-def swanctl_conf(kind: str, start: bool, mode: str) -> str:
+def swanctl_conf(u: Ends, kind: str, start: bool, mode: str) -> str:
     kids = "".join(f"""
       {name} {{
         local_ts = {local}
@@ -66,22 +87,22 @@ def swanctl_conf(kind: str, start: bool, mode: str) -> str:
         mode = {mode}
         rekey_time = 0
         start_action = {"start" if start else "none"}
-      }}""" for name, (local, remote) in children(kind).items())
+      }}""" for name, (local, remote) in children(u, kind).items())
     return f"""connections {{
   tun0 {{
     version = 2
-    local_addrs = {B_IP}
-    remote_addrs = {A_IP}
+    local_addrs = {u.b}
+    remote_addrs = {u.a}
     proposals = aes128gcm16-prfsha256-x25519
     dpd_delay = 0
     rekey_time = 0
     local {{
       auth = psk
-      id = {B_IP}
+      id = {u.b}
     }}
     remote {{
       auth = psk
-      id = {A_IP}
+      id = {u.a}
     }}
     children {{{kids}
     }}
@@ -89,39 +110,44 @@ def swanctl_conf(kind: str, start: bool, mode: str) -> str:
 }}
 secrets {{
   ike-tun0 {{
-    id-a = {A_IP}
-    id-b = {B_IP}
+    id-a = {u.a}
+    id-b = {u.b}
     secret = "{PSK}"
   }}
 }}
 """
 
 
-@pytest.fixture
-def topo(lab, tmp_path):
-    """A (espswitch with br-int and a VM, no tunnel yet) and B (a namespace for charon)."""
+@pytest.fixture(params=sorted(UNDERLAYS))
+def topo(lab, tmp_path, request):
+    """A (espswitch with br-int and a VM, no tunnel yet) and B (a namespace for charon),
+    over the underlay family of the parameter."""
     if not os.access(CHARON, os.X_OK) or shutil.which("swanctl") is None:
         pytest.skip("strongSwan (charon, swanctl) is not installed")
+    u = UNDERLAYS[request.param]
+    lab.ipv6 = u.host == 128  # the namespaces' IPv6 is off unless it is the underlay's
+    nodad = ["nodad"] if u.host == 128 else []
     a = lab.hypervisor("soa")
     b = lab.netns("sob")
     a.start()
     run(["ip", "link", "add", "ul0", "netns", a.ns, "type", "veth", "peer", "name", "ul0",
          "netns", b])
     a.vsctl("add-br", "br-phy", "--", "add-port", "br-phy", "ul0")
-    a.sh("ip", "addr", "add", f"{A_IP}/24", "dev", "br-phy")
+    a.sh("ip", "addr", "add", f"{u.a}/{u.plen}", "dev", "br-phy", *nodad)
     a.sh("ip", "link", "set", "br-phy", "up")
     no_tx_offload(b, "ul0")
-    run(["ip", "addr", "add", f"{B_IP}/24", "dev", "ul0"], b)
+    run(["ip", "addr", "add", f"{u.b}/{u.plen}", "dev", "ul0", *nodad], b)
     run(["ip", "link", "set", "ul0", "up"], b)
     # kernel-libipsec routes everything to A into its TUN device (table 220), where IKE
     # matches no policy: no traffic goes there (there is no Geneve or GRE device to send).
-    run(["ip", "rule", "add", "pref", "219", "to", f"{A_IP}/32", "lookup", "main"], b)
+    run(["ip", u.family, "rule", "add", "pref", "219", "to", f"{u.a}/{u.host}", "lookup",
+         "main"], b)
     vm = lab.vm("sov", 1, A_VM)
     a.vsctl("add-br", "br-int")
     a.add_vm("br-int", vm)
     charon = Charon(b, tmp_path / "charon")
     try:
-        yield {"a": a, "b": b, "charon": charon}
+        yield {"a": a, "b": b, "charon": charon, "u": u, "vm_ns": vm.ns, "vm_tap": vm.tap}
     finally:
         charon.stop()
 
@@ -146,18 +172,19 @@ def daemon_log(a) -> str:
         return f.read()
 
 
-def espswitch_selectors(kind: str) -> list[str]:
+def espswitch_selectors(u: Ends, kind: str) -> list[str]:
     """The mirror image of strongSwan's CHILD_SAs as espswitch's ike/show prints them."""
+    a, b = f"{u.a}/{u.host}", f"{u.b}/{u.host}"
     if kind == "gre":
-        return [f"{A_IP}/32[47] === {B_IP}/32[47]"]
+        return [f"{a}[47] === {b}[47]"]
     port = UDP_PORT[kind]
-    return [f"{A_IP}/32[17] === {B_IP}/32[17/{port}]",  # out: what espswitch sends
-            f"{A_IP}/32[17/{port}] === {B_IP}/32[17]"]  # in: what strongSwan sends
+    return [f"{a}[17] === {b}[17/{port}]",  # out: what espswitch sends
+            f"{a}[17/{port}] === {b}[17]"]  # in: what strongSwan sends
 
 
-def add_tunnel(a, kind: str, *extra: str) -> None:
-    a.vsctl("add-port", "br-int", "tun0", "--", "set", "Interface", "tun0", f"type={kind}",
-            f"options:remote_ip={B_IP}", f"options:psk={PSK}", *extra)
+def add_tunnel(t, kind: str, *extra: str) -> None:
+    t["a"].vsctl("add-port", "br-int", "tun0", "--", "set", "Interface", "tun0",
+                 f"type={kind}", f"options:remote_ip={t['u'].b}", f"options:psk={PSK}", *extra)
 
 
 @pytest.mark.parametrize("who", ["strongswan", "espswitch"])
@@ -165,13 +192,13 @@ def add_tunnel(a, kind: str, *extra: str) -> None:
 def test_strongswan_installs_ovs_selectors(topo, kind, who):
     """Tunnel mode (kernel-libipsec carries no other): both sides install exactly
     ovs-monitor-ipsec's CHILD_SAs, whoever initiates."""
-    a, charon = topo["a"], topo["charon"]
-    charon.start(swanctl_conf(kind, start=who == "strongswan", mode="tunnel"))
-    add_tunnel(a, kind, "options:ipsec_mode=tunnel")
+    a, charon, u = topo["a"], topo["charon"], topo["u"]
+    charon.start(swanctl_conf(u, kind, start=who == "strongswan", mode="tunnel"))
+    add_tunnel(topo, kind, "options:ipsec_mode=tunnel")
     # (kernel-libipsec fakes a NAT to have ESP in UDP, which it can receive: TUNNEL-in-UDP)
     want = {name: {"state": "INSTALLED", "mode": "TUNNEL-in-UDP", "local_ts": local,
                    "remote_ts": remote}
-            for name, (local, remote) in children(kind).items()}
+            for name, (local, remote) in children(u, kind).items()}
 
     def installed():
         got = child_sas(charon.list_sas())
@@ -183,7 +210,7 @@ def test_strongswan_installs_ovs_selectors(topo, kind, who):
     assert got, (f"strongSwan: {charon.list_sas()}\nwanted {want}\n"
                  f"espswitch: {iface_status(a)}\n{ike}\ncharon.log:\n{charon.log()[-5000:]}\n"
                  f"espswitchd.log:\n{daemon_log(a)[-4000:]}")
-    for line in espswitch_selectors(kind):
+    for line in espswitch_selectors(u, kind):
         assert line in ike, ike
     # Each IKE SA carries exactly these CHILD_SAs. (When both sides initiate and
     # strongSwan's IKE SA is the one RFC 7296 §2.8.1's rule retires, strongSwan, which does
@@ -201,10 +228,10 @@ def test_transport_mode_negotiates_and_only_libipsec_refuses_it(topo, kind):
     espswitch installs them; strongSwan then fails to install them in kernel-libipsec
     ("unsupported mode": it has tunnel mode only) and deletes them. What this shows is
     the negotiation, not an installed SA on strongSwan's side."""
-    a, charon = topo["a"], topo["charon"]
-    charon.start(swanctl_conf(kind, start=True, mode="transport"))
-    add_tunnel(a, kind)
-    names = list(children(kind))
+    a, charon, u = topo["a"], topo["charon"], topo["u"]
+    charon.start(swanctl_conf(u, kind, start=True, mode="transport"))
+    add_tunnel(topo, kind)
+    names = list(children(u, kind))
 
     def negotiated():
         log = charon.log()
@@ -223,3 +250,46 @@ def test_transport_mode_negotiates_and_only_libipsec_refuses_it(topo, kind):
     dlog = daemon_log(a)
     assert dlog.count("CHILD_SA installed") >= len(names), dlog[-3000:]
     assert "transport" in dlog
+
+
+def test_strongswan_carries_kernel_vxlan_in_the_two_ovs_child_sas(topo):
+    """`vxlan` with options:psk in tunnel mode against B's kernel VXLAN device: VXLAN
+    each way goes in the CHILD_SA whose selectors name its direction (UDP to 4789)."""
+    a, b, charon, u = topo["a"], topo["b"], topo["charon"], topo["u"]
+    inner_mtu = 1350 if u.host == 32 else 1330  # ipsec0's MTU is 1400
+    vx = run(["ip", "link", "add", "vx0", "type", "vxlan", "id", str(VNI), "local", u.b,
+              "remote", u.a, "dstport", "4789"], b, check=False)
+    if vx.returncode:
+        pytest.skip(f"no kernel VXLAN devices here: {vx.stderr.strip()}")
+    to_a = ["to", f"{u.a}/{u.host}", "ipproto", "udp", "dport", "4789"]
+    for cmd in (["ip", "link", "set", "vx0", "mtu", str(inner_mtu), "up"],
+                ["ip", "addr", "add", f"{B_VX}/24", "dev", "vx0"],
+                # Only VXLAN to A goes into libipsec's table 220, and nothing in clear
+                # while it is empty.
+                ["ip", u.family, "rule", "add", "pref", "218", *to_a, "lookup", "220"],
+                ["ip", u.family, "rule", "add", "pref", "218", *to_a, "blackhole"]):
+        run(cmd, b)
+    charon.start(swanctl_conf(u, "vxlan", start=False, mode="tunnel"))
+    add_tunnel(topo, "vxlan", "options:ipsec_mode=tunnel", f"options:key={VNI}")
+
+    def up():
+        got = child_sas(charon.list_sas())
+        return len(got) == 2 and all(c["state"] == "INSTALLED" for c in got.values()) and \
+            iface_status(a).get("ipsec_state") == "established"
+
+    assert wait_for(up, 40), (charon.list_sas(), iface_status(a), charon.log()[-4000:])
+    vm_ns = topo["vm_ns"]
+    run(["ip", "link", "set", topo["vm_tap"], "mtu", str(inner_mtu)], vm_ns)
+
+    def ping(ns: str, dst: str, n: int) -> int:
+        r = run(["ping", "-n", "-q", "-c", str(n), "-i", "0.05", "-W", "2", dst], ns,
+                check=False, timeout=60)
+        return received(r)
+
+    assert wait_for(lambda: ping(vm_ns, B_VX, 1) == 1, 20), (
+        charon.list_sas(), a.appctl("ike/show").stdout)
+    assert ping(vm_ns, B_VX, 20) == 20
+    assert ping(b, A_VM, 20) == 20
+    tx = int(run(["cat", "/sys/class/net/ipsec0/statistics/tx_packets"], b).stdout)
+    assert tx >= 40, tx  # the VXLAN went through libipsec, not around it
+    assert iface_status(a).get("ipsec_state") == "established"

@@ -1,15 +1,19 @@
-"""espswitch's IKE-keyed `vxlanipsec` against strongSwan carrying a kernel VXLAN device.
+"""espswitch's IKE-keyed `vxlanipsec` against strongSwan carrying a kernel VXLAN device,
+over an IPv4 and over an IPv6 underlay (issue 12).
 
-Hypervisor A runs espswitch (br-phy on a veth underlay 192.0.2.1; br-int with a VM at
-198.51.100.1 and `tun0`, a tunnel-mode, UDP-encapsulated `vxlanipsec` keyed with a PSK).
-Host B is a plain namespace (192.0.2.2) with charon + kernel-libipsec and a kernel VXLAN
-device `vx0` (VNI 42, 198.51.100.2/24), as in references.md ("strongSwan carrying kernel
-VXLAN"): `ip rule`s send only VXLAN to A into libipsec's table 220 (ipsec0).
+Hypervisor A runs espswitch (br-phy on a veth underlay, 192.0.2.1 or 2001:db8:5::1; br-int
+with a VM at 198.51.100.1 and `tun0`, a tunnel-mode, UDP-encapsulated `vxlanipsec` keyed
+with a PSK). Host B is a plain namespace (192.0.2.2 or 2001:db8:5::2) with charon +
+kernel-libipsec and a kernel VXLAN device `vx0` (VNI 42, 198.51.100.2/24) over the same
+family, as in references.md ("strongSwan carrying kernel VXLAN"): `ip rule`s send only
+VXLAN to A into libipsec's table 220 (ipsec0).
 
 Traffic selectors: espswitch proposes and accepts one CHILD_SA, UDP between the two
-endpoints with any ports (`A/32[udp]` <-> `B/32[udp]`, vswitchd/ike.py): VXLAN goes both
-ways in it, from each side's flow-hashed source port (the kernel's default here). B's side
-configures the same.
+endpoints with any ports (`A/32[udp]` <-> `B/32[udp]`, over IPv6 `A/128[udp]` <->
+`B/128[udp]`, vswitchd/ike_peers.py): VXLAN goes both ways in it, from each side's
+flow-hashed source port (the kernel's default here). B's side configures the same. Over
+IPv6 the identities are ID_IPV6_ADDR, the NAT detection hashes take 16-byte addresses (no
+NAT is seen but the forced encapsulation's), and tunnel mode's inner header is IPv6.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import dataclass
 
 import pytest
 
@@ -27,35 +32,54 @@ from .lab import no_tx_offload, run, wait_until
 
 pytestmark = pytest.mark.net
 
-A_IP, B_IP = "192.0.2.1", "192.0.2.2"
 A_VM, B_VX = "198.51.100.1", "198.51.100.2"
 VNI = 42
 PSK = "strongswan-vxlan-interop-psk-4f2a9c"
-INNER_MTU = 1350  # ipsec0 has MTU 1400; fragments of VXLAN match no selector
 N_PINGS = 20
 
 
-SWANCTL_CONF = f"""connections {{
+@dataclass(frozen=True)
+class Underlay:
+    """The two endpoints of one address family, and what differs with it."""
+
+    a: str
+    b: str
+    plen: int  # of the underlay subnet
+    host: int  # a host's prefix length: /32 or /128
+    ip: str  # the ip(8) family flag
+    inner_mtu: int  # ipsec0 has MTU 1400; fragments of VXLAN match no selector
+    ether: str  # what scapy calls the outer IP layer
+
+
+UNDERLAYS = {
+    "ipv4": Underlay("192.0.2.1", "192.0.2.2", 24, 32, "-4", 1350, "IP"),
+    # The VXLAN header over IPv6 is 20 bytes longer.
+    "ipv6": Underlay("2001:db8:5::1", "2001:db8:5::2", 64, 128, "-6", 1330, "IPv6"),
+}
+
+
+def swanctl_conf(u: Underlay) -> str:
+    return f"""connections {{
   vx {{
     version = 2
-    local_addrs = {B_IP}
-    remote_addrs = {A_IP}
+    local_addrs = {u.b}
+    remote_addrs = {u.a}
     proposals = aes128gcm16-prfsha256-x25519
     encap = yes
     dpd_delay = 0
     rekey_time = 0
     local {{
       auth = psk
-      id = {B_IP}
+      id = {u.b}
     }}
     remote {{
       auth = psk
-      id = {A_IP}
+      id = {u.a}
     }}
     children {{
       vxlan {{
-        local_ts = {B_IP}/32[udp]
-        remote_ts = {A_IP}/32[udp]
+        local_ts = {u.b}/{u.host}[udp]
+        remote_ts = {u.a}/{u.host}[udp]
         esp_proposals = aes128gcm16
         mode = tunnel
         rekey_time = 0
@@ -65,8 +89,8 @@ SWANCTL_CONF = f"""connections {{
 }}
 secrets {{
   ike-vx {{
-    id-a = {A_IP}
-    id-b = {B_IP}
+    id-a = {u.a}
+    id-b = {u.b}
     secret = "{PSK}"
   }}
 }}
@@ -81,53 +105,67 @@ def _missing() -> str | None:
     return None
 
 
-@pytest.fixture
-def topo(lab, tmp_path):
-    """A (espswitch) and B (charon + kernel VXLAN), charon loaded before tun0 exists."""
+@pytest.fixture(params=sorted(UNDERLAYS))
+def topo(lab, tmp_path, request):
+    """A (espswitch) and B (charon + kernel VXLAN) over the underlay family of the
+    parameter, charon loaded before tun0 exists."""
     reason = _missing()
     if reason:
         pytest.skip(reason)
+    u = UNDERLAYS[request.param]
+    lab.ipv6 = u.host == 128  # the namespaces' IPv6 is off unless it is the underlay's
     a = lab.hypervisor("ssa")
     b = lab.netns("ssb")
     a.start()
     run(["ip", "link", "add", "ul0", "netns", a.ns, "type", "veth", "peer", "name", "ul0",
          "netns", b])
     a.vsctl("add-br", "br-phy", "--", "add-port", "br-phy", "ul0")
-    a.sh("ip", "addr", "add", f"{A_IP}/24", "dev", "br-phy")
+    a.sh("ip", "addr", "add", f"{u.a}/{u.plen}", "dev", "br-phy", *nodad(u))
     a.sh("ip", "link", "set", "br-phy", "up")
     # A kernel sending into a veth that a packet socket reads must compute its checksums.
     no_tx_offload(b, "ul0")
-    vx = run(["ip", "link", "add", "vx0", "type", "vxlan", "id", str(VNI), "local", B_IP,
-              "remote", A_IP, "dstport", "4789"], b, check=False)
+    vx = run(["ip", "link", "add", "vx0", "type", "vxlan", "id", str(VNI), "local", u.b,
+              "remote", u.a, "dstport", "4789"], b, check=False)
     if vx.returncode:
         pytest.skip(f"no kernel VXLAN devices here: {vx.stderr.strip()}")
-    for cmd in (["ip", "addr", "add", f"{B_IP}/24", "dev", "ul0"],
+    for cmd in (["ip", "addr", "add", f"{u.b}/{u.plen}", "dev", "ul0", *nodad(u)],
                 ["ip", "link", "set", "ul0", "up"],
-                ["ip", "link", "set", "vx0", "mtu", str(INNER_MTU), "up"],
+                ["ip", "link", "set", "vx0", "mtu", str(u.inner_mtu), "up"],
                 ["ip", "addr", "add", f"{B_VX}/24", "dev", "vx0"],
                 # Only VXLAN to A enters libipsec's table 220; IKE and UDP/4500 stay out.
-                ["ip", "rule", "add", "pref", "218", "to", f"{A_IP}/32", "ipproto", "udp",
-                 "dport", "4789", "lookup", "220"],
-                ["ip", "rule", "add", "pref", "219", "to", f"{A_IP}/32", "lookup", "main"]):
+                ["ip", u.ip, "rule", "add", "pref", "218", "to", f"{u.a}/{u.host}", "ipproto",
+                 "udp", "dport", "4789", "lookup", "220"],
+                # Until the CHILD_SA is installed table 220 is empty: VXLAN (IPv6's MLD
+                # reports, as soon as vx0 is up) must not fall through to main in clear.
+                ["ip", u.ip, "rule", "add", "pref", "218", "to", f"{u.a}/{u.host}", "ipproto",
+                 "udp", "dport", "4789", "blackhole"],
+                ["ip", u.ip, "rule", "add", "pref", "219", "to", f"{u.a}/{u.host}", "lookup",
+                 "main"]):
         run(cmd, b)
     charon = Charon(b, tmp_path / "charon")
     try:
-        charon.start(SWANCTL_CONF)
+        charon.start(swanctl_conf(u))
         vm = lab.vm("ssv", 1, A_VM)
         a.vsctl("add-br", "br-int")
         a.add_vm("br-int", vm)
-        vm.sh("ip", "link", "set", vm.tap, "mtu", str(INNER_MTU))
+        vm.sh("ip", "link", "set", vm.tap, "mtu", str(u.inner_mtu))
         pcap = str(tmp_path / "underlay.pcap")
         with tcpdump(b, "ul0", pcap):
-            yield {"a": a, "b": b, "vm": vm, "charon": charon, "pcap": pcap}
+            yield {"a": a, "b": b, "vm": vm, "charon": charon, "pcap": pcap, "u": u}
     finally:
         charon.stop()
 
 
-def add_tunnel(a) -> None:
-    a.vsctl("add-port", "br-int", "tun0", "--", "set", "Interface", "tun0", "type=vxlanipsec",
-            f"options:remote_ip={B_IP}", f"options:key={VNI}", f"options:psk={PSK}",
-            "options:ipsec_mode=tunnel", "options:ipsec_encapsulation=yes")
+def nodad(u: Underlay) -> list[str]:
+    """An IPv6 address usable at once (no duplicate address detection)."""
+    return ["nodad"] if u.host == 128 else []
+
+
+def add_tunnel(t) -> None:
+    t["a"].vsctl("add-port", "br-int", "tun0", "--", "set", "Interface", "tun0",
+                 "type=vxlanipsec", f"options:remote_ip={t['u'].b}", f"options:key={VNI}",
+                 f"options:psk={PSK}", "options:ipsec_mode=tunnel",
+                 "options:ipsec_encapsulation=yes")
 
 
 def diagnostics(t) -> str:
@@ -152,11 +190,12 @@ def wait_established(t, timeout: float = 30) -> str:
 
 
 def check_traffic_and_wire(t, sas: str) -> None:
-    a, vm = t["a"], t["vm"]
+    a, vm, u = t["a"], t["vm"], t["u"]
     assert re.search(r"vx: #\d+, ESTABLISHED, IKEv2", sas), sas
     assert re.search(r"vxlan: #\d+, reqid \d+, INSTALLED, TUNNEL-in-UDP, ESP:AES_GCM_16-128",
                      sas), sas
-    assert re.search(rf"local  {B_IP}/32\[udp\]\n\s+remote {A_IP}/32\[udp\]\n", sas), sas
+    assert re.search(rf"local  {u.b}/{u.host}\[udp\]\n\s+remote {u.a}/{u.host}\[udp\]\n",
+                     sas), sas
     st = iface_status(a)
     assert st.get("ipsec_state") == "established", st
     assert st.get("ipsec_keying") == "ikev2", st
@@ -185,13 +224,17 @@ def check_traffic_and_wire(t, sas: str) -> None:
 def check_underlay(t) -> None:
     """Only IKE (UDP 500) and UDP 4500 (IKE and ESP-in-UDP) between A and B on the wire."""
     s = pytest.importorskip("scapy.all")
-    pkts = [p for p in s.rdpcap(t["pcap"]) if p.haslayer(s.IP)
-            and {p[s.IP].src, p[s.IP].dst} == {A_IP, B_IP}]
+    u = t["u"]
+    ip = getattr(s, u.ether)
+    pkts = [p for p in s.rdpcap(t["pcap"]) if p.haslayer(ip)
+            and {p[ip].src, p[ip].dst} == {u.a, u.b} and not p.haslayer(s.ICMPv6ND_NS)
+            and not p.haslayer(s.ICMPv6ND_NA)]
     assert pkts, "nothing captured on the underlay"
     others = [p.summary() for p in pkts
               if not (p.haslayer(s.UDP) and {p[s.UDP].sport, p[s.UDP].dport} <= {500, 4500})]
     assert not others, f"neither UDP 500 nor 4500 on the underlay: {others[:5]}"
-    assert not [p for p in pkts if p[s.IP].proto == 50], "raw ESP on the underlay"
+    proto = "proto" if u.ether == "IP" else "nh"
+    assert not [p for p in pkts if getattr(p[ip], proto) == 50], "raw ESP on the underlay"
     assert not [p for p in pkts if p.haslayer(s.UDP) and 4789 in (p[s.UDP].sport,
                                                                   p[s.UDP].dport)]
     ike = [p for p in pkts if p[s.UDP].dport == 500]
@@ -206,7 +249,7 @@ def check_underlay(t) -> None:
 
 def test_espswitch_initiates(topo):
     """charon only responds; tun0 is added after charon has loaded its config."""
-    add_tunnel(topo["a"])
+    add_tunnel(topo)
     sas = wait_established(topo)
     # charon is the responder: its local (starred) SPI is the responder's.
     assert re.search(r"IKEv2, [0-9a-f]{16}_i [0-9a-f]{16}_r\*", sas), sas
@@ -216,8 +259,8 @@ def test_espswitch_initiates(topo):
 
 def test_strongswan_initiates(topo):
     """charon tears down the SA espswitch made, then initiates a new one itself."""
-    a, charon = topo["a"], topo["charon"]
-    add_tunnel(a)
+    charon = topo["charon"]
+    add_tunnel(topo)
     wait_established(topo)
     charon.swanctl("--terminate", "--ike", "vx", "--timeout", "10")
     charon.swanctl("--initiate", "--child", "vxlan", "--timeout", "20")

@@ -303,10 +303,6 @@ class EspProtection:
             keying = parse_ipsec_options(options, remote_ip=remote_ip)
         except IpsecConfigError as e:
             raise PortError(f"interface {port.name}: {e}") from None
-        if isinstance(keying, IkeKeying) and port.underlay.V6:
-            raise PortError(f"interface {port.name}: IKEv2 over an IPv6 underlay is not "
-                            "supported yet; key this tunnel manually (spi_out, spi_in, "
-                            "esp_key_out, esp_key_in) or use IPv4 addresses")
         self.keying = keying
         self.transform = keying.transform
         self.mode = keying.mode
@@ -348,7 +344,7 @@ class EspProtection:
         # UDP destination port of encapsulated ESP: 4500, or the port a NAT in front of the
         # peer mapped its 4500 to, as IKE saw it (RFC 3948 §3).
         self.encap_port = NAT_T_PORT
-        # Tunnel mode: the peer's address in the inner IPv4 header, as it names itself in
+        # Tunnel mode: the peer's address in the inner IP header, as it names itself in
         # the CHILD_SA's selectors (behind a NAT, not remote_ip); None: remote_ip.
         self.inner_remote: bytes | None = None
         self.selector: Selector | None = None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
+from espswitch.ike.addr import canonical, is_v6
 from espswitch.ike.auth import Credentials, Identity
 from espswitch.ike.consts import Protocol
 from espswitch.ike.errors import IkeConfigError
@@ -100,9 +100,13 @@ class PeerConfig:
     def __post_init__(self) -> None:
         for name in ("local_addr", "remote_addr"):
             try:
-                ipaddress.IPv4Address(getattr(self, name))
+                # One spelling per address: the core compares them as text.
+                object.__setattr__(self, name, canonical(getattr(self, name)))
             except ValueError:
-                raise IkeConfigError(f"{name} must be an IPv4 address") from None
+                raise IkeConfigError(f"{name} must be an IPv4 or IPv6 address") from None
+        if is_v6(self.local_addr) != is_v6(self.remote_addr):
+            raise IkeConfigError("local_addr and remote_addr must be of one family "
+                                 "(both IPv4 or both IPv6)")
         if self.local_id is None:
             object.__setattr__(self, "local_id", Identity.parse(self.local_addr))
         elif isinstance(self.local_id, str):

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import replace
 from typing import Any
 
+from espswitch.ike.addr import addr_bytes
 from espswitch.ike.config import ChildConfig
 from espswitch.ike.consts import Exchange, Group, Notify, Protocol
 from espswitch.ike.context import CoreContext
@@ -36,7 +37,6 @@ from espswitch.ike.state import ChildState, ChildTrigger, IkeState, Trigger, tra
 from espswitch.ike.ts import narrow, resolve_dynamic, single_host, ts_subset
 from espswitch.ike.window import Window
 from espswitch.ipsec import parse_transform
-from espswitch.packet.ipv4 import ip_to_bytes
 
 __all__ = ["CreateChildSa", "IkeRekey"]
 
@@ -431,8 +431,8 @@ class IkeRekey:
 
 def _our_ts(sa: IkeSa, cfg: ChildConfig, *, local_addr: bytes | None = None,
             remote_addr: bytes | None = None) -> tuple[tuple, tuple]:
-    local_addr = local_addr or ip_to_bytes(sa.local[0])
-    remote_addr = remote_addr or ip_to_bytes(sa.remote[0])
+    local_addr = local_addr or addr_bytes(sa.local[0])
+    remote_addr = remote_addr or addr_bytes(sa.remote[0])
     local = tuple(resolve_dynamic(t, local_addr) for t in cfg.local_ts)
     remote = tuple(resolve_dynamic(t, remote_addr) for t in cfg.remote_ts)
     return local, remote

@@ -1,11 +1,13 @@
-"""The IKE socket driver: UDP ports 500 and 4500 for an `IkeCore`, the only socket code of
-the IKE layer.
+"""The IKE socket driver: UDP ports 500 and 4500 for an `IkeCore`, over IPv4 and IPv6, the
+only socket code of the IKE layer.
 
 `IkeSockets` is the driver espswitchd runs in its poll loop (`espswitch.vswitchd.ike`): two
-non-blocking sockets, bound to the wildcard address with IP_PKTINFO so that each datagram's
-destination is learnt and each reply leaves from the address it is addressed from (or
-adopted, already bound, from the caller). It reads datagrams and writes the core's; it
-never decides anything. `IkeDriver` runs the same sockets on an asyncio loop (the
+non-blocking sockets a family, bound to the wildcard address with IP_PKTINFO (IPv6:
+IPV6_RECVPKTINFO, and IPV6_V6ONLY so that each family has its own socket) so that each
+datagram's destination is learnt and each reply leaves from the address it is addressed
+from (or adopted, already bound, from the caller). It reads datagrams and writes the
+core's; it never decides anything. Addresses reach the core as the core spells them (RFC
+5952 for IPv6, no scope). `IkeDriver` runs the same sockets on an asyncio loop (the
 strongSwan interop tests and the IKE benchmark): readers, a timer at the core's next
 deadline, events to a callback, and ESP on port 4500 handed to `on_esp`.
 """
@@ -18,28 +20,48 @@ import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator
 
+from espswitch.ike.addr import canonical, is_v6
 from espswitch.ike.consts import IKE_PORT, NAT_T_PORT
 from espswitch.ike.core import IkeCore
 from espswitch.ike.events import Datagram, Event
 from espswitch.packet.errors import PacketError
 from espswitch.packet.esp import UdpEncapKind, split_udp_encap
 
-__all__ = ["IkeDriver", "IkeSockets", "bind_udp", "bind_wildcard"]
+__all__ = ["IkeDriver", "IkeSockets", "SockKey", "bind_udp", "bind_wildcard", "family_of"]
 
 log = logging.getLogger("espswitch.ike")
 
 IP_PKTINFO = 8  # <linux/in.h>; Python's socket module does not export it
 _PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+_PKTINFO6 = struct.Struct("=16sI")  # struct in6_pktinfo: addr, ifindex
 RECV_BATCH = 64  # datagrams read from one socket per `received` call
+#: A socket by (address family, UDP port): (AF_INET, 500), (AF_INET6, 4500), ...
+SockKey = tuple[int, int]
 
 
-def bind_wildcard(port: int) -> socket.socket:
-    """A non-blocking UDP socket on 0.0.0.0:`port` that reports each datagram's destination."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def family_of(addr: str) -> int:
+    """AF_INET or AF_INET6, by the address's text."""
+    return socket.AF_INET6 if is_v6(addr) else socket.AF_INET
+
+
+def _want_pktinfo(s: socket.socket) -> None:
+    """Have `s` report each datagram's destination address."""
+    if s.family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    else:
+        s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+
+
+def bind_wildcard(port: int, family: int = socket.AF_INET) -> socket.socket:
+    """A non-blocking UDP socket on the wildcard address (0.0.0.0 or ::, IPv6 only) of
+    `port` that reports each datagram's destination."""
+    s = socket.socket(family, socket.SOCK_DGRAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        s.bind(("0.0.0.0", port))
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        _want_pktinfo(s)
+        s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
         s.setblocking(False)
     except BaseException:
         s.close()
@@ -48,82 +70,109 @@ def bind_wildcard(port: int) -> socket.socket:
 
 
 def bind_udp(addr: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket bound to (addr, port)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((addr, port))
-    s.setblocking(False)
+    """A non-blocking UDP socket bound to (addr, port), IPv4 or IPv6 by `addr`."""
+    s = socket.socket(family_of(addr), socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((addr, port))
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
     return s
 
 
-class IkeSockets:
-    """UDP ports 500 and 4500: `open` binds them with `bind(port)` (or adopts sockets),
-    `received` reads datagrams with their destination, `send` writes the core's."""
+def _destination(anc: list[tuple[int, int, bytes]]) -> str | None:
+    """The destination address an IP_PKTINFO or IPV6_PKTINFO control message tells."""
+    for level, kind, cdata in anc:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(cdata) >= _PKTINFO.size:
+            return socket.inet_ntoa(_PKTINFO.unpack_from(cdata)[2])
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and \
+                len(cdata) >= _PKTINFO6.size:
+            return canonical(socket.inet_ntop(socket.AF_INET6, _PKTINFO6.unpack_from(cdata)[0]))
+    return None
 
-    def __init__(self, bind: Callable[[int], socket.socket] = bind_wildcard,
+
+class IkeSockets:
+    """UDP ports 500 and 4500 of each address family in use: `open` binds them with
+    `bind(port, family)` (or adopts sockets), `received` reads datagrams with their
+    destination, `send` writes the core's from the socket of their source's family."""
+
+    def __init__(self, bind: Callable[[int, int], socket.socket] = bind_wildcard,
                  debug: Callable[[str], None] = log.debug) -> None:
         self._bind = bind
         self._debug = debug  # where a socket error while reading is told
-        self.sockets: dict[int, socket.socket] = {}
+        self.sockets: dict[SockKey, socket.socket] = {}
 
-    def open(self, adopt: dict[int, socket.socket] | None = None) -> None:
-        """Bind (or adopt) both ports; OSError, with none left open, if one cannot be."""
+    def open(self, adopt: dict[int, socket.socket] | None = None,
+             family: int = socket.AF_INET) -> None:
+        """Bind (or adopt, by port) both ports of `family`; OSError, with none of that
+        family left open, if one cannot be."""
         try:
             for port in (IKE_PORT, NAT_T_PORT):
-                self.open_port(port, (adopt or {}).get(port))
+                self.open_port(port, (adopt or {}).get(port), family)
         except OSError:
-            self.close()
+            self.close(family)
             raise
 
-    def open_port(self, port: int, sock: socket.socket | None = None) -> None:
+    def open_port(self, port: int, sock: socket.socket | None = None,
+                  family: int = socket.AF_INET) -> None:
         """Bind `port` (or adopt `sock`, already bound to it); OSError if it cannot be."""
         if sock is None:
-            sock = self._bind(port)
-        else:
-            # Learn each datagram's destination on adopted sockets too.
-            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        self.sockets[port] = sock
+            sock = self._bind(port, family)
+        # Learn each datagram's destination on adopted sockets too, and on those of a
+        # `bind` that did not ask for it (`received` skips a datagram without it).
+        _want_pktinfo(sock)
+        self.sockets[(sock.family, port)] = sock
 
-    def close(self) -> None:
-        """Close the sockets."""
-        for s in self.sockets.values():
-            s.close()
-        self.sockets.clear()
+    def families(self) -> set[int]:
+        """The address families with both ports open."""
+        return {f for f, _ in self.sockets
+                if all((f, p) in self.sockets for p in (IKE_PORT, NAT_T_PORT))}
 
-    def received(self, port: int,
+    def close(self, family: int | None = None) -> None:
+        """Close the sockets (of one family, or all)."""
+        for key in [k for k in self.sockets if family is None or k[0] == family]:
+            self.sockets.pop(key).close()
+
+    def received(self, key: SockKey,
                  batch: int = RECV_BATCH) -> Iterator[tuple[bytes, tuple[str, int],
                                                              tuple[str, int]]]:
-        """Up to `batch` datagrams waiting on `port`, as (data, source, destination)."""
-        s = self.sockets.get(port)
+        """Up to `batch` datagrams waiting on socket `key`, as (data, source, destination)."""
+        s = self.sockets.get(key)
         if s is None:
             return
+        port = key[1]
         for _ in range(batch):
             try:
-                data, anc, _flags, src = s.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO.size))
+                data, anc, _flags, src = s.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO6.size))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # an ICMP error on the socket and the like
                 self._debug(f"UDP {port}: {e}")
                 continue
-            dst = None
-            for level, kind, cdata in anc:
-                if level == socket.IPPROTO_IP and kind == IP_PKTINFO and \
-                        len(cdata) >= _PKTINFO.size:
-                    dst = socket.inet_ntoa(_PKTINFO.unpack_from(cdata)[2])
+            dst = _destination(anc)
             if dst is None:
                 continue
-            yield data, src, (dst, port)
+            # IPv6: (host, port, flowinfo, scope id); the core knows (host, port).
+            yield data, (canonical(src[0].partition("%")[0]), src[1]), (dst, port)
 
     def send(self, datagrams: Iterable[Datagram]) -> list[str]:
         """Send each datagram from its source address and port; what failed, as text."""
         errors = []
         for d in datagrams:
-            s = self.sockets.get(d.src[1])
+            family = family_of(d.src[0])
+            s = self.sockets.get((family, d.src[1]))
             if s is None:
                 continue
-            info = _PKTINFO.pack(0, socket.inet_aton(d.src[0]), b"\0\0\0\0")
             try:
-                s.sendmsg([d.data], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, d.dst)
+                if family == socket.AF_INET6:
+                    info = _PKTINFO6.pack(socket.inet_pton(socket.AF_INET6, d.src[0]), 0)
+                    cmsg = (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)
+                else:
+                    info = _PKTINFO.pack(0, socket.inet_aton(d.src[0]), b"\0\0\0\0")
+                    cmsg = (socket.IPPROTO_IP, IP_PKTINFO, info)
+                s.sendmsg([d.data], [cmsg], 0, d.dst)
             except OSError as e:
                 errors.append(f"cannot send to {d.dst[0]}:{d.dst[1]}: {e.strerror or e}")
         return errors
@@ -143,21 +192,21 @@ class IkeDriver:
                  on_event: Callable[[Event], None] | None = None,
                  on_esp: Callable[[bytes, tuple[str, int]], None] | None = None) -> None:
         self.core = core
-        self.local_addr = local_addr
+        self.local_addr = canonical(local_addr)
         self.on_event = on_event
         self.on_esp = on_esp
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self._adopt = sockets
-        self._io = IkeSockets(lambda port: bind_udp(local_addr, port))
+        self._io = IkeSockets(lambda port, _family: bind_udp(local_addr, port))
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         """Bind (or adopt) the sockets and start serving."""
         self._loop = asyncio.get_running_loop()
-        self._io.open(self._adopt)
-        for port, sock in self._io.sockets.items():
-            self._loop.add_reader(sock.fileno(), self._readable, port)
+        self._io.open(self._adopt, family_of(self.local_addr))
+        for key, sock in self._io.sockets.items():
+            self._loop.add_reader(sock.fileno(), self._readable, key)
         self._flush()
 
     def close(self) -> None:
@@ -207,8 +256,8 @@ class IkeDriver:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _readable(self, port: int) -> None:
-        for data, src, dst in self._io.received(port):
+    def _readable(self, key: SockKey) -> None:
+        for data, src, dst in self._io.received(key):
             self._datagram(data, src, dst)
 
     def _datagram(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:

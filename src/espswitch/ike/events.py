@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from espswitch.ike.addr import addr_bytes
 from espswitch.ike.message import TrafficSelector
 from espswitch.ipsec import SaParams, parse_transform
 from espswitch.ipsec.sa import Mode
-from espswitch.packet.ipv4 import ip_to_bytes
 
 __all__ = [
     "ChildSaDeleted",
@@ -91,15 +91,15 @@ class ChildSaInstalled:
         return SaParams(spi=self.spi_in, transform=parse_transform(self.transform),
                         keymat=self.keymat_in, mode=Mode(self.mode),
                         replay_window=replay_window,
-                        tunnel_src=ip_to_bytes(self.remote_addr[0]),
-                        tunnel_dst=ip_to_bytes(self.local_addr[0]))
+                        tunnel_src=addr_bytes(self.remote_addr[0]),
+                        tunnel_dst=addr_bytes(self.local_addr[0]))
 
     def outbound_params(self) -> SaParams:
         """The ESP engine's parameters for the outbound SA."""
         return SaParams(spi=self.spi_out, transform=parse_transform(self.transform),
                         keymat=self.keymat_out, mode=Mode(self.mode),
-                        tunnel_src=ip_to_bytes(self.local_addr[0]),
-                        tunnel_dst=ip_to_bytes(self.remote_addr[0]))
+                        tunnel_src=addr_bytes(self.local_addr[0]),
+                        tunnel_dst=addr_bytes(self.remote_addr[0]))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

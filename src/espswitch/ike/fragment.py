@@ -54,6 +54,7 @@ DEFAULT_FRAGMENT_SIZE = 1280
 # The smallest fragment_size accepted: RFC 791's 576 bytes every IPv4 host must receive.
 MIN_FRAGMENT_SIZE = 576
 _IPV4_UDP = 20 + 8
+_IPV6_UDP = 40 + 8
 _NON_ESP_MARKER = 4
 _SKF = struct.Struct("!BBHHH")  # next payload, flags, length, fragment number, total
 _SKF_LEN = _SKF.size
@@ -67,9 +68,10 @@ COUNTERS = ("fragments_sent", "fragments_received", "fragments_reassembled",
             "fragments_expired", "fragments_over_limit")
 
 
-def max_message_len(fragment_size: int, nat_t: bool) -> int:
-    """The longest IKE message that fits one IPv4 datagram of `fragment_size` bytes."""
-    return fragment_size - _IPV4_UDP - (_NON_ESP_MARKER if nat_t else 0)
+def max_message_len(fragment_size: int, nat_t: bool, v6: bool = False) -> int:
+    """The longest IKE message that fits one IP datagram of `fragment_size` bytes (IPv4,
+    or IPv6 with `v6`: its header is 20 bytes longer)."""
+    return fragment_size - (_IPV6_UDP if v6 else _IPV4_UDP) - (_NON_ESP_MARKER if nat_t else 0)
 
 
 def fragment_message(msg: Message, sk: SkCodec, max_len: int) -> tuple[bytes, ...] | None:

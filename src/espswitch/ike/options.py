@@ -154,7 +154,7 @@ def _ike_keying(options: Mapping[str, str], esp_options: EspOptions) -> IkeKeyin
     if remote_name is not None and _syntax_problem("identity", remote_name):
         raise IpsecConfigError(
             f"options:remote_name {options.get('remote_name')!r} is not an identity (an "
-            "IPv4 address, a host name, an e-mail address or a distinguished name)")
+            "IPv4 or IPv6 address, a host name, an e-mail address or a distinguished name)")
     return IkeKeying(
         transform=esp_options.transform, mode=esp_options.mode,
         encapsulation=esp_options.encapsulation,

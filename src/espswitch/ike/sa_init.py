@@ -14,6 +14,7 @@ import hmac as std_hmac
 import struct
 from typing import TYPE_CHECKING, Any
 
+from espswitch.ike.addr import addr_bytes
 from espswitch.ike.consts import NAT_T_PORT, Exchange, Flag, HashAlg, Notify, PayloadType, Protocol
 from espswitch.ike.context import CoreContext
 from espswitch.ike.crypto import DhKey, derive_ike_keys
@@ -38,7 +39,6 @@ from espswitch.ike.sas import ZERO_SPI, IkeSa, Request
 from espswitch.ike.state import IkeState, Trigger, transition
 from espswitch.ike.window import Window
 from espswitch.packet.esp import NON_ESP_MARKER
-from espswitch.packet.ipv4 import ip_to_bytes
 
 if TYPE_CHECKING:
     from espswitch.ike.ike_auth import IkeAuth
@@ -355,7 +355,7 @@ class IkeSaInit:
     def _cookie(self, ni: bytes, src: tuple[str, int], spi_i: bytes) -> bytes:
         # RFC 7296 §2.6: <VersionIDofSecret> | Hash(Ni | IPi | SPIi | <secret>)
         return b"\x00\x01" + hashlib.sha256(
-            ni + ip_to_bytes(src[0]) + spi_i + self.ctx.cookie_secret).digest()
+            ni + addr_bytes(src[0]) + spi_i + self.ctx.cookie_secret).digest()
 
 
 def check_nat(sa: IkeSa, msg: Message, peer_addr: tuple[str, int],
@@ -373,8 +373,9 @@ def check_nat(sa: IkeSa, msg: Message, peer_addr: tuple[str, int],
 
 
 def nat_hash(spi_i: bytes, spi_r: bytes, addr: tuple[str, int]) -> bytes:
-    """NAT_DETECTION_*_IP data: SHA-1(SPIi | SPIr | IP | port) (§2.23)."""
-    return hashlib.sha1(spi_i + spi_r + ip_to_bytes(addr[0]) + struct.pack("!H", addr[1]),
+    """NAT_DETECTION_*_IP data: SHA-1(SPIi | SPIr | IP | port) (§2.23), the IP address
+    being 4 bytes for IPv4 and 16 for IPv6."""
+    return hashlib.sha1(spi_i + spi_r + addr_bytes(addr[0]) + struct.pack("!H", addr[1]),
                         usedforsecurity=False).digest()
 
 

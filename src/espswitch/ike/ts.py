@@ -1,5 +1,9 @@
 """Traffic selectors: strongSwan's syntax (`10.1.0.0/24`, `192.0.2.1/32[udp/4789]`,
-`dynamic[udp]`), intersection and narrowing (RFC 7296 §2.9)."""
+`2001:db8::/64[gre]`, `dynamic[udp]`), intersection and narrowing (RFC 7296 §2.9).
+
+An IPv4 selector is a TS_IPV4_ADDR_RANGE, an IPv6 one a TS_IPV6_ADDR_RANGE (16-byte
+addresses); `dynamic` takes the family of the tunnel endpoint that replaces it. Selectors
+of different families never intersect."""
 
 from __future__ import annotations
 
@@ -44,21 +48,24 @@ def parse_ts(text: str) -> TrafficSelector:
         start, end = DYNAMIC, DYNAMIC
     else:
         try:
-            net = ipaddress.IPv4Network(s, strict=False)
+            net = ipaddress.ip_network(s, strict=False)
         except ValueError:
             raise IkeConfigError(f"bad address in traffic selector {text!r}") from None
         start, end = net.network_address.packed, net.broadcast_address.packed
+    ts_type = TsType.IPV6_ADDR_RANGE if len(start) == 16 else TsType.IPV4_ADDR_RANGE
     try:
-        return TrafficSelector(ip_proto=proto, start_port=sport, end_port=eport,
+        return TrafficSelector(ts_type=ts_type, ip_proto=proto, start_port=sport, end_port=eport,
                                start_addr=start, end_addr=end)
     except ValueError as e:
         raise IkeConfigError(f"bad traffic selector {text!r}: {e}") from None
 
 
 def resolve_dynamic(ts: TrafficSelector, addr: bytes) -> TrafficSelector:
-    """Replace the `dynamic` placeholder by a tunnel endpoint address."""
+    """Replace the `dynamic` placeholder by a tunnel endpoint address (4 or 16 bytes: the
+    selector takes its family)."""
     if ts.start_addr == DYNAMIC and ts.end_addr == DYNAMIC:
-        return TrafficSelector(ts_type=ts.ts_type, ip_proto=ts.ip_proto,
+        ts_type = TsType.IPV6_ADDR_RANGE if len(addr) == 16 else TsType.IPV4_ADDR_RANGE
+        return TrafficSelector(ts_type=ts_type, ip_proto=ts.ip_proto,
                                start_port=ts.start_port, end_port=ts.end_port,
                                start_addr=addr, end_addr=addr)
     return ts
@@ -110,13 +117,11 @@ def narrow(offered: tuple[TrafficSelector, ...],
 
 
 def format_ts(ts: TrafficSelector) -> str:
-    """strongSwan-like text for logs and tests: `10.1.0.0/24[udp/4789]`."""
-    if ts.ts_type != TsType.IPV4_ADDR_RANGE:
-        return "ipv6-range"
-    s, e = int.from_bytes(ts.start_addr, "big"), int.from_bytes(ts.end_addr, "big")
-    nets = list(ipaddress.summarize_address_range(ipaddress.IPv4Address(s),
-                                                  ipaddress.IPv4Address(e)))
-    text = str(nets[0]) if len(nets) == 1 else f"{ipaddress.IPv4Address(s)}..{ipaddress.IPv4Address(e)}"  # noqa: E501
+    """strongSwan-like text for logs and tests: `10.1.0.0/24[udp/4789]`,
+    `2001:db8::1/128[47]`."""
+    s, e = ipaddress.ip_address(ts.start_addr), ipaddress.ip_address(ts.end_addr)
+    nets = list(ipaddress.summarize_address_range(s, e)) if s <= e else []
+    text = str(nets[0]) if len(nets) == 1 else f"{s}..{e}"
     if ts.ip_proto or ts.start_port or ts.end_port != 65535:
         port = ""
         if ts.start_port or ts.end_port != 65535:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from espswitch.ike.addr import is_v6
 from espswitch.ike.config import PeerConfig
 from espswitch.ike.consts import NAT_T_PORT, Exchange, Flag, PayloadType, Protocol
 from espswitch.ike.context import CoreContext
@@ -192,7 +193,8 @@ class Window:
                       payloads=tuple(payloads), encrypted=True)
         if sa.frag_ok:
             frags = fragment_message(msg, sa.sk_out, max_message_len(
-                sa.peer.fragment_size, nat_t=sa.local[1] == NAT_T_PORT))
+                sa.peer.fragment_size, nat_t=sa.local[1] == NAT_T_PORT,
+                v6=is_v6(sa.local[0])))
             if frags is not None:
                 return frags
         return encode_message(msg, sa.sk_out)

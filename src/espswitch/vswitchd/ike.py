@@ -2,10 +2,13 @@
 certificates (`remote_cert`, `remote_name`) in espswitchd.
 
 One `IkeCore` serves every IKE-keyed tunnel of the daemon. Its UDP sockets (ports 500 and
-4500, bound to the wildcard address of the hypervisor's namespace, with IP_PKTINFO to learn
-and choose the local address: `espswitch.ike.driver.IkeSockets`) belong to the kernel
-stack: IKE packets reach it through the bridge's internal port, as any non-tunnel traffic
-to `local_ip` does, and leave through it. The sockets and the core's next deadline join the
+4500 of each address family that a tunnel's underlay uses, bound to the wildcard address
+of the hypervisor's namespace, with IP_PKTINFO / IPV6_PKTINFO to learn and choose the local
+address: `espswitch.ike.driver.IkeSockets`) belong to the kernel stack: IKE packets reach
+it through the bridge's internal port, as any non-tunnel traffic to `local_ip` does (the
+tunnel layer takes only ESP, and UDP/4500 that is ESP, not IKE's non-ESP marker), and leave
+through it, the kernel resolving the next hop by ARP or neighbour discovery through that
+port. IPv4 and IPv6 underlays work alike. The sockets and the core's next deadline join the
 daemon's control-plane poll (`wait`), and `run` does the work: no thread, no second event
 loop.
 
@@ -40,7 +43,7 @@ import ovs.vlog
 
 from espswitch.ike import IkeCore
 from espswitch.ike.consts import IKE_PORT, NAT_T_PORT
-from espswitch.ike.driver import RECV_BATCH, IkeSockets, bind_wildcard
+from espswitch.ike.driver import RECV_BATCH, IkeSockets, SockKey, bind_wildcard, family_of
 from espswitch.vswitchd.config import Desired
 from espswitch.vswitchd.ike_appctl import IkeAppctl
 from espswitch.vswitchd.ike_certs import Certificates, load_certificates
@@ -61,7 +64,7 @@ class IkeManager:
     """The daemon's IKE layer: one core, its sockets, and the ports it keys."""
 
     def __init__(self, dp: Datapath, *, on_change: Callable[[], None] | None = None,
-                 bind: Callable[[int], socket.socket] = bind_wildcard,
+                 bind: Callable[[int, int], socket.socket] = bind_wildcard,
                  other_config: Callable[[], dict[str, str]] | None = None,
                  on_stale: Callable[[], None] | None = None) -> None:
         self.dp = dp
@@ -85,8 +88,9 @@ class IkeManager:
         return self.peer_sync.peers
 
     @property
-    def sockets(self) -> dict[int, socket.socket]:
-        """The bound UDP sockets by port (none while no tunnel is IKE-keyed)."""
+    def sockets(self) -> dict[SockKey, socket.socket]:
+        """The bound UDP sockets by (address family, port) (none while no tunnel is
+        IKE-keyed)."""
         return self.io.sockets
 
     # -- the daemon's hooks -------------------------------------------------------------------
@@ -105,7 +109,7 @@ class IkeManager:
         d = self.core.next_deadline()
         if d is not None:
             times.append(d)
-        if self.peers and not self.sockets:
+        if self._missing_families():
             times.append(self._next_bind)
         cert_check = self.certs.next_deadline()
         if cert_check is not None:
@@ -154,31 +158,43 @@ class IkeManager:
 
     # -- I/O --------------------------------------------------------------------------------
 
+    def _missing_families(self) -> set[int]:
+        """The address families of the peers' underlays whose sockets are not open."""
+        want = {family_of(p.cfg.local_addr) for p in self.peers.values()}
+        return want - self.io.families()
+
     def _update_sockets(self, now: float) -> None:
         if not self.peers:
             if self.sockets:
                 self.close()
             return
-        if self.sockets or now < self._next_bind:
+        missing = self._missing_families()
+        if not missing or now < self._next_bind:
             return
-        try:
-            for port in (IKE_PORT, NAT_T_PORT):
-                self.io.open_port(port)
-        except OSError as e:
-            self.close()
-            self._next_bind = now + RETRY
-            msg = f"cannot bind UDP port {port} for IKE: {e.strerror or e}"
-            if msg != self._bind_error:
-                vlog.err(msg)
-            self._bind_error = msg
-            for p in self.peers.values():
-                p.port.ike_error = msg
+        errors = {}
+        for family in sorted(missing):
+            try:
+                for port in (IKE_PORT, NAT_T_PORT):
+                    self.io.open_port(port, family=family)
+            except OSError as e:
+                self.io.close(family)
+                errors[family] = f"cannot bind UDP port {port} for IKE: {e.strerror or e}"
+        if not errors:
+            self._bind_error = None
             return
-        self._bind_error = None
+        self._next_bind = now + RETRY
+        msg = "; ".join(errors.values())
+        if msg != self._bind_error:
+            vlog.err(msg)
+        self._bind_error = msg
+        for p in self.peers.values():
+            err = errors.get(family_of(p.cfg.local_addr))
+            if err is not None:
+                p.port.ike_error = err
 
     def _receive(self, now: float) -> None:
-        for lport in list(self.sockets):
-            for data, src, dst in self.io.received(lport, RECV_BATCH):
+        for key in list(self.sockets):
+            for data, src, dst in self.io.received(key, RECV_BATCH):
                 self.core.receive_datagram(data, src=src, dst=dst, now=now)
                 self._flush(now)
 

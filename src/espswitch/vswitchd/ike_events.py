@@ -72,11 +72,17 @@ class PortEvents:
             out = ev.outbound_params()
             inb = ev.inbound_params(replay_window=window)
             sends, rx_ports = child_role(port, ev.local_ts, ev.remote_ts)
+            # A second pair for what an installed pair already protects (crossing
+            # initiations made two IKE SAs; one of them is about to go) is switched to as a
+            # rekey's is: once the peer sends on it, or the older pair is deleted. The
+            # IKE_AUTH responder has the pair before the initiator does, and sending on it
+            # at once loses what the initiator cannot open yet.
+            again = sends and port.sa_out is not None and not port.sa_out.expired
             try:
                 port.install_child(
-                    out, inb, encap=ev.encap, rekey=ev.rekey_of is not None,
+                    out, inb, encap=ev.encap, rekey=ev.rekey_of is not None or again,
                     encap_port=ev.remote_addr[1] if ev.encap else None,
-                    inner_remote=_ipv4_host(ev.remote_ts), sends=sends, rx_ports=rx_ports)
+                    inner_remote=_peer_host(ev.remote_ts, port), sends=sends, rx_ports=rx_ports)
             except PortError as e:
                 vlog.err(f"{ev.peer}: CHILD_SA not installed: {e}")
                 return
@@ -129,7 +135,8 @@ def child_role(port, local_ts, remote_ts) -> tuple[bool, PortRanges | None]:
     return sends, (src, dst)
 
 
-def _ipv4_host(selectors) -> bytes | None:
-    """The one IPv4 host the peer's selectors name: its address as it sees itself."""
+def _peer_host(selectors, port) -> bytes | None:
+    """The one host the peer's selectors name, of the underlay's family: its address as it
+    sees itself (tunnel mode's inner header names it so)."""
     addr = single_host(selectors)
-    return addr if addr is not None and len(addr) == 4 else None
+    return addr if addr is not None and len(addr) == len(port.remote_ip) else None

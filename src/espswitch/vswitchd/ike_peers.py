@@ -17,7 +17,7 @@ import ovs.vlog
 
 from espswitch.datapath.encap import GRE as GRE_PROTO
 from espswitch.datapath.errors import PortError
-from espswitch.datapath.tunnel import ip4_str
+from espswitch.datapath.tunnel import ip_str
 from espswitch.datapath.tunnel_port import IpsecTunnelPort
 from espswitch.ike import ChildConfig, Credentials, IkeCore, IkeError, PeerConfig
 from espswitch.ipsec.sa import Lifetime
@@ -171,7 +171,7 @@ class PeerSync:
 
     def _peer_config(self, port: IpsecTunnelPort) -> PeerConfig:
         ike = port.ike
-        local, remote = ip4_str(port.local_ip), ip4_str(port.remote_ip)
+        local, remote = ip_str(port.local_ip), ip_str(port.remote_ip)
         children = tuple(
             ChildConfig(name=name, mode=str(port.mode), esp_proposals=ike.esp,
                         local_ts=local_ts, remote_ts=remote_ts, rekey_time=ike.rekey_time)
@@ -212,7 +212,8 @@ class PeerSync:
 
 def child_selectors(port: IpsecTunnelPort) -> list[tuple[str, str, str]]:
     """The CHILD_SAs an IKE-keyed tunnel negotiates: (name, local_ts, remote_ts), `dynamic`
-    being each tunnel endpoint.
+    being each tunnel endpoint (an IPv4 or an IPv6 address, as the underlay's: the
+    selectors are then TS_IPV4_ADDR_RANGE or TS_IPV6_ADDR_RANGE).
 
     `vxlanipsec`: one CHILD_SA for UDP between the two endpoints, any ports: it carries
     VXLAN both ways (each side's source port is a hash of the inner flow), and the datapath
