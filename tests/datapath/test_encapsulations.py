@@ -119,6 +119,28 @@ def test_gre_refuses_what_it_does_not_carry():
     assert d.get("gre_malformed") == 2 and d.get("gre_unknown_tunnel") == 1
 
 
+def test_gre_with_the_routing_bit_is_dropped_not_delivered():
+    """RFC 2784 §2.3: bits 1-5 set are discarded (unless RFC 1701 is implemented, which
+    would put a checksum word and routing around the key). A receiver that ignored the
+    routing bit took the key right after the base header and delivered the frame."""
+    _, b = pair("gre", key="9")
+    head = b.dev("br-phy").mac + mac(50) + b"\x08\x00"
+    key = struct.pack("!I", 9)
+    for gre in (struct.pack("!HH", 0x6000, 0x6558) + key + INNER,  # R, K; key next
+                struct.pack("!HH", 0x4000, 0x6558) + INNER,  # R alone
+                # As RFC 1701 lays it out: checksum and offset, key, a NULL SRE.
+                struct.pack("!HH", 0x6000, 0x6558) + bytes(4) + key + bytes(4) + INNER):
+        b.inject("eth0", head + ipv4("10.0.0.1", "10.0.0.2", 47, gre))
+    assert b.dev("vm").take() == []
+    assert b.dp.drops.get("gre_malformed") == 3
+    assert Gre.pop(struct.pack("!HH", 0x6000, 0x6558) + key + INNER, 0,
+                   8 + len(INNER)) == "malformed"
+    # The same packet without the routing bit is the tunnel's.
+    b.inject("eth0", head + ipv4("10.0.0.1", "10.0.0.2", 47,
+                                 struct.pack("!HH", 0x2000, 0x6558) + key + INNER))
+    assert b.dev("vm").take() == [INNER]
+
+
 def test_geneve_and_gre_pop_never_raise_on_any_bytes():
     from hypothesis import given
     from hypothesis import strategies as st

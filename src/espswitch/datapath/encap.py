@@ -235,8 +235,10 @@ class Gre(Encapsulation):
         if end - l4 < 4 + ETHERNET_MIN:
             return "malformed"
         flags = buf[l4] << 8 | buf[l4 + 1]
-        if flags & 0x07FF or (buf[l4 + 2] << 8 | buf[l4 + 3]) != ETH_P_TEB:
-            return "malformed"  # routing, strict source route, recursion, a version, not Ethernet
+        if flags & 0x47FF or (buf[l4 + 2] << 8 | buf[l4 + 3]) != ETH_P_TEB:
+            # Routing (RFC 1701: a checksum word, then routing after the key; Linux drops
+            # it too), strict source route, recursion, flags, a version; not Ethernet.
+            return "malformed"
         if flags & 0x1000:
             return "seq_unsupported"
         off = l4 + 4
