@@ -1391,6 +1391,7 @@ cdef struct rx_pkt:
     int tunnel           # the tunnel port index it came through
     size_t start
     size_t stop
+    const uint8_t *frame # a hit's inner frame: frame[0:stop - start], where it lies
     uint64_t seq
 
 
@@ -2059,8 +2060,8 @@ cdef Py_ssize_t rx_run(RxTable t, rx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
             p.kind = RX_MISS
             continue
         if p.kind == RX_CLEAR:
-            # Nothing to open: the inner frame is copied out as it is.
-            memcpy(p.out, p.data + p.start, p.stop - p.start)
+            # Nothing to open: the inner frame leaves from where it arrived.
+            p.frame = p.data + p.start
             p.kind = RX_HIT
             continue
         if p.kind != RX_CANDIDATE:
@@ -2082,15 +2083,11 @@ cdef Py_ssize_t rx_run(RxTable t, rx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
             if p.kind == RX_UPCALL:
                 cut[0] = 1
             elif p.kind == RX_HIT:
-                # The inner frame to the front of its buffer: handed out as it is.
-                memmove(p.out, p.out + p.start, p.stop - p.start)
+                p.frame = p.out + p.start
         if account[0]:
             break
     return i
 
-
-cdef extern from "string.h" nogil:
-    void *memmove(void *dst, const void *src, size_t n)
 
 
 def rx_burst(RxTable table, frames, int in_port, int in_bridge):
@@ -2135,13 +2132,12 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
         with nogil:
             for i in range(n):
                 rx_classify(table, &pkts[i], in_port, in_bridge)
-        # One buffer for what the batch opens or copies out: what leaves through an
-        # installed output is written from here, everything else is copied into bytes.
+        # One buffer for what the batch opens: what leaves through an installed output is
+        # written from here (or, from a clear tunnel, from the frame it arrived in),
+        # everything else is copied into bytes.
         for i in range(n):
             p = &pkts[i]
-            if p.kind == RX_CLEAR:
-                p.cap = p.stop - p.start
-            elif p.kind == RX_CANDIDATE:
+            if p.kind == RX_CANDIDATE:
                 p.cap = open_capacity(table.spis[p.spi_idx].sa, p.stop - p.start)
                 p.tunnel = table.spis[p.spi_idx].target
             else:
@@ -2153,7 +2149,7 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
         total = 0
         for i in range(n):
             p = &pkts[i]
-            if p.kind == RX_CLEAR or p.kind == RX_CANDIDATE:
+            if p.kind == RX_CANDIDATE:
                 p.out = arena + total
                 total += SLOT(p.cap)
                 POISON(p.out + p.cap, SLOT(p.cap) - p.cap)
@@ -2189,7 +2185,7 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
                 if out_direct(table, p.out_port):
                     written[p.out_port] = None
                     continue
-                frame = PyBytes_FromStringAndSize(<char *>p.out, p.stop - p.start)
+                frame = PyBytes_FromStringAndSize(<const char *>p.frame, p.stop - p.start)
                 lst = outputs.get(p.out_port)
                 if lst is None:
                     outputs[p.out_port] = [frame]
@@ -2206,7 +2202,7 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
                 for j in range(n):
                     p = &pkts[j]
                     if p.kind == RX_HIT and p.out_port == port:
-                        fs[nout] = p.out
+                        fs[nout] = p.frame
                         ns[nout] = p.stop - p.start
                         nout += 1
                 written[port] = write_port(table, port, fs, ns, nout)
