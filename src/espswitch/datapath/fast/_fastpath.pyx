@@ -2089,7 +2089,6 @@ cdef Py_ssize_t rx_run(RxTable t, rx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
     return i
 
 
-
 def rx_burst(RxTable table, frames, int in_port, int in_bridge):
     """Run frames received on port index `in_port` (of bridge index `in_bridge`) through
     `table`; the GIL is released for the per-packet work.
