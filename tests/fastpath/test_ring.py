@@ -65,3 +65,53 @@ def test_a_ring_smaller_than_its_slots_is_refused() -> None:
         except ValueError:
             continue
         raise AssertionError(args)
+
+
+# -- frames left in their slots (RingBatch) ---------------------------------------------------
+
+def status(r: bytearray, i: int) -> int:
+    return struct.unpack_from("=I", r, i * FS)[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(slot_st, min_size=NR, max_size=NR), st.integers(0, NR - 1),
+       st.integers(0, 12))
+def test_frames_taken_in_place_are_those_the_ring_walk_copies(slots, head, limit) -> None:
+    a, b = ring(slots), ring(slots)
+    frames, next_head = _fastpath.ring_read(a, head, FS, NR, limit)
+    batch = _fastpath.ring_take(b, head, FS, NR, limit)
+    assert batch.copy_all() == frames and batch.head == next_head
+    assert batch.nbytes == sum(map(len, frames)) and len(batch) == len(frames)
+    batch.release()
+    assert a == b  # the same slots handed back
+    assert len(batch) == 0 and batch.copy_all() == []  # released: nothing left to read
+
+
+def test_slots_stay_the_readers_until_the_batch_is_released() -> None:
+    r = ring([(1, 60, True, 32, 0, 0)] * 3 + [(0, 0, True, 32, 0, 0)] * 5)
+    batch = _fastpath.ring_take(r, 0, FS, NR, 32)
+    assert len(batch) == 3 and batch.head == 3
+    assert [status(r, i) for i in range(3)] == [1, 1, 1]  # the kernel may not write them
+    assert _fastpath.ring_take(r, batch.head, FS, NR, 32).copy_all() == []
+    batch.release()
+    batch.release()  # idempotent
+    assert [status(r, i) for i in range(3)] == [0, 0, 0]
+
+
+def test_a_full_ring_is_taken_once_and_misses_are_copied_out() -> None:
+    r = ring([(1, 40 + i, True, 32, 0, 0) for i in range(NR)])
+    batch = _fastpath.ring_take(r, 5, FS, NR, 100)
+    assert len(batch) == NR and batch.head == 5
+    kinds = bytearray([0, 3, 3, 0, 1, 0, 2, 3])
+    missed = batch.copies(kinds)
+    assert [len(f) for f in missed] == [len(batch[i]) for i in (0, 3, 5)]
+    assert batch[0] == bytes(r[5 * FS + 32:5 * FS + 32 + 45])  # slot 5 came first
+    del batch  # dropped without release: the slots still go back
+    assert all(status(r, i) == 0 for i in range(NR))
+
+
+def test_vlan_metadata_in_place_is_put_back_as_a_tag() -> None:
+    r = ring([(1 | 0x10, 60, True, 32, 0x0064, 0)] + [(0, 0, True, 32, 0, 0)] * 7)
+    batch = _fastpath.ring_take(r, 0, FS, NR, 32)
+    assert batch[0][12:16] == b"\x81\x00\x00\x64" and batch.nbytes == 64
+    batch.release()

@@ -19,6 +19,10 @@ from espswitch.datapath.ports import InternalPort, Port, port_class
 from espswitch.datapath.tunnel import NeighborCache, RouteTable
 from espswitch.datapath.tunnel_layer import TunnelLayer
 
+# A batch still in a NIC's receive ring (SystemPort.zero_copy): read in place by the
+# compiled pipeline, copied only for the Python path, released once the batch is done.
+_RingBatch = fast._fastpath.RingBatch if fast.AVAILABLE else None
+
 if TYPE_CHECKING:
     from espswitch.datapath.fast.tables import FastTables
 
@@ -75,6 +79,9 @@ class Datapath:
             self._fast = FastTables(self)
         elif not on:
             self._fast = None
+            for p in self.ports.values():
+                if getattr(p, "zero_copy", False):
+                    p.zero_copy = False  # nothing reads a ring batch in place any more
 
     def fast_changed(self) -> None:
         """Something the fast path's tables are built from changed: rebuild before the
@@ -189,8 +196,15 @@ class Datapath:
         Python path."""
         self._depth += 1
         try:
-            if self._fast is not None and self._depth == 1:
-                frames = self._fast.receive(port, frames)
+            batch = frames if type(frames) is _RingBatch else None
+            try:
+                if self._fast is not None and self._depth == 1:
+                    frames = self._fast.receive(port, frames)
+                elif batch is not None:
+                    frames = batch.copy_all()
+            finally:
+                if batch is not None:
+                    batch.release()
             if frames and port.vnet:
                 frames = port.complete(frames)
             if frames:
@@ -278,7 +292,9 @@ class Datapath:
                 path = ""
                 if f is not None:
                     if p in f.rx_ports:
-                        path = " fast-rx"
+                        # zero-copy: its batches are read in the NIC's ring, in place.
+                        ring = p.zero_copy and getattr(p.dev, "has_ring", False)
+                        path = " fast-rx zero-copy" if ring else " fast-rx"
                     elif p in f.tx_ports:
                         path = " fast-tx"
                     elif p in f.tx_tunnels:

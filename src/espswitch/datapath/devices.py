@@ -130,6 +130,8 @@ _send_frames = fast._fastpath.send_frames if fast.AVAILABLE else None
 _tap_send = fast._fastpath.tap_send if fast.AVAILABLE else None
 # TapDevice.recv_raw: each read straight into its bytes object
 _tap_read = fast._fastpath.tap_read if fast.AVAILABLE else None
+# PacketSocketDevice.recv_ring: frames left in their ring slots
+_ring_take = fast._fastpath.ring_take if fast.AVAILABLE else None
 
 
 def ring_walk(ring: mmap.mmap | bytearray, head: int, fs: int, nr: int,
@@ -452,6 +454,26 @@ class PacketSocketDevice:
             self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         return out
 
+    @property
+    def has_ring(self) -> bool:
+        """Whether frames arrive through a mapped receive ring (PACKET_RX_RING)."""
+        return self._ring is not None
+
+    def recv_ring(self, limit: int = 32):
+        """Up to `limit` frames left where the kernel wrote them (a `RingBatch`: read in
+        place, copied only where needed; the caller releases it), or None without the
+        ring or the compiled module."""
+        ring = self._ring
+        if ring is None or _ring_take is None:
+            return None
+        batch = _ring_take(ring, self._head, self._frame_size, self._frame_nr, limit)
+        self._head = batch.head
+        if not len(batch):
+            batch.release()
+            # As recv_batch: a pending error would keep epoll waking us.
+            self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return batch
+
     def _recv_batch_syscalls(self, limit: int) -> list[bytes]:
         out = []
         recvmsg_into, bufs, mv = self.sock.recvmsg_into, self._bufs, self._mv
@@ -487,7 +509,10 @@ class PacketSocketDevice:
 
     def close(self) -> None:
         if self._ring is not None:
-            self._ring.close()
+            # A RingBatch still alive (an exception on its way) holds the map: it is
+            # unmapped when the batch goes.
+            with contextlib.suppress(BufferError):
+                self._ring.close()
             self._ring = None
         self.sock.close()
 

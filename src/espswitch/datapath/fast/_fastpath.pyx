@@ -2091,7 +2091,8 @@ cdef Py_ssize_t rx_run(RxTable t, rx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
 
 def rx_burst(RxTable table, frames, int in_port, int in_bridge):
     """Run frames received on port index `in_port` (of bridge index `in_bridge`) through
-    `table`; the GIL is released for the per-packet work.
+    `table`; the GIL is released for the per-packet work. `frames`: a list of frames, or
+    a RingBatch (read where the kernel wrote them).
 
     Returns `(kinds, outputs, written, tunnel_rx, upcalls, drops, entries)`: `kinds` one
     byte per frame (0 miss, 1 drop, 2 upcall, 3 hit); `outputs` {out port index: [inner
@@ -2102,6 +2103,7 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
     index, spi index, DropReason); `entries` the set of MAC entry indices whose age to
     refresh (outer sources of every frame not missed, inner sources of hits).
     """
+    cdef RingBatch rb = frames if isinstance(frames, RingBatch) else None
     cdef Py_ssize_t n = len(frames), i, j, done, nout
     cdef rx_pkt *pkts
     cdef Py_buffer *views
@@ -2124,6 +2126,10 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
         if pkts == NULL or views == NULL:
             raise MemoryError()
         for i in range(n):
+            if rb is not None:        # frames still in their ring slots
+                pkts[i].data = rb.fs[i]
+                pkts[i].len = rb.ns[i]
+                continue
             PyObject_GetBuffer(frames[i], &views[i], PyBUF_SIMPLE)
             nviews = i + 1
             pkts[i].data = <const uint8_t *>views[i].buf
@@ -3138,6 +3144,152 @@ cdef extern from *:
     uint16_t esp_u16(const uint8_t *p) nogil
 
 
+cdef class RingBatch:
+    """Frames taken from a TPACKET_V2 receive ring and still in their slots (zero copy):
+    `rx_burst` reads them where the kernel wrote them, and only what Python must see is
+    copied out (`copies`, `copy_all`, `batch[i]`). `release()` hands the slots back to the
+    kernel; until then the kernel does not write them again. A frame with VLAN metadata is
+    the one copied at once (its tag put back, as `ring_read` does).
+
+    Made by `ring_take`; `len(batch)` frames, `head` the slot to read next, `nbytes` their
+    total length."""
+    cdef Py_buffer view
+    cdef bint has_view
+    cdef uint8_t *base
+    cdef Py_ssize_t frame_size
+    cdef Py_ssize_t frame_nr
+    cdef Py_ssize_t first       # the first slot taken
+    cdef Py_ssize_t nslots      # slots taken (frames and unreadable ones), from `first`
+    cdef Py_ssize_t n
+    cdef const uint8_t **fs
+    cdef size_t *ns
+    cdef list held              # the copies of frames with VLAN metadata
+    cdef readonly Py_ssize_t head
+    cdef readonly Py_ssize_t nbytes
+
+    def __cinit__(self):
+        self.has_view = 0
+        self.fs = NULL
+        self.ns = NULL
+        self.n = 0
+        self.nslots = 0
+        self.held = []
+
+    def __dealloc__(self):
+        self._release()
+        free(self.fs)
+        free(self.ns)
+
+    cdef void _release(self):
+        cdef Py_ssize_t i, slot = self.first
+        if not self.has_view:
+            return
+        for i in range(self.nslots):
+            esp_ring_release(self.base + slot * self.frame_size)
+            slot = slot + 1 if slot + 1 < self.frame_nr else 0
+        self.nslots = 0
+        self.n = 0
+        PyBuffer_Release(&self.view)
+        self.has_view = 0
+
+    def release(self) -> None:
+        """Hand every slot back to the kernel; the frames are gone (idempotent)."""
+        self._release()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, Py_ssize_t i) -> bytes:
+        if not 0 <= i < self.n:
+            raise IndexError("ring batch index out of range")
+        return PyBytes_FromStringAndSize(<const char *>self.fs[i], <Py_ssize_t>self.ns[i])
+
+    def copy_all(self) -> list:
+        """Every frame, as bytes."""
+        return [self[i] for i in range(self.n)]
+
+    def copies(self, kinds) -> list:
+        """The frames whose entry in `kinds` (one byte per frame, rx_burst's) is 0, as
+        bytes, in order: the misses for the Python path."""
+        cdef const uint8_t[:] k = kinds
+        cdef Py_ssize_t i
+        if k.shape[0] != self.n:
+            raise ValueError("one kind per frame")
+        return [self[i] for i in range(self.n) if k[i] == 0]
+
+
+def ring_take(ring, Py_ssize_t head, Py_ssize_t frame_size, Py_ssize_t frame_nr,
+              Py_ssize_t limit) -> RingBatch:
+    """Take up to `limit` frames from the TPACKET_V2 ring `ring` (a writable buffer of
+    frame_nr slots of frame_size bytes) from slot `head`, leaving them in their slots (see
+    RingBatch); a frame cut to its slot is dropped, and a slot whose header points outside
+    it is skipped, both handed back with the rest on `release()`."""
+    cdef RingBatch b = RingBatch()
+    cdef uint8_t *slot
+    cdef uint32_t status, length, snaplen
+    cdef uint16_t mac, tci, tpid
+    cdef PyObject *f
+    cdef uint8_t *o
+    if limit < 0:
+        limit = 0
+    PyObject_GetBuffer(ring, &b.view, PyBUF_WRITABLE)
+    b.has_view = 1
+    if frame_size < 32 or frame_nr <= 0 or frame_size * frame_nr > b.view.len:
+        raise ValueError("the ring is smaller than its slots")
+    if not 0 <= head < frame_nr:
+        raise ValueError("head outside the ring")
+    b.fs = <const uint8_t **>calloc(limit if limit else 1, sizeof(uint8_t *))
+    b.ns = <size_t *>calloc(limit if limit else 1, sizeof(size_t))
+    if b.fs == NULL or b.ns == NULL:
+        raise MemoryError()
+    b.base = <uint8_t *>b.view.buf
+    b.frame_size = frame_size
+    b.frame_nr = frame_nr
+    b.first = head
+    b.nbytes = 0
+    # At most frame_nr slots: a full ring is taken once, never twice.
+    while b.nslots < limit and b.nslots < frame_nr:
+        slot = b.base + head * frame_size
+        status = esp_ring_status(slot)
+        if not status & 1:                          # TP_STATUS_USER
+            break
+        b.nslots += 1
+        head = head + 1 if head + 1 < frame_nr else 0
+        length = esp_u32(slot + 4)
+        snaplen = esp_u32(slot + 8)
+        mac = esp_u16(slot + 12)
+        tci = esp_u16(slot + 24)
+        tpid = esp_u16(slot + 26)
+        # The kernel's header is trusted to be its own, but the frame stays in the slot.
+        if (length != snaplen or <size_t>mac + snaplen > <size_t>frame_size
+                or snaplen > 0xFFFF):
+            continue
+        if status & 0x10 and snaplen >= 12:         # TP_STATUS_VLAN_VALID
+            if not status & 0x40 or not tpid:       # TP_STATUS_VLAN_TPID_VALID
+                tpid = 0x8100
+            f = _bytes_new(NULL, <Py_ssize_t>snaplen + 4)
+            if f == NULL:
+                raise MemoryError()
+            o = <uint8_t *>_bytes_buf(f)
+            memcpy(o, slot + mac, 12)
+            o[12] = <uint8_t>(tpid >> 8)
+            o[13] = <uint8_t>tpid
+            o[14] = <uint8_t>(tci >> 8)
+            o[15] = <uint8_t>tci
+            memcpy(o + 16, slot + mac + 12, snaplen - 12)
+            b.held.append(<object>f)
+            _decref(f)
+            b.fs[b.n] = o
+            b.ns[b.n] = snaplen + 4
+        else:
+            b.fs[b.n] = slot + mac
+            b.ns[b.n] = snaplen
+        b.nbytes += b.ns[b.n]
+        b.n += 1
+    b.head = head
+    return b
+
+
 def ring_read(ring, Py_ssize_t head, Py_ssize_t frame_size, Py_ssize_t frame_nr,
               Py_ssize_t limit) -> tuple:
     """PacketSocketDevice.recv_batch's ring walk, in C: up to `limit` frames from the
@@ -3145,57 +3297,8 @@ def ring_read(ring, Py_ssize_t head, Py_ssize_t frame_size, Py_ssize_t frame_nr,
     slot `head`, each slot handed back to the kernel once copied; a frame cut to the slot
     is dropped, a VLAN tag the kernel moved to metadata is put back. Returns (frames,
     next head). A slot whose header points outside it is handed back unread."""
-    cdef Py_buffer view
-    cdef uint8_t *base
-    cdef uint8_t *slot
-    cdef uint32_t status, length, snaplen
-    cdef uint16_t mac, tci, tpid
-    cdef Py_ssize_t taken = 0
-    cdef list out = []
-    cdef PyObject *f
-    cdef uint8_t *o
-    PyObject_GetBuffer(ring, &view, PyBUF_WRITABLE)
+    cdef RingBatch b = ring_take(ring, head, frame_size, frame_nr, limit)
     try:
-        if frame_size < 32 or frame_nr <= 0 or frame_size * frame_nr > view.len:
-            raise ValueError("the ring is smaller than its slots")
-        if not 0 <= head < frame_nr:
-            raise ValueError("head outside the ring")
-        base = <uint8_t *>view.buf
-        while taken < limit:
-            slot = base + head * frame_size
-            status = esp_ring_status(slot)
-            if not status & 1:                          # TP_STATUS_USER
-                break
-            taken += 1
-            length = esp_u32(slot + 4)
-            snaplen = esp_u32(slot + 8)
-            mac = esp_u16(slot + 12)
-            tci = esp_u16(slot + 24)
-            tpid = esp_u16(slot + 26)
-            # The kernel's header is trusted to be its own, but the copy stays in the slot.
-            if (length == snaplen and <size_t>mac + snaplen <= <size_t>frame_size
-                    and snaplen <= 0xFFFF):
-                if status & 0x10 and snaplen >= 12:     # TP_STATUS_VLAN_VALID
-                    if not status & 0x40 or not tpid:   # TP_STATUS_VLAN_TPID_VALID
-                        tpid = 0x8100
-                    f = _bytes_new(NULL, <Py_ssize_t>snaplen + 4)
-                    if f == NULL:
-                        raise MemoryError()
-                    o = <uint8_t *>_bytes_buf(f)
-                    memcpy(o, slot + mac, 12)
-                    o[12] = <uint8_t>(tpid >> 8)
-                    o[13] = <uint8_t>tpid
-                    o[14] = <uint8_t>(tci >> 8)
-                    o[15] = <uint8_t>tci
-                    memcpy(o + 16, slot + mac + 12, snaplen - 12)
-                else:
-                    f = _bytes_new(<const char *>(slot + mac), <Py_ssize_t>snaplen)
-                    if f == NULL:
-                        raise MemoryError()
-                out.append(<object>f)
-                _decref(f)
-            esp_ring_release(slot)
-            head = head + 1 if head + 1 < frame_nr else 0
-        return out, head
+        return b.copy_all(), b.head
     finally:
-        PyBuffer_Release(&view)
+        b.release()

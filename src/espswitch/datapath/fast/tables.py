@@ -80,6 +80,10 @@ def _encapsulation(port: TunnelPort) -> int | None:
     return kind
 
 
+def _as_list(frames: list[bytes] | _fastpath.RingBatch) -> list[bytes]:
+    return frames.copy_all() if type(frames) is _fastpath.RingBatch else frames
+
+
 class FastTables:
     """The receive tables of one datapath, rebuilt when its generation number moved."""
 
@@ -178,6 +182,9 @@ class FastTables:
         self.rx_ports = {p: (pidx[p], bidx[p.bridge]) for p in ports
                          if isinstance(p, SystemPort) and p.bridge in egress
                          and p.bridge not in patched and p.tag is None and p.trunks is None}
+        for p in ports:
+            if isinstance(p, SystemPort):
+                p.zero_copy = p in self.rx_ports
         self._routes_seq = dp.routes.seq
         self._neigh_seq = dp.neigh.seq
         self._valid_until = float("inf")
@@ -319,33 +326,38 @@ class FastTables:
 
     # -- frames ------------------------------------------------------------------------------
 
-    def receive(self, port: Port, frames: list[bytes]) -> list[bytes]:
+    def receive(self, port: Port, frames: list[bytes] | _fastpath.RingBatch) -> list[bytes]:
         """Run a batch received on `port` through the compiled pipeline; returns the frames
         it did not touch (all of them when `port` is not a fast NIC or VM port), for the
-        Python path."""
+        Python path, as bytes (from a RingBatch, copies: the caller releases the batch)."""
         if not self.ensure():
             if port in self.rx_ports:
                 self.misses += len(frames)
             elif port in self.tx_ports:
                 self.tx_misses += len(frames)
-            return frames
+            return _as_list(frames)
         where = self.rx_ports.get(port)
         if where is None:
             where = self.tx_ports.get(port)
             if where is None:  # neither a NIC port on a tunnel's egress bridge nor a VM's
-                return frames
-            return self._transmit(port, frames, where)
+                return _as_list(frames)
+            return self._transmit(port, _as_list(frames), where)
         kinds, outputs, written, tunnel_rx, upcalls, drops, touched = _fastpath.rx_burst(
             self.table, frames, where[0], where[1])
         dp = self.dp
         entries = self.entries
         # What the port's bridge counted and learned for every frame it would have seen.
+        ring = type(frames) is _fastpath.RingBatch
+        total = frames.nbytes if ring else sum(map(len, frames))
         if kinds.count(0):
-            missed = [f for f, k in zip(frames, kinds, strict=True) if not k]
-            nbytes = sum(map(len, frames)) - sum(map(len, missed))
+            if ring:
+                missed = frames.copies(kinds)
+            else:
+                missed = [f for f, k in zip(frames, kinds, strict=True) if not k]
+            nbytes = total - sum(map(len, missed))
         else:
             missed = []
-            nbytes = sum(map(len, frames))
+            nbytes = total
         taken = len(frames) - len(missed)
         if taken:
             st = port.stats
