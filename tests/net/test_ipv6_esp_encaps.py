@@ -33,6 +33,7 @@ from .ipsec_helpers import (
     tshark_rows,
     wait_for,
 )
+from .test_ipv6_tunnel import read, scapy_sa
 
 pytestmark = pytest.mark.net
 
@@ -51,24 +52,6 @@ def make_lab(encap: str, mode: str) -> tuple[Lab, Keys]:
                tunnel_options=keys.options(ipsec_mode=mode)), keys
 
 
-def read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def scapy_sa(keys: Keys, mode: str, direction: int):
-    """scapy's SA for hv1 -> hv2 (0) or hv2 -> hv1 (1), as keyed in the lab."""
-    s = scapy()
-    from scapy.layers.ipsec import ESP as ScapyEsp
-    from scapy.layers.ipsec import SecurityAssociation
-
-    src, dst, spi, key = keys.sas()[direction]
-    header = s.IPv6(src=src, dst=dst) if mode == "tunnel" else None
-    return SecurityAssociation(ScapyEsp, spi=spi, crypt_algo="AES-GCM",
-                               crypt_key=bytes.fromhex(key), tunnel_header=header)
-
-
-@pytest.mark.parametrize(("encap", "mode"), CASES)
 def test_esp_protected_tunnel_over_ipv6_interoperates_with_scapy_and_tshark(
         netlab_ok, tmp_path, encap, mode):
     s = scapy()

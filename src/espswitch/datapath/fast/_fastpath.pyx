@@ -2089,6 +2089,50 @@ cdef Py_ssize_t rx_run(RxTable t, rx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
     return i
 
 
+cdef int hand_out(RxTable t, dict outputs, dict written, int port, const uint8_t *f,
+                  size_t n) except -2:
+    """A frame f[0:n] for port index `port`: noted for its installed output (returns
+    `port`: `write_written` writes it) or copied into `outputs[port]` (returns -1)."""
+    cdef list lst
+    if out_direct(t, port):
+        written[port] = None
+        return port
+    frame = PyBytes_FromStringAndSize(<const char *>f, <Py_ssize_t>n)
+    lst = outputs.get(port)
+    if lst is None:
+        outputs[port] = [frame]
+    else:
+        lst.append(frame)
+    return -1
+
+
+cdef void write_written(RxTable t, dict written, const uint8_t **fs, const size_t *ns,
+                        const int *ports, Py_ssize_t n) except *:
+    """Write each port of `written` its frames fs[i][0:ns[i]] (those with ports[i] ==
+    port), in arrival order, in one call; written[port] becomes write_port's result."""
+    cdef const uint8_t **gfs
+    cdef size_t *gns
+    cdef Py_ssize_t i, m
+    if not written:
+        return
+    gfs = <const uint8_t **>calloc(n if n else 1, sizeof(uint8_t *))
+    gns = <size_t *>calloc(n if n else 1, sizeof(size_t))
+    try:
+        if gfs == NULL or gns == NULL:
+            raise MemoryError()
+        for port in list(written):
+            m = 0
+            for i in range(n):
+                if ports[i] == port:
+                    gfs[m] = fs[i]
+                    gns[m] = ns[i]
+                    m += 1
+            written[port] = write_port(t, port, gfs, gns, m)
+    finally:
+        free(gfs)
+        free(gns)
+
+
 def rx_burst(RxTable table, frames, int in_port, int in_bridge):
     """Run frames received on port index `in_port` (of bridge index `in_bridge`) through
     `table`; the GIL is released for the per-packet work. `frames`: a list of frames, or
@@ -2104,22 +2148,22 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
     refresh (outer sources of every frame not missed, inner sources of hits).
     """
     cdef RingBatch rb = frames if isinstance(frames, RingBatch) else None
-    cdef Py_ssize_t n = len(frames), i, j, done, nout
+    cdef Py_ssize_t n = len(frames), i, done
     cdef rx_pkt *pkts
     cdef Py_buffer *views
     cdef Py_ssize_t nviews = 0
     cdef uint8_t *arena = NULL
     cdef const uint8_t **fs = NULL
     cdef size_t *ns = NULL
+    cdef int *ports = NULL
     cdef rx_pkt *p
-    cdef int account = 0, cut = 0, port
-    cdef size_t cap, total = 0
+    cdef int account = 0, cut = 0
+    cdef size_t total = 0
     cdef bytearray kinds = bytearray(n)
-    cdef list upcalls = [], drops = [], lst
+    cdef list upcalls = [], drops = []
     cdef dict outputs = {}, tunnel_rx = {}, written = {}
     cdef set entries = set()
     cdef int tunnel
-    cdef object frame
     pkts = <rx_pkt *>calloc(n if n else 1, sizeof(rx_pkt))
     views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
     try:
@@ -2158,6 +2202,13 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
                 p.out = arena + total
                 total += SLOT(p.cap)
                 POISON(p.out + p.cap, SLOT(p.cap) - p.cap)
+        fs = <const uint8_t **>calloc(n if n else 1, sizeof(uint8_t *))
+        ns = <size_t *>calloc(n if n else 1, sizeof(size_t))
+        ports = <int *>malloc((n if n else 1) * sizeof(int))
+        if fs == NULL or ns == NULL or ports == NULL:
+            raise MemoryError()
+        for i in range(n):
+            ports[i] = -1
         i = 0
         while i < n:
             with nogil:
@@ -2187,30 +2238,10 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
                 else:
                     rx[0] += 1
                     rx[1] += p.stop - p.start
-                if out_direct(table, p.out_port):
-                    written[p.out_port] = None
-                    continue
-                frame = PyBytes_FromStringAndSize(<const char *>p.frame, p.stop - p.start)
-                lst = outputs.get(p.out_port)
-                if lst is None:
-                    outputs[p.out_port] = [frame]
-                else:
-                    lst.append(frame)
-        if written:
-            # Each installed output gets its hits in arrival order, in one write call.
-            fs = <const uint8_t **>calloc(n, sizeof(uint8_t *))
-            ns = <size_t *>calloc(n, sizeof(size_t))
-            if fs == NULL or ns == NULL:
-                raise MemoryError()
-            for port in list(written):
-                nout = 0
-                for j in range(n):
-                    p = &pkts[j]
-                    if p.kind == RX_HIT and p.out_port == port:
-                        fs[nout] = p.frame
-                        ns[nout] = p.stop - p.start
-                        nout += 1
-                written[port] = write_port(table, port, fs, ns, nout)
+                fs[i] = p.frame
+                ns[i] = p.stop - p.start
+                ports[i] = hand_out(table, outputs, written, p.out_port, p.frame, ns[i])
+        write_written(table, written, fs, ns, ports, n)
         return kinds, outputs, written, tunnel_rx, upcalls, drops, entries
     finally:
         for i in range(nviews):
@@ -2220,6 +2251,7 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
         free(arena)
         free(fs)
         free(ns)
+        free(ports)
 
 
 cdef object _hand_out(PyObject **outs, Py_ssize_t i, size_t size):
@@ -2568,7 +2600,7 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False)
     refresh (the inner sources, the internal ports' MACs on the egress bridges); `taken`
     [frames, bytes] the input port received (segments counted one by one).
     """
-    cdef Py_ssize_t n = len(frames), i, j, done, nout = 0, slot, nw
+    cdef Py_ssize_t n = len(frames), i, j, done, nout = 0, slot
     cdef tx_pkt *pkts
     cdef Py_buffer *views
     cdef Py_ssize_t nviews = 0
@@ -2577,16 +2609,14 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False)
     cdef size_t *lens = NULL
     cdef int *results = NULL
     cdef int *slot_port = NULL
-    cdef const uint8_t **fs = NULL
-    cdef size_t *ns = NULL
     cdef tx_pkt *p
     cdef tx_tun *k
-    cdef int account = 0, cut = 0, r, acct_tun = 0, port
+    cdef int account = 0, cut = 0, r, acct_tun = 0
     cdef uint64_t seq = 0
     cdef size_t cap, inner, raw_len, total = 0
     cdef const uint8_t *raw
     cdef bytearray kinds = bytearray(n)
-    cdef list drops = [], lst
+    cdef list drops = []
     cdef dict outputs = {}, tunnel_tx = {}, written = {}
     cdef set entries = set()
     cdef list taken = [0, 0]
@@ -2672,30 +2702,9 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False)
                 else:
                     tx[0] += 1
                     tx[1] += inner
-                if out_direct(table, k.out_port):
-                    slot_port[slot] = k.out_port
-                    written[k.out_port] = None
-                    continue
-                frame = PyBytes_FromStringAndSize(<char *>bufs[slot], lens[slot])
-                lst = outputs.get(k.out_port)
-                if lst is None:
-                    outputs[k.out_port] = [frame]
-                else:
-                    lst.append(frame)
-        if written:
-            # Each installed output gets its frames in arrival order, in one send call.
-            fs = <const uint8_t **>calloc(nout, sizeof(uint8_t *))
-            ns = <size_t *>calloc(nout, sizeof(size_t))
-            if fs == NULL or ns == NULL:
-                raise MemoryError()
-            for port in list(written):
-                nw = 0
-                for slot in range(nout):
-                    if slot_port[slot] == port:
-                        fs[nw] = bufs[slot]
-                        ns[nw] = lens[slot]
-                        nw += 1
-                written[port] = write_port(table, port, fs, ns, nw)
+                slot_port[slot] = hand_out(table, outputs, written, k.out_port, bufs[slot],
+                                           lens[slot])
+        write_written(table, written, <const uint8_t **>bufs, lens, slot_port, nout)
         return kinds, outputs, written, tunnel_tx, drops, entries, taken
     finally:
         for i in range(nviews):
@@ -2707,8 +2716,6 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False)
         free(lens)
         free(results)
         free(slot_port)
-        free(fs)
-        free(ns)
 
 
 # -- batched transmission ----------------------------------------------------------------------
