@@ -52,6 +52,7 @@ def make_lab(encap: str, mode: str) -> tuple[Lab, Keys]:
                tunnel_options=keys.options(ipsec_mode=mode)), keys
 
 
+@pytest.mark.parametrize(("encap", "mode"), CASES)
 def test_esp_protected_tunnel_over_ipv6_interoperates_with_scapy_and_tshark(
         netlab_ok, tmp_path, encap, mode):
     s = scapy()
