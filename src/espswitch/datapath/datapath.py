@@ -193,7 +193,8 @@ class Datapath:
 
         With the fast path on, a batch from outside (not one the datapath itself passes
         on) goes through the compiled receive pipeline first; only its misses take the
-        Python path."""
+        Python path. A batch still in a NIC's receive ring (`RingBatch`, from a
+        `SystemPort` with `zero_copy`) is read there and released before this returns."""
         self._depth += 1
         try:
             batch = frames if type(frames) is _RingBatch else None

@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Sequence
 
 from espswitch.datapath import fast
 from espswitch.datapath.errors import PortError
@@ -459,7 +460,7 @@ class PacketSocketDevice:
         """Whether frames arrive through a mapped receive ring (PACKET_RX_RING)."""
         return self._ring is not None
 
-    def recv_ring(self, limit: int = 32):
+    def recv_ring(self, limit: int = 32) -> Sequence[bytes] | None:
         """Up to `limit` frames left where the kernel wrote them (a `RingBatch`: read in
         place, copied only where needed; the caller releases it), or None without the
         ring or the compiled module."""

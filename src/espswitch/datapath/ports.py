@@ -8,7 +8,7 @@ Operations a type lacks answer "not supported" (`NotSupported`), as netdev class
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from espswitch.datapath.counters import Counters
@@ -260,7 +260,9 @@ class SystemPort(DevicePort):
         self.dev = self.ctx.devices.open_system(self.name)
         self._next_check = 0.0
 
-    def receive(self, limit: int = 32):
+    def receive(self, limit: int = 32) -> Sequence[bytes]:
+        """Up to `limit` frames: with `zero_copy`, a RingBatch left in the device's ring
+        (Datapath.receive releases it), else a list."""
         if self.zero_copy:
             recv_ring = getattr(self.dev, "recv_ring", None)
             batch = recv_ring(limit) if recv_ring is not None else None
