@@ -644,7 +644,7 @@ class MemoryDevice:
         return out
 
     def fast_output(self) -> tuple[int, int] | None:
-        if self._pair is None or self.wire is None:
+        if self._pair is None:  # (a pair exists with `wire` only)
             return None
         return self.wire, self._pair[0].fileno()
 

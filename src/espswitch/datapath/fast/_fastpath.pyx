@@ -2141,7 +2141,7 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
     Returns `(kinds, outputs, written, tunnel_rx, upcalls, drops, entries)`: `kinds` one
     byte per frame (0 miss, 1 drop, 2 upcall, 3 hit); `outputs` {out port index: [inner
     frame, ...]} in arrival order, for ports without an installed output; `written` {out
-    port index: (frames, bytes, (sent, dropped, too big))} for ports with one, already
+    port index: (bytes, (sent, dropped, too big))} for ports with one, already
     written (`set_outputs`); `tunnel_rx` {tunnel port index: [packets, bytes]} delivered;
     `upcalls` of (frame index, spi index, next header, payload); `drops` of (frame
     index, spi index, DropReason); `entries` the set of MAC entry indices whose age to
@@ -2594,7 +2594,7 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False)
     Returns `(kinds, outputs, written, tunnel_tx, drops, entries, taken)`: `kinds` one
     byte per read (0 miss, 3 taken); `outputs` {NIC port index: [outer frame, ...]} in
     arrival order, for ports without an installed output; `written` {NIC port index:
-    (frames, bytes, (sent, dropped, too big))} for ports with one, already sent;
+    (bytes, (sent, dropped, too big))} for ports with one, already sent;
     `tunnel_tx` {tunnel port index: [packets, inner bytes]}; `drops` of (read index,
     tunnel port index, DropReason); `entries` the set of MAC entry indices whose age to
     refresh (the inner sources, the internal ports' MACs on the egress bridges); `taken`
@@ -3083,13 +3083,13 @@ def send_frames(int fd, frames) -> tuple:
 
 cdef tuple write_port(RxTable t, int port, const uint8_t **fs, const size_t *ns,
                       Py_ssize_t n):
-    """write_frames to port index `port`'s installed output, with the totals its `send`
-    counts: (frames, bytes, (sent, dropped, too big))."""
+    """write_frames to port index `port`'s installed output, with the byte total its
+    `send` counts: (bytes, (sent, dropped, too big))."""
     cdef Py_ssize_t i
     cdef size_t nbytes = 0
     for i in range(n):
         nbytes += ns[i]
-    return n, nbytes, write_frames(t.out_kind[port], t.out_fd[port], fs, ns, n)
+    return nbytes, write_frames(t.out_kind[port], t.out_fd[port], fs, ns, n)
 
 
 cdef inline bint out_direct(RxTable t, int port) noexcept nogil:

@@ -382,11 +382,7 @@ class FastTables:
                 st = ports[t].stats
                 st["rx_packets"] += n
                 st["rx_bytes"] += b
-            for out, (_n, nbytes, result) in written.items():
-                ports[out].count_sent(nbytes, result)
-            transmit = dp.transmit
-            for out, lst in outputs.items():
-                transmit(ports[out], lst)
+            self._deliver(outputs, written)
         for i, s, nh, payload in upcalls:
             esp, sa = spis[s]
             f = frames[i]
@@ -422,12 +418,18 @@ class FastTables:
             st = ports[t].stats
             st["esp_expired_drops"] += 1
             st["tx_dropped"] += 1
-        for out, (_n, nbytes, result) in written.items():
+        self._deliver(outputs, written)
+        return missed
+
+    def _deliver(self, outputs: dict[int, list[bytes]], written: dict[int, tuple]) -> None:
+        """What a burst forwarded: the counts of what it wrote itself (as the port's `send`
+        counts them), then the rest through each port's `send`, one batch per port."""
+        ports = self.ports
+        for out, (nbytes, result) in written.items():
             ports[out].count_sent(nbytes, result)
-        transmit = dp.transmit
+        transmit = self.dp.transmit
         for out, lst in outputs.items():
             transmit(ports[out], lst)
-        return missed
 
 
 # The outer addresses of a frame the compiled pipeline took: untagged IPv4 without options,
