@@ -19,7 +19,7 @@ import os
 
 import pytest
 
-from espswitch.cli.lab import UNDERLAY6, Lab, tcpdump
+from espswitch.cli.lab import UNDERLAY6, Lab
 
 from .ipsec_helpers import (
     PATTERN,
@@ -27,13 +27,11 @@ from .ipsec_helpers import (
     mac_of,
     received,
     scapy,
-    send_frames,
     status,
     tshark_available,
     tshark_rows,
-    wait_for,
 )
-from .test_ipv6_tunnel import read, scapy_sa
+from .test_ipv6_tunnel import assert_delivered_to_vm2, read, scapy_sa
 
 pytestmark = pytest.mark.net
 
@@ -169,10 +167,5 @@ def check_scapy_esp_is_delivered(lab: Lab, keys: Keys, encap: str, mode: str,
     frame = (s.Ether(src=mac_of(hv1.ns, "br-phy"), dst=mac_of(hv2.ns, "br-phy"))
              / sa.encrypt(plain))
     assert frame[s.IPv6].nh == 50
-    out = str(tmp_path / "scapy-esp.pcap")
-    s.wrpcap(out, [frame])
-    got = str(tmp_path / "vm2.pcap")
-    with tcpdump(hv2.vm_ns, hv2.tap, got, ["icmp"]):
-        assert send_frames(hv1.ns, hv1.underlay_dev, out) == 1
-        assert wait_for(lambda: marker in read(got), 10, 0.1), \
-            f"scapy's ESP ({encap}, {mode} mode) was not delivered to VM 2"
+    assert_delivered_to_vm2(lab, frame, marker, tmp_path,
+                            f"scapy's ESP ({encap}, {mode} mode)")

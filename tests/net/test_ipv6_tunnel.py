@@ -207,13 +207,21 @@ def check_scapy_esp_is_delivered(lab: Lab, keys: Keys, case: str, tmp_path) -> N
     plain = s.IPv6(bytes(plain))  # checksums and lengths filled in
     frame = (s.Ether(src=mac_of(hv1.ns, "br-phy"), dst=mac_of(hv2.ns, "br-phy"))
              / sa.encrypt(plain))
+    assert_delivered_to_vm2(lab, frame, marker, tmp_path, "scapy's ESP")
+
+
+def assert_delivered_to_vm2(lab: Lab, frame, marker: bytes, tmp_path, what: str) -> None:
+    """`frame`, sent from hv1's underlay device, reaches VM 2 with `marker` in an ICMP
+    packet."""
+    s = scapy()
+    hv1, hv2 = lab.hvs
     out = str(tmp_path / "scapy-esp.pcap")
     s.wrpcap(out, [frame])
     got = str(tmp_path / "vm2.pcap")
     with tcpdump(hv2.vm_ns, hv2.tap, got, ["icmp"]):
         assert send_frames(hv1.ns, hv1.underlay_dev, out) == 1
         assert wait_for(lambda: marker in read(got), 10, 0.1), \
-            "scapy's ESP was not delivered to VM 2"
+            f"{what} was not delivered to VM 2"
 
 
 def check_tshark(lab: Lab, keys: Keys, pcap: str) -> None:
