@@ -41,6 +41,28 @@ def test_crossing_initiations_20_times():
         assert len(inst - gone) == 1
 
 
+def test_initiation_whose_first_packet_was_lost_is_abandoned_when_the_peer_comes_up_first():
+    # a's IKE_SA_INIT is lost (b was not listening yet); b initiates and its IKE SA comes
+    # up with a as responder. a's own initiation must not come up seconds later as a second
+    # IKE SA: its duplicate resolution would delete the IKE SA whose CHILD_SAs are in use.
+    a, b, link = pair(children=(VXLAN_CHILD_A,))
+    a.initiate("b", 0.0)
+    link.drop = lambda data, sender: sender is a and len(link.wire) == 1
+    link.run()
+    assert len(link.wire) == 1  # a's IKE_SA_INIT, lost
+    link.drop = lambda data, sender: False
+    b.initiate("a", 0.1)
+    link.run()
+    link.advance(30.0)
+    _one_pair_each(a, b)
+    ups = [e for e in link.events[id(a)] if isinstance(e, IkeSaUp)]
+    assert len(ups) == 1 and not ups[0].initiator
+    down = [e for e in link.events[id(a)] if isinstance(e, IkeSaDown)]
+    assert len(down) == 1 and down[0].reason.startswith("abandoned"), down
+    assert not [e for e in link.events[id(a)] if isinstance(e, ChildSaDeleted)]
+    assert a.ike_sas()[0].state == "established"
+
+
 def test_initiate_is_idempotent_while_connecting_or_up():
     a, b, link = pair()
     a.initiate("b", 0.0)

@@ -174,7 +174,16 @@ class IkeAuth:
 
     def _resolve_duplicates(self, sa: IkeSa, now: float) -> None:
         """Crossing initiations: of two IKE SAs with one peer, the one holding the lowest
-        nonce goes (the rule §2.8.1 gives for rekeys), deleted by its initiator."""
+        nonce goes (the rule §2.8.1 gives for rekeys), deleted by its initiator.
+
+        Our own initiation still waiting for its IKE_SA_INIT response (lost, or the peer was
+        not listening yet) is abandoned instead: once it came up late, deleting the older
+        IKE SA would take CHILD_SAs in use with it while the new ones are still being made.
+        The peer forgets its half-open SA, if it made one, by itself."""
+        for other in list(self.ctx.store.all()):
+            if other is not sa and other.peer is sa.peer and other.initiator and \
+                    other.state is IkeState.INIT_SENT:
+                self.ctx.close(other, f"abandoned: IKE SA #{sa.uid} with the peer is up", now)
         for other in self.ctx.store.all():
             if other is sa or other.peer is not sa.peer or \
                     other.state is not IkeState.ESTABLISHED:

@@ -49,7 +49,7 @@ class PortEvents:
             if p is not None:
                 p.last_error = None
         elif isinstance(ev, IkeSaDown):
-            routine = ev.reason.startswith(("deleted", "rekeyed"))
+            routine = ev.reason.startswith(("deleted", "rekeyed", "abandoned"))
             level = vlog.info if routine else vlog.warn
             level(f"{ev.peer}: IKE SA #{ev.ike_id} down: {ev.reason}")
             if port is not None:
