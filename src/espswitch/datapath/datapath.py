@@ -83,6 +83,11 @@ class Datapath:
                 if getattr(p, "zero_copy", False):
                     p.zero_copy = False  # nothing reads a ring batch in place any more
 
+    @property
+    def fast_tables(self) -> FastTables | None:
+        """The compiled pipelines' tables while the fast path is on."""
+        return self._fast
+
     def fast_changed(self) -> None:
         """Something the fast path's tables are built from changed: rebuild before the
         next batch."""
@@ -186,7 +191,7 @@ class Datapath:
             self.del_bridge(name)
 
     # --- frames --------------------------------------------------------------------------
-    def receive(self, port: Port, frames: list[bytes]) -> None:
+    def receive(self, port: Port, frames: list[bytes], result: tuple | None = None) -> None:
         """A batch arrived on `port`: forward it through the port's bridge. From a port
         whose device offloads (`port.vnet`), each read starts with a virtio-net header and
         may stand for several frames (datapath/gso.py).
@@ -194,12 +199,16 @@ class Datapath:
         With the fast path on, a batch from outside (not one the datapath itself passes
         on) goes through the compiled receive pipeline first; only its misses take the
         Python path. A batch still in a NIC's receive ring (`RingBatch`, from a
-        `SystemPort` with `zero_copy`) is read there and released before this returns."""
+        `SystemPort` with `zero_copy`) is read there and released before this returns.
+        With `result`, the compiled burst already ran on the batch (the FastLoop's): only
+        its side effects and misses are left to do."""
         self._depth += 1
         try:
             batch = frames if type(frames) is _RingBatch else None
             try:
-                if self._fast is not None and self._depth == 1:
+                if result is not None:
+                    frames = self._fast.finish(port, frames, result)
+                elif self._fast is not None and self._depth == 1:
                     frames = self._fast.receive(port, frames)
                 elif batch is not None:
                     frames = batch.copy_all()
@@ -274,7 +283,8 @@ class Datapath:
         if f is not None:
             lines.append(f"  fast-path: enabled, hits={f.hits} esp_drops={f.drops} "
                          f"upcalls={f.upcalls} misses={f.misses} tx_hits={f.tx_hits} "
-                         f"tx_misses={f.tx_misses} rebuilds={f.rebuilds}")
+                         f"tx_misses={f.tx_misses} rebuilds={f.rebuilds} "
+                         f"loop_batches={f.loop_batches}")
         else:
             why = "off" if fast.AVAILABLE else fast.REASON
             lines.append(f"  fast-path: disabled ({why})")

@@ -435,7 +435,7 @@ class PacketSocketDevice:
         )
         self._frame_size = frame_size
         self._frame_nr = frame_nr
-        self._head = 0
+        self.ring_head = 0
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -448,7 +448,8 @@ class PacketSocketDevice:
         ring = self._ring
         if ring is None:
             return self._recv_batch_syscalls(limit)
-        out, self._head = _ring_read(ring, self._head, self._frame_size, self._frame_nr, limit)
+        out, self.ring_head = _ring_read(ring, self.ring_head, self._frame_size,
+                                         self._frame_nr, limit)
         if not out:
             # Nothing is read through the socket any more, so a pending error (ENETDOWN
             # when the link flaps) would stay and keep epoll waking us: consume it.
@@ -460,6 +461,13 @@ class PacketSocketDevice:
         """Whether frames arrive through a mapped receive ring (PACKET_RX_RING)."""
         return self._ring is not None
 
+    def ring_layout(self) -> tuple[mmap.mmap, int, int] | None:
+        """(ring, slot size, slot count) of the receive ring, for a reader in C that takes
+        from slot `ring_head` and moves it on, as `recv_ring` does; None without it."""
+        if self._ring is None:
+            return None
+        return self._ring, self._frame_size, self._frame_nr
+
     def recv_ring(self, limit: int = 32) -> Sequence[bytes] | None:
         """Up to `limit` frames left where the kernel wrote them (a `RingBatch`: read in
         place, copied only where needed; the caller releases it), or None without the
@@ -467,8 +475,8 @@ class PacketSocketDevice:
         ring = self._ring
         if ring is None or _ring_take is None:
             return None
-        batch = _ring_take(ring, self._head, self._frame_size, self._frame_nr, limit)
-        self._head = batch.head
+        batch = _ring_take(ring, self.ring_head, self._frame_size, self._frame_nr, limit)
+        self.ring_head = batch.head
         if not len(batch):
             batch.release()
             # As recv_batch: a pending error would keep epoll waking us.

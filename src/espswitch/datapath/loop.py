@@ -7,8 +7,11 @@ import select
 import time
 from collections.abc import Callable
 
+from espswitch.datapath import fast
 from espswitch.datapath.datapath import Datapath
 from espswitch.datapath.ports import Port
+
+_fastpath = fast._fastpath if fast.AVAILABLE else None
 
 BATCH = 32
 _ERR = select.EPOLLERR | select.EPOLLHUP
@@ -33,6 +36,11 @@ class EventLoop:
         self.exceptions = 0
         self.errors: dict[int, int] = {}
         self.suspended: dict[int, tuple[Port, float]] = {}
+        #: run ready batches in the compiled FastLoop when the fast path is on
+        self.use_fast_loop = _fastpath is not None
+        self._loop: _fastpath.FastLoop | None = None
+        self._loop_key: tuple | None = None
+        self._ports_version = 0  # moves whenever fd_ports does
 
     def set_control_fd(self, fd: int | None) -> None:
         """Wake up (and report `True` from poll) when `fd` is readable."""
@@ -49,6 +57,7 @@ class EventLoop:
         if dp.fd_seq == self._fd_seq:
             return
         self._fd_seq = dp.fd_seq
+        self._ports_version += 1
         want = dp.pollable()
         for fd in [fd for fd, (p, _) in self.suspended.items() if want.get(fd) is not p]:
             del self.suspended[fd]
@@ -70,6 +79,7 @@ class EventLoop:
         with contextlib.suppress(OSError, ValueError):
             self.ep.unregister(fd)
         del self.fd_ports[fd]
+        self._ports_version += 1
         self.errors.pop(fd, None)
         self.suspended[fd] = (port, time.monotonic() + SUSPEND)
         self.log_rl(f"{port.name}: device keeps failing, not polled for {SUSPEND:.0f} s")
@@ -81,10 +91,17 @@ class EventLoop:
                 if self.dp.ports.get(port.name) is port and port.fileno() == fd:
                     self.ep.register(fd, select.EPOLLIN)
                     self.fd_ports[fd] = port
+                    self._ports_version += 1
 
     def poll(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds, process ready ports; True if control is ready."""
+        """Wait up to `timeout` seconds, process ready ports; True if control is ready.
+
+        With the compiled fast path, the FastLoop waits and runs the batches its tables
+        take whole, without coming back here, until the timeout or until something needs
+        Python (see _fastpath.FastLoop)."""
         self.sync()
+        if self.use_fast_loop and self._fast_ready():
+            return self._poll_fast(timeout)
         try:
             events = self.ep.poll(timeout, 256)
         except InterruptedError:
@@ -100,24 +117,91 @@ class EventLoop:
             if port is None:
                 control = True
                 continue
-            try:
-                frames = port.receive(BATCH)
-                if frames:
-                    dp.receive(port, frames)
-                    if fd in self.errors:
-                        del self.errors[fd]
-                elif ev & _ERR:
-                    # A pending socket error (ENETDOWN when a link flaps ...) was consumed
-                    # by the read; only an error that keeps coming suspends the port.
-                    port.stats["rx_errors"] += 1
-                    n = self.errors[fd] = self.errors.get(fd, 0) + 1
-                    if n >= ERROR_LIMIT:
-                        self._suspend(fd, port)
-            except Exception as e:  # never let one batch end the loop
-                self.exceptions += 1
+            self._port_ready(fd, ev, port)
+        return control
+
+    def _port_ready(self, fd: int, ev: int, port: Port) -> None:
+        """Read one batch from a ready port and forward it."""
+        dp = self.dp
+        try:
+            frames = port.receive(BATCH)
+            if frames:
+                dp.receive(port, frames)
+                if fd in self.errors:
+                    del self.errors[fd]
+            elif ev & _ERR:
+                # A pending socket error (ENETDOWN when a link flaps ...) was consumed
+                # by the read; only an error that keeps coming suspends the port.
                 port.stats["rx_errors"] += 1
-                dp.count_drop("exception")
-                self.log_rl(f"{port.name}: error while forwarding: {e!r}")
+                n = self.errors[fd] = self.errors.get(fd, 0) + 1
+                if n >= ERROR_LIMIT:
+                    self._suspend(fd, port)
+        except Exception as e:  # never let one batch end the loop
+            self._exception(port, e)
+
+    def _exception(self, port: Port, e: Exception) -> None:
+        self.exceptions += 1
+        port.stats["rx_errors"] += 1
+        self.dp.count_drop("exception")
+        self.log_rl(f"{port.name}: error while forwarding: {e!r}")
+
+    # -- the compiled poll loop ------------------------------------------------------------
+
+    def _fast_ready(self) -> bool:
+        """Whether the FastLoop can run now: the tables are current (rebuilt here if
+        needed) and the loop knows this version of them and of the polled fds."""
+        fast = self.dp.fast_tables
+        if fast is None:
+            return False
+        self.dp.now = time.monotonic()
+        if not fast.ensure():
+            return False
+        key = (id(fast), fast.rebuilds, self._ports_version)
+        if key != self._loop_key:
+            sources = fast.loop_sources(self.fd_ports)
+            if not sources:
+                self._loop_key = None
+                return False
+            if self._loop is None:
+                self._loop = _fastpath.FastLoop()
+            self._loop.configure(fast.table, fast, self.ep.fileno(), sources,
+                                 len(fast.ports), len(fast.entries))
+            self._loop_key = key
+        return True
+
+    def _poll_fast(self, timeout: float) -> bool:
+        dp = self.dp
+        fast = dp.fast_tables
+        loop = self._loop
+        deadline = min(time.monotonic() + timeout, fast.valid_until)
+        try:
+            work = loop.poll(deadline, BATCH, self.errors)
+        except Exception as e:  # counted and logged as a port's exception is
+            self.exceptions += 1
+            dp.count_drop("exception")
+            self.log_rl(f"fast loop: error while forwarding: {e!r}")
+            work = []
+        finally:
+            dp.now = time.monotonic()
+            fast.fold(loop)
+        if self.suspended:
+            self._resume(dp.now)
+        control = False
+        fd_ports = self.fd_ports
+        for fd, ev, frames, result in work:
+            port = fd_ports.get(fd)
+            if port is None:
+                control = True
+            elif frames is None:
+                if ev:
+                    self._port_ready(fd, ev, port)
+                else:
+                    self.errors.pop(fd, None)
+            else:
+                try:
+                    dp.receive(port, frames, result)
+                except Exception as e:
+                    self._exception(port, e)
         return control
 
     def close(self) -> None:

@@ -9,15 +9,50 @@ from espswitch.datapath.tunnel import Route, ip_addr
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 IFA_F_DADFAILED = 0x08
+# rtnetlink multicast groups (linux/rtnetlink.h): links, addresses and routes, both families.
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
+NETLINK_ROUTE = 0
 
 
 class KernelRoutes:
-    """A netlink socket kept open; `read()` dumps routes and addresses."""
+    """A netlink socket kept open; `read()` dumps routes and addresses (pyroute2).
+
+    A second socket joins the kernel's link, address and route groups: `changed()` says
+    whether the kernel announced anything since the last call, so that the daemon reads
+    the tables again when they change rather than every second (a read costs about 10 ms
+    of Python, a pause of every packet behind it). The announcements themselves are not
+    parsed: any of them means read everything again."""
 
     def __init__(self) -> None:
         from pyroute2 import IPRoute
 
         self.ipr = IPRoute()
+        self.notify = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            NETLINK_ROUTE)
+        self.notify.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
+                          | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE))
+
+    def fileno(self) -> int:
+        """The announcements' socket: readable when the kernel announced a change."""
+        return self.notify.fileno()
+
+    def changed(self) -> bool:
+        """Drain the announcements; whether there were any (or some were lost: ENOBUFS)."""
+        seen = False
+        while True:
+            try:
+                if not self.notify.recv(65536):
+                    return seen
+            except (BlockingIOError, InterruptedError):
+                return seen
+            except OSError:  # the kernel dropped announcements: read everything again
+                return True
+            seen = True
 
     def read(self) -> tuple[list[Route], dict[str, list[bytes]]]:
         ipr = self.ipr
@@ -57,4 +92,5 @@ class KernelRoutes:
         return routes, addresses
 
     def close(self) -> None:
+        self.notify.close()
         self.ipr.close()

@@ -27,7 +27,8 @@ STATS_INTERVAL = 5.0
 # that expired, a tunnel that lost its route), not only with the 5 s statistics.
 STATUS_CHECK = 1.0
 HOUSEKEEPING = 0.1
-ROUTE_REFRESH = 1.0
+ROUTE_REFRESH = 30.0  # seconds: kernel routes are read again when announced, and this often
+ROUTE_SETTLE = 0.02  # seconds: announcements come in bursts; read once they settle
 CONTROL_MAX_SLEEP = 1.0
 
 WRITTEN = {
@@ -133,6 +134,7 @@ class Switchd:
         self.bugs = 0
         self._fast_path_text = "true"
         self._fast_path_said: tuple[bool, bool] | None = None
+        self._fast_loop_text: str | None = None
         self._bug_rl = RateLimit(vlog.err, interval=60.0, burst=3)
         appctl.register(self)
         self.ike = ike.attach(self)  # IKEv2 for tunnels keyed with psk/certs
@@ -187,6 +189,22 @@ class Switchd:
                 vlog.info("fast path: off (other_config:fast-path=false): the Python ESP "
                           "engine is used for SAs installed from now on")
         self.dp.fast_path = usable
+        self.apply_fast_loop()
+
+    def apply_fast_loop(self) -> None:
+        """`other_config:fast-loop` (true by default): whether the compiled poll loop waits
+        and runs the batches the fast path takes whole (false: every batch comes back to
+        Python's loop, as before the loop existed; a diagnostic and benchmark knob)."""
+        text = self.other_config().get("fast-loop", "true").strip().lower()
+        on = text != "false"
+        if text != self._fast_loop_text:
+            if text not in ("true", "false"):
+                vlog.warn(f"other_config:fast-loop must be true or false, got {text!r}: "
+                          "true is used")
+            elif self._fast_loop_text is not None or not on:
+                vlog.info(f"fast loop: {'on' if on else 'off (other_config:fast-loop)'}")
+        self._fast_loop_text = text
+        self.loop.use_fast_loop = on and fast.AVAILABLE
 
     def reconcile(self, desired: Desired) -> None:
         dp = self.dp
@@ -321,6 +339,9 @@ class Switchd:
 
     # --- control plane -------------------------------------------------------------------
     def control_run(self) -> None:
+        if self.routes is not None and self.routes.changed():
+            self.next_routes = min(self.next_routes, time.monotonic() + ROUTE_SETTLE)
+            self.next_housekeeping = min(self.next_housekeeping, self.next_routes)
         self.unixctl.run()
         self.ike.run()
         self.idl.run()
@@ -366,6 +387,8 @@ class Switchd:
         if self.txn is not None:
             self.txn.wait(p)
         self.ike.wait(p)
+        if self.routes is not None:
+            p.fd_wait(self.routes.fileno(), select.POLLIN)
         if self._cep is not None:
             self.loop.set_control_fd(None)
             self._cep.close()

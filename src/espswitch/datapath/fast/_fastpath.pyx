@@ -3309,3 +3309,324 @@ def ring_read(ring, Py_ssize_t head, Py_ssize_t frame_size, Py_ssize_t frame_nr,
         return b.copy_all(), b.head
     finally:
         b.release()
+
+
+# -- the poll loop: epoll and whole batches without the interpreter (issue 10) -----------------
+#
+# espswitchd's EventLoop hands the loop its epoll set (every port's descriptor and the
+# control plane's) and, for the NIC ports with a zero-copy receive ring and the VM ports
+# with offloads that the tables install, what each descriptor is. `FastLoop.poll` then waits
+# and runs those batches through `rx_burst` / `tx_burst` itself. A batch the pipeline took
+# whole (every frame a hit written through an installed output, nothing dropped, missed or
+# handed up) is finished here: the counters that FastTables would have added go to C
+# arrays (`fold` hands them to Python), and the loop goes on waiting. Anything else goes
+# back to Python as it was: an event on a descriptor the loop does not run (the control
+# plane, a port on the Python path, an error with nothing to read), or a batch with its
+# burst result for FastTables to finish exactly as after its own burst. The loop returns
+# when it has such work, at the deadline, when a signal interrupts the wait, or when the
+# tables went out of date (`tables.current()` is false: an SA's lifetime accounting, run
+# from a burst, may have changed what is installed).
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <sys/epoll.h>
+    #include <time.h>
+    #define ESP_LOOP_EVENTS 64
+    /* epoll_wait(2) into two arrays (CPython's epoll registers data.fd = fd); returns the
+       count, or -errno. */
+    static int esp_epoll_wait(int epfd, int *fds, uint32_t *evs, int timeout_ms)
+    {
+        struct epoll_event ev[ESP_LOOP_EVENTS];
+        int n = epoll_wait(epfd, ev, ESP_LOOP_EVENTS, timeout_ms), i;
+        if (n < 0)
+            return -errno;
+        for (i = 0; i < n; i++) {
+            fds[i] = ev[i].data.fd;
+            evs[i] = ev[i].events;
+        }
+        return n;
+    }
+    /* time.monotonic(), as Python reads it on Linux. */
+    static double esp_monotonic(void)
+    {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+    """
+    int esp_epoll_wait(int epfd, int *fds, uint32_t *evs, int timeout_ms) nogil
+    double esp_monotonic() nogil
+    const int ESP_LOOP_EVENTS
+    const uint32_t EPOLLERR_ "EPOLLERR"
+    const uint32_t EPOLLHUP_ "EPOLLHUP"
+
+cdef enum:
+    SOURCE_RING = 1
+    SOURCE_TAP = 2
+    NCTR = 4
+    C_RX_PACKETS = 0
+    C_RX_BYTES = 1
+    C_TX_PACKETS = 2
+    C_TX_BYTES = 3
+
+LOOP_RING = SOURCE_RING
+LOOP_TAP = SOURCE_TAP
+
+
+cdef class _Source:
+    """One descriptor the loop runs: a NIC's receive ring, or a VM's TAP with offloads."""
+    cdef int kind
+    cdef int in_port
+    cdef int in_bridge
+    cdef object dev
+    cdef object ring
+    cdef Py_ssize_t frame_size
+    cdef Py_ssize_t frame_nr
+    cdef Py_ssize_t size
+    cdef bint vnet
+
+
+cdef class FastLoop:
+    """The poll loop of espswitchd's datapath in C (see above). `configure` installs what
+    each descriptor is, for one version of the tables; `poll` runs; `fold` returns and
+    resets what the batches it finished counted. Counters refer to port and MAC entry
+    indices of the tables `configure` saw: fold before the tables are rebuilt."""
+    cdef RxTable table
+    cdef object tables
+    cdef int epfd
+    cdef dict sources
+    cdef uint64_t *ctr
+    cdef Py_ssize_t nports
+    cdef uint8_t *touched
+    cdef Py_ssize_t nentries
+    cdef uint64_t hits
+    cdef uint64_t tx_hits
+    cdef uint64_t batches
+
+    def __cinit__(self):
+        self.ctr = NULL
+        self.touched = NULL
+        self.sources = {}
+        self.epfd = -1
+
+    def __dealloc__(self):
+        free(self.ctr)
+        free(self.touched)
+
+    def configure(self, RxTable table, tables, int epfd, sources, Py_ssize_t nports,
+                  Py_ssize_t nentries) -> None:
+        """Run `sources` {fd: (LOOP_RING, in port index, in bridge index, device, ring,
+        slot size, slot count) or (LOOP_TAP, in port index, in bridge index, device,
+        read size, vnet)} with `table`, of `nports` ports and `nentries` MAC entries;
+        `tables.current()` says whether `table` is still what the slow path wants. A
+        ring source's device keeps the next slot in `ring_head`. Counts not folded yet
+        are lost."""
+        cdef uint64_t *ctr = <uint64_t *>calloc(nports * NCTR if nports > 0 else 1,
+                                                sizeof(uint64_t))
+        cdef uint8_t *touched = <uint8_t *>calloc(nentries if nentries > 0 else 1, 1)
+        cdef dict srcs = {}
+        cdef _Source s
+        if ctr == NULL or touched == NULL:
+            free(ctr)
+            free(touched)
+            raise MemoryError()
+        try:
+            for fd, spec in sources.items():
+                s = _Source()
+                s.kind, s.in_port, s.in_bridge, s.dev = spec[0], spec[1], spec[2], spec[3]
+                if not (0 <= s.in_port < nports):
+                    raise ValueError("a source's port index is outside the tables")
+                if s.kind == SOURCE_RING:
+                    s.ring, s.frame_size, s.frame_nr = spec[4], spec[5], spec[6]
+                elif s.kind == SOURCE_TAP:
+                    s.size, s.vnet = spec[4], spec[5]
+                    if s.size <= 0:
+                        raise ValueError("read size must be positive")
+                else:
+                    raise ValueError("unknown source kind")
+                srcs[int(fd)] = s
+        except BaseException:
+            free(ctr)
+            free(touched)
+            raise
+        free(self.ctr)
+        free(self.touched)
+        self.ctr, self.touched = ctr, touched
+        self.nports, self.nentries = nports, nentries
+        self.table, self.tables, self.epfd, self.sources = table, tables, epfd, srcs
+        self.hits = self.tx_hits = self.batches = 0
+
+    def fold(self) -> tuple:
+        """What the finished batches counted since the last fold, reset: (hits, tx hits,
+        batches, [(port index, rx packets, rx bytes, tx packets, tx bytes), ...],
+        [MAC entry index whose age to refresh, ...])."""
+        cdef Py_ssize_t i
+        cdef uint64_t *c
+        ports = []
+        entries = []
+        if not self.batches:
+            return (0, 0, 0, ports, entries)
+        for i in range(self.nports):
+            c = self.ctr + i * NCTR
+            if c[0] or c[1] or c[2] or c[3]:
+                ports.append((i, c[0], c[1], c[2], c[3]))
+                memset(c, 0, NCTR * sizeof(uint64_t))
+        for i in range(self.nentries):
+            if self.touched[i]:
+                entries.append(i)
+                self.touched[i] = 0
+        out = (self.hits, self.tx_hits, self.batches, ports, entries)
+        self.hits = self.tx_hits = self.batches = 0
+        return out
+
+    def poll(self, double deadline, Py_ssize_t limit, errfds) -> list:
+        """Wait (the GIL released) and run ready batches until `deadline` (time.monotonic)
+        or until Python has work; returns that work, in order, as (fd, events, frames,
+        result): an event the loop did not take (frames None, events set); a source in
+        `errfds` that read frames again (frames None, events 0: its error count ends);
+        a batch its burst did not finish (frames: the RingBatch, still to release, or the
+        reads; result: rx_burst's or tx_burst's). An empty list: the deadline passed, a
+        signal interrupted the wait, or the tables went out of date."""
+        cdef int fds[64]
+        cdef uint32_t evs[64]
+        cdef int n, i, timeout
+        cdef double now
+        cdef list work = []
+        cdef _Source s
+        cdef bint ran
+        if self.epfd < 0:
+            raise ValueError("configure the loop first")
+        if ESP_LOOP_EVENTS > 64:
+            raise SystemError("event array too small")
+        while True:
+            now = esp_monotonic()
+            timeout = 0 if now >= deadline else <int>((deadline - now) * 1000.0 + 0.999)
+            with nogil:
+                n = esp_epoll_wait(self.epfd, fds, evs, timeout)
+            if n == -EINTR:
+                return work
+            if n < 0:
+                raise OSError(-n, "epoll_wait")
+            ran = False
+            for i in range(n):
+                s = self.sources.get(fds[i])
+                if s is None:
+                    work.append((fds[i], evs[i], None, None))
+                    continue
+                ran = True
+                if s.kind == SOURCE_RING:
+                    self._ring(s, fds[i], evs[i], limit, errfds, work)
+                else:
+                    self._tap(s, fds[i], evs[i], limit, errfds, work)
+            if work or esp_monotonic() >= deadline:
+                return work
+            if ran and not self.tables.current():
+                return work
+
+    cdef _ring(self, _Source s, int fd, uint32_t ev, Py_ssize_t limit, errfds, list work):
+        cdef RingBatch b = ring_take(s.ring, s.dev.ring_head, s.frame_size, s.frame_nr,
+                                     limit)
+        s.dev.ring_head = b.head
+        if not b.n:
+            b.release()
+            if ev & (EPOLLERR_ | EPOLLHUP_):
+                work.append((fd, ev, None, None))   # the port's own receive consumes it
+            return
+        if fd in errfds:
+            work.append((fd, 0, None, None))
+        result = rx_burst(self.table, b, s.in_port, s.in_bridge)
+        if self._rx_done(s, b, result):
+            b.release()
+        else:
+            work.append((fd, 0, b, result))
+
+    cdef _tap(self, _Source s, int fd, uint32_t ev, Py_ssize_t limit, errfds, list work):
+        cdef list frames = tap_read(fd, limit, s.size)
+        if not frames:
+            if ev & (EPOLLERR_ | EPOLLHUP_):
+                work.append((fd, ev, None, None))
+            return
+        if fd in errfds:
+            work.append((fd, 0, None, None))
+        result = tx_burst(self.table, frames, s.in_port, s.in_bridge, s.vnet)
+        if not self._tx_done(s, result):
+            work.append((fd, 0, frames, result))
+
+    cdef bint _clean_writes(self, dict written):
+        for _nbytes, res in written.values():
+            if res[1] or res[2]:
+                return False
+        return True
+
+    cdef int _check_ports(self, dict counts) except -1:
+        for x in counts:
+            if not (0 <= <Py_ssize_t>x < self.nports):
+                raise IndexError("a port index is outside the tables")
+        return 0
+
+    cdef int _count_writes(self, dict written) except -1:
+        cdef uint64_t *c
+        for o, (nbytes, res) in written.items():
+            c = self.ctr + <Py_ssize_t>o * NCTR
+            c[C_TX_PACKETS] += <uint64_t>res[0]
+            c[C_TX_BYTES] += <uint64_t>nbytes
+        return 0
+
+    cdef int _touch(self, set touched) except -1:
+        cdef Py_ssize_t e
+        for x in touched:
+            e = x
+            if not (0 <= e < self.nentries):
+                raise IndexError("a MAC entry index is outside the tables")
+        for x in touched:
+            self.touched[<Py_ssize_t>x] = 1
+        return 0
+
+    cdef bint _rx_done(self, _Source s, RingBatch b, tuple result) except -1:
+        """FastTables._received's effects for a batch the pipeline took whole: True when
+        counted here, False when Python must finish it."""
+        cdef bytearray kinds
+        cdef uint64_t *c
+        kinds, outputs, written, tunnel_rx, upcalls, drops, touched = result
+        if outputs or upcalls or drops or kinds.find(0) >= 0 \
+                or not self._clean_writes(written):
+            return False
+        self._check_ports(tunnel_rx)
+        self._check_ports(written)
+        self._touch(touched)
+        c = self.ctr + s.in_port * NCTR
+        c[C_RX_PACKETS] += <uint64_t>b.n
+        c[C_RX_BYTES] += <uint64_t>b.nbytes
+        self.hits += <uint64_t>b.n
+        for x, (np, nb) in tunnel_rx.items():
+            c = self.ctr + <Py_ssize_t>x * NCTR
+            c[C_RX_PACKETS] += <uint64_t>np
+            c[C_RX_BYTES] += <uint64_t>nb
+        self._count_writes(written)
+        self.batches += 1
+        return True
+
+    cdef bint _tx_done(self, _Source s, tuple result) except -1:
+        """FastTables._transmit's effects for a batch the pipeline took whole (as
+        `_rx_done`)."""
+        cdef bytearray kinds
+        cdef uint64_t *c
+        kinds, outputs, written, tunnel_tx, drops, touched, taken = result
+        if outputs or drops or kinds.find(0) >= 0 or not taken[0] \
+                or not self._clean_writes(written):
+            return False
+        self._check_ports(tunnel_tx)
+        self._check_ports(written)
+        self._touch(touched)
+        self.tx_hits += <uint64_t>taken[0]
+        c = self.ctr + s.in_port * NCTR
+        c[C_RX_PACKETS] += <uint64_t>taken[0]
+        c[C_RX_BYTES] += <uint64_t>taken[1]
+        for x, (np, nb) in tunnel_tx.items():
+            c = self.ctr + <Py_ssize_t>x * NCTR
+            c[C_TX_PACKETS] += <uint64_t>np
+            c[C_TX_BYTES] += <uint64_t>nb
+        self._count_writes(written)
+        self.batches += 1
+        return True

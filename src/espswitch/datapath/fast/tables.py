@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from espswitch.datapath.devices import BUF_SIZE, PacketSocketDevice, TapDevice
 from espswitch.datapath.encap import UDP, Geneve, Gre, Vxlan
 from espswitch.datapath.fast import _fastpath, is_compiled
 from espswitch.datapath.ports import DevicePort, PatchPort, SystemPort, TapPort
@@ -118,6 +119,8 @@ class FastTables:
         self.tx_hits = 0
         #: frames from VM ports it left to the Python path
         self.tx_misses = 0
+        #: batches the FastLoop finished without Python (counted in hits and tx_hits too)
+        self.loop_batches = 0
 
     # -- tables ------------------------------------------------------------------------------
 
@@ -134,6 +137,63 @@ class FastTables:
                     return False
             self.rebuild()
         return True
+
+    def current(self) -> bool:
+        """Whether the installed tables are still what the slow path wants (until
+        `valid_until`); the FastLoop stops when they are not."""
+        dp = self.dp
+        return (self.gen == dp.fast_gen and self._routes_seq == dp.routes.seq
+                and self._neigh_seq == dp.neigh.seq and self._fd_seq == dp.fd_seq)
+
+    @property
+    def valid_until(self) -> float:
+        """When the installed tables expire by themselves (a neighbour entry they use)."""
+        return self._valid_until
+
+    # -- the poll loop (FastLoop) --------------------------------------------------------------
+
+    def loop_sources(self, fd_ports: dict[int, Port]) -> dict[int, tuple]:
+        """What FastLoop may run itself among the polled descriptors `fd_ports`: each NIC
+        port the receive tables hold whose batches stay in its ring (zero copy), and each
+        VM port the transmit tables hold whose TAP reads carry offloads; as
+        FastLoop.configure takes them. Ports whose `receive` is not the plain one stay
+        on the Python path."""
+        out: dict[int, tuple] = {}
+        for fd, port in fd_ports.items():
+            dev = getattr(port, "dev", None)
+            where = self.rx_ports.get(port)
+            if where is not None:
+                layout = dev.ring_layout() if type(dev) is PacketSocketDevice else None
+                if type(port).receive is SystemPort.receive and port.zero_copy and layout:
+                    out[fd] = (_fastpath.LOOP_RING, where[0], where[1], dev, *layout)
+                continue
+            where = self.tx_ports.get(port)
+            if where is not None and type(port).receive is TapPort.receive and port.vnet \
+                    and type(dev) is TapDevice and dev.fd >= 0:
+                out[fd] = (_fastpath.LOOP_TAP, where[0], where[1], dev, BUF_SIZE, True)
+        return out
+
+    def fold(self, loop: _fastpath.FastLoop) -> None:
+        """Add what `loop` counted for the batches it finished (as `receive` counts)."""
+        hits, tx_hits, batches, ports, entries = loop.fold()
+        if not batches:
+            return
+        self.hits += hits
+        self.tx_hits += tx_hits
+        self.loop_batches += batches
+        table_ports = self.ports
+        for i, rx_p, rx_b, tx_p, tx_b in ports:
+            st = table_ports[i].stats
+            if rx_p or rx_b:
+                st["rx_packets"] += rx_p
+                st["rx_bytes"] += rx_b
+            if tx_p or tx_b:
+                st["tx_packets"] += tx_p
+                st["tx_bytes"] += tx_b
+        now = self.dp.now
+        table_entries = self.entries
+        for e in entries:
+            table_entries[e][1] = now
 
     def rebuild(self) -> None:
         """Install everything the slow path knows that the fast path can execute."""
@@ -341,9 +401,25 @@ class FastTables:
             where = self.tx_ports.get(port)
             if where is None:  # neither a NIC port on a tunnel's egress bridge nor a VM's
                 return _as_list(frames)
-            return self._transmit(port, _as_list(frames), where)
-        kinds, outputs, written, tunnel_rx, upcalls, drops, touched = _fastpath.rx_burst(
-            self.table, frames, where[0], where[1])
+            frames = _as_list(frames)
+            return self._transmit(port, frames, _fastpath.tx_burst(
+                self.table, frames, where[0], where[1], port.vnet))
+        return self._received(port, frames, _fastpath.rx_burst(
+            self.table, frames, where[0], where[1]))
+
+    def finish(self, port: Port, frames: list[bytes] | _fastpath.RingBatch,
+               result: tuple) -> list[bytes]:
+        """`receive` for a batch whose burst already ran (`result`: the FastLoop's
+        rx_burst or tx_burst result for these frames, with the tables as they are)."""
+        if port in self.rx_ports:
+            return self._received(port, frames, result)
+        return self._transmit(port, _as_list(frames), result)
+
+    def _received(self, port: Port, frames: list[bytes] | _fastpath.RingBatch,
+                  result: tuple) -> list[bytes]:
+        """The side effects of rx_burst's `result` for `frames` from NIC port `port`, as
+        the Python path would have had them; returns the misses."""
+        kinds, outputs, written, tunnel_rx, upcalls, drops, touched = result
         dp = self.dp
         entries = self.entries
         # What the port's bridge counted and learned for every frame it would have seen.
@@ -389,12 +465,11 @@ class FastTables:
             esp.input_opened(sa, _outer_src(f), _outer_dst(f), nh, payload)
         return missed
 
-    def _transmit(self, port: Port, frames: list[bytes], where: tuple[int, int]) -> list[bytes]:
-        """A batch from a VM port through the compiled transmit pipeline, with the side
-        effects the Python path would have had; returns the misses (reads as they came:
-        with their virtio-net header when the port's device gives one)."""
-        kinds, outputs, written, tunnel_tx, drops, touched, taken = _fastpath.tx_burst(
-            self.table, frames, where[0], where[1], port.vnet)
+    def _transmit(self, port: Port, frames: list[bytes], result: tuple) -> list[bytes]:
+        """The side effects of tx_burst's `result` for a batch from VM port `port`, as the
+        Python path would have had them; returns the misses (reads as they came: with
+        their virtio-net header when the port's device gives one)."""
+        kinds, outputs, written, tunnel_tx, drops, touched, taken = result
         dp = self.dp
         missed = [f for f, k in zip(frames, kinds, strict=True) if not k] if kinds.count(0) else []
         self.tx_misses += len(missed)
