@@ -15,7 +15,7 @@ import struct
 import pytest
 
 from espswitch.datapath.tunnel import ip_addr
-from espswitch.ike import IkeCore
+from espswitch.ike import IkeCore, IkeSaDown, IkeSaUp
 from espswitch.ike.consts import TsType
 from espswitch.vswitchd.ike_certs import Certificates
 from espswitch.vswitchd.ike_events import PortEvents
@@ -186,11 +186,10 @@ def test_plaintext_vxlan_over_ipv6_is_refused_by_an_ike_keyed_tunnel():
     assert b.tun.stats["esp_plaintext_drops"] == 1
 
 
-def test_a_second_child_sa_is_sent_on_only_once_the_peer_has_it():
+def test_an_initiation_whose_first_packet_was_lost_is_abandoned_once_the_peer_is_up():
     """Both sides initiate; a's IKE_SA_INIT is lost (b was not configured yet) and b's
-    makes the IKE SA. a's retransmission then makes a second one, b the responder: b
-    installs that CHILD_SA before a has it, so b keeps sending on the pair in use (which a
-    can open) until a packet arrives on the new one or one pair is deleted."""
+    makes the IKE SA. a's retransmission would make a second IKE SA seconds later, and
+    settling the two would delete the pair in use: a abandons its initiation instead."""
     a, b, sa, sb = keyed("vxlanipsec", who=None)
     sa.core.initiate("vx0", 0.0)
     assert len(sa.core.datagrams_to_send()) == 1  # lost
@@ -198,18 +197,43 @@ def test_a_second_child_sa_is_sent_on_only_once_the_peer_has_it():
     run(sa, sb)
     crosses(a, b, inner4(), first=True)
     crosses(b, a, reply4(), first=True)
-    old_b = b.tun.sa_out.spi
-    t = sa.core.next_deadline()
-    sa.core.on_timer(t)
-    assert step(sa, sb, t) == 1  # IKE_SA_INIT, retransmitted
-    assert step(sb, sa, t) == 1  # its response; a sends IKE_AUTH
-    assert step(sa, sb, t) == 1  # b answers and installs the new pair; a has not yet
-    assert len(b.tun.pairs) == 2 and len(a.tun.pairs) == 1
-    assert spi_of(crosses(b, a, reply4())) == old_b  # a can open it
-    run(sa, sb, t)
+    spis = a.tun.sa_out.spi, b.tun.sa_out.spi
+    (down,) = [e for e in sa.seen if isinstance(e, IkeSaDown)]
+    assert down.reason.startswith("abandoned")
+    for t in (1.0, 3.0, 7.0, 15.0, 31.0):  # past every IKE_SA_INIT retransmission
+        for side in (sa, sb):
+            if (side.core.next_deadline() or t + 1) <= t:
+                side.core.on_timer(t)
+        run(sa, sb, t)
+    for side in (sa, sb):
+        assert len([e for e in side.seen if isinstance(e, IkeSaUp)]) == 1
+    assert len(sa.core.ike_sas("vx0")) == len(sb.core.ike_sas("vx0")) == 1
+    assert (a.tun.sa_out.spi, b.tun.sa_out.spi) == spis
+    assert len(a.tun.pairs) == len(b.tun.pairs) == 1
+    assert spi_of(crosses(a, b, inner4(2))) == spis[0]
+
+
+def test_crossing_initiations_send_only_on_pairs_the_peer_has():
+    """Both IKE_SA_INITs cross: each side is the IKE_AUTH responder of the other's IKE SA.
+    a installs that second pair before b has it, so a keeps sending on the pair in use
+    (which b can open) until a packet arrives on the new one or one pair is deleted."""
+    a, b, sa, sb = keyed("vxlanipsec", who=None)
+    sa.core.initiate("vx0", 0.0)
+    sb.core.initiate("vx0", 0.0)
+    assert step(sa, sb) == 1  # a's IKE_SA_INIT; b answers
+    assert step(sb, sa) == 2  # b's IKE_SA_INIT and that answer; a answers, sends IKE_AUTH
+    assert step(sa, sb) == 2  # b installs a's pair, sends its IKE_AUTH
+    assert len(b.tun.pairs) == 1 and len(a.tun.pairs) == 0
+    assert step(sb, sa) == 2  # a installs that pair, and b's as its responder
+    assert len(a.tun.pairs) == 2 and len(b.tun.pairs) == 1
+    (first,) = [i.spi for _, i in b.tun.pairs]
+    assert spi_of(crosses(a, b, inner4(), first=True)) in [o.spi for o, _ in a.tun.pairs]
+    assert spi_of(crosses(b, a, reply4(), first=True)) not in (None, first)
+    run(sa, sb)
     # However the cores settle the two IKE SAs, both sides send on a pair the other has.
     for x, y, frame in ((a, b, inner4(2)), (b, a, reply4()), (a, b, inner4(3))):
         assert spi_of(crosses(x, y, frame)) in [i.spi for _, i in y.tun.pairs]
+    assert len(sa.core.ike_sas("vx0")) == len(sb.core.ike_sas("vx0")) == 1
     assert a.tun.stats["esp_selector_drops"] == b.tun.stats["esp_selector_drops"] == 0
     assert a.dp.drops.get("esp_unknown_spi") is None and b.dp.drops.get("esp_unknown_spi") \
         is None

@@ -323,6 +323,8 @@ class EspProtection:
         self._rx_ports: dict[int, PortRanges] = {}
         # After a rekey: the new inbound SA whose first packet switches sending over to its pair.
         self._switch_on: InboundSA | None = None
+        # Whether the peer is known to have the pair in use (see install_child).
+        self._out_confirmed = False
         # Inbound SAs deleted by IKE that still open packets until (deadline, SA).
         self._lingering: list[tuple[float, InboundSA]] = []
         # Several IKE-keyed tunnels to the same remote endpoint (other keys) share one IKE SA
@@ -410,7 +412,8 @@ class EspProtection:
     def install_child(self, outbound: SaParams, inbound: SaParams, *,
                       encap: bool | None = None, encap_port: int | None = None,
                       inner_remote: bytes | None = None, rekey: bool = False,
-                      sends: bool = True, rx_ports: PortRanges | None = None) -> None:
+                      sends: bool = True, rx_ports: PortRanges | None = None,
+                      confirmed: bool = False) -> None:
         """Install a CHILD_SA pair; its inbound SA is accepted next to the ones already
         there (after a rekey the old one stays until `remove_child`).
 
@@ -424,6 +427,9 @@ class EspProtection:
         the peer shows it has the pair (a packet arrives on the new inbound SA) or the old
         pair is deleted: the side that answers a rekey has the new SAs before the side
         that asked, and switching at once would drop what the other cannot open yet.
+        `confirmed`: the peer has this pair for sure (we asked for it); it is switched to
+        at once when the pair in use is not (crossing initiations: the first pair came
+        from answering the peer's IKE_AUTH, which the peer has not finished yet).
         Raises PortError if the inbound SPI is taken."""
         if self.ike is None:
             raise PortError(f"interface {self.port.name} is keyed manually")
@@ -438,11 +444,13 @@ class EspProtection:
             self._rx_ports[sa_in.spi] = rx_ports
         if not sends:
             self._receive_only.add(sa_in.spi)
-        elif rekey and self.sa_out is not None and not self.sa_out.expired:
+        elif rekey and self.sa_out is not None and not self.sa_out.expired and (
+                self._out_confirmed or not confirmed):
             self._switch_on = sa_in
         else:
             self.sa_out, self.sa_in = sa_out, sa_in
             self._switch_on = None
+            self._out_confirmed = confirmed
         self.transform = sa_out.transform
         if encap is not None and encap != self.encap:
             self.encap = encap
@@ -532,6 +540,7 @@ class EspProtection:
                 if self.sa_out is sa_out or self.sa_in is sa_in:
                     self.sa_out, self.sa_in = self._newest_sending()
                     self._switch_on = None
+                    self._out_confirmed = False
                 self.ctx.fast_changed()
                 return True
         return False
@@ -541,6 +550,7 @@ class EspProtection:
         for pair in self.pairs:
             if pair[1] is sa_in:
                 self.sa_out, self.sa_in = pair
+                self._out_confirmed = True
         self._switch_on = None
         self.ctx.fast_changed()  # the switching SA may now go through the fast path
 

@@ -89,8 +89,10 @@ class CoreContext:
             spi_i=sa.spi_i, spi_r=sa.spi_r, initiator=sa.initiator, nat=sa.encap,
             rekey_of=rekey_of))
 
-    def install(self, sa: IkeSa, child: ChildSa, now: float) -> None:
-        """Install a negotiated CHILD_SA in `sa`, with its rekey and expiry times."""
+    def install(self, sa: IkeSa, child: ChildSa, now: float, *, initiator: bool = False,
+                ) -> None:
+        """Install a negotiated CHILD_SA in `sa`, with its rekey and expiry times;
+        `initiator`: we asked for it (the peer installed it before it answered)."""
         cfg = child.cfg
         jitter = int.from_bytes(self.rng(2), "big") / 65535 * 0.1
         child.rekey_at = now + cfg.rekey_time * (1 - jitter)
@@ -102,7 +104,8 @@ class CoreContext:
             spi_out=child.spi_out, transform=child.chosen.esp_transform_name,
             keymat_in=child.keymat_in, keymat_out=child.keymat_out, mode=child.mode,
             local_ts=child.local_ts, remote_ts=child.remote_ts, encap=sa.encap,
-            local_addr=sa.local, remote_addr=sa.remote, rekey_of=child.rekey_of))
+            local_addr=sa.local, remote_addr=sa.remote, rekey_of=child.rekey_of,
+            initiator=initiator))
 
     def remove_child(self, sa: IkeSa, child: ChildSa, reason: str | None = None) -> None:
         """Take `child` out of `sa` (and say so when a `reason` is given)."""

@@ -182,7 +182,7 @@ class CreateChildSa:
         child.nonces = (ni, nr)
         i2r, r2i = _keymat(sa, chosen, ni, nr, shared)
         child.keymat_out, child.keymat_in = i2r, r2i
-        self.ctx.install(sa, child, now)
+        self.ctx.install(sa, child, now, initiator=True)
 
     # -- initiator -------------------------------------------------------------------------
 

@@ -67,7 +67,8 @@ class ChildSaInstalled:
     `keymat_in`/`keymat_out` are in the ESP engine's KEYMAT order (encryption key, salt,
     integrity key). With `encap`, ESP travels in UDP between `local_addr` and
     `remote_addr` (ports included, RFC 3948). `rekey_of` names the inbound SPI of the
-    CHILD_SA this one replaces.
+    CHILD_SA this one replaces. `initiator`: we asked for this CHILD_SA, so the peer
+    installed it before it answered (as responder, the peer may not have it yet).
     """
 
     ike_id: int
@@ -85,6 +86,7 @@ class ChildSaInstalled:
     local_addr: tuple[str, int]
     remote_addr: tuple[str, int]
     rekey_of: int | None = None
+    initiator: bool = False
 
     def inbound_params(self, replay_window: int = 1024) -> SaParams:
         """The ESP engine's parameters for the inbound SA."""

@@ -81,7 +81,7 @@ class PortEvents:
             try:
                 port.install_child(
                     out, inb, encap=ev.encap, rekey=ev.rekey_of is not None or again,
-                    encap_port=ev.remote_addr[1] if ev.encap else None,
+                    encap_port=ev.remote_addr[1] if ev.encap else None, confirmed=ev.initiator,
                     inner_remote=_peer_host(ev.remote_ts, port), sends=sends, rx_ports=rx_ports)
             except PortError as e:
                 vlog.err(f"{ev.peer}: CHILD_SA not installed: {e}")
