@@ -48,7 +48,10 @@ from espswitch.datapath import fast
 assert fast.AVAILABLE, fast.REASON
 print("asan-fuzz: sanitized module:", fast._fastpath.__file__)
 PY
-if ! nm -D "$work"/src/espswitch/datapath/fast/_fastpath*.so | grep -q __asan_; then
+# (nm's output goes to a file: `grep -q` would close the pipe early, and under pipefail the
+# SIGPIPE nm gets then would read as "not instrumented".)
+nm -D "$work"/src/espswitch/datapath/fast/_fastpath*.so >"$work/nm.txt"
+if ! grep -q __asan_ "$work/nm.txt"; then
     echo "asan-fuzz: the module is not instrumented" >&2; exit 2
 fi
 # Canary: an overrun through an intercepted memmove must be reported and fail the run.

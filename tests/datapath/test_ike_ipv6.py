@@ -237,3 +237,89 @@ def test_crossing_initiations_send_only_on_pairs_the_peer_has():
     assert a.tun.stats["esp_selector_drops"] == b.tun.stats["esp_selector_drops"] == 0
     assert a.dp.drops.get("esp_unknown_spi") is None and b.dp.drops.get("esp_unknown_spi") \
         is None
+
+
+@pytest.mark.parametrize("kind", ["vxlan", "vxlanipsec"])
+def test_crossing_initiations_never_leave_a_side_sending_on_a_pair_the_peer_lacks(kind):
+    """Both IKE_SA_INITs cross and both IKE SAs come up (Open vSwitch's `vxlan` makes two
+    CHILD_SAs in each, the second by CREATE_CHILD_SA); one IKE SA is then deleted. IKE
+    messages are delivered one at a time, and once both IKE SAs are up on both sides, the
+    side that took a message sends to the other after each: never on a pair the other
+    cannot open yet (the IKE SA that goes is deleted only once the one that stays has all
+    its CHILD_SAs, so the delete reaches the peer after the CREATE_CHILD_SA answer that
+    completes them). (Before that, an IKE_AUTH responder's first pair may carry a packet
+    its initiator cannot open yet, as with any IKEv2 responder: there is no other pair.)"""
+
+    def settled(*sides: Side) -> bool:
+        return all(i.state in ("established", "deleting") for s in sides
+                   for i in s.core.ike_sas("vx0"))
+
+    a, b, sa, sb = keyed(kind, who=None)
+    sa.core.initiate("vx0", 0.0)
+    sb.core.initiate("vx0", 0.0)
+    pending: dict[int, list] = {id(sa): [], id(sb): []}
+    resolved: set[int] = set()  # the sides whose neighbour discovery is done
+    for _ in range(200):
+        moved = False
+        for x, y, sx, sy in ((a, b, sa, sb), (b, a, sb, sa)):
+            pending[id(sx)] += sx.core.datagrams_to_send()
+            if not pending[id(sx)]:
+                continue
+            d = pending[id(sx)].pop(0)
+            moved = True
+            sy.core.receive_datagram(d.data, src=d.src, dst=d.dst, now=0.0)
+            for side in (sx, sy):
+                for ev in side.core.events():
+                    side.events.apply(ev, 0.0)
+            if a.tun.sa_out is None or b.tun.sa_out is None or not settled(sa, sb):
+                continue
+            # y just took one of x's messages: what y sends now, x must open.
+            crosses(y, x, reply4() if y is b else inner4(), first=id(y) not in resolved)
+            resolved.add(id(y))
+        if not moved:
+            break
+    assert len(resolved) == 2, "the tunnel never came up"
+    assert len(sa.core.ike_sas("vx0")) == len(sb.core.ike_sas("vx0")) == 1
+    assert a.dp.drops.get("esp_unknown_spi") is None and b.dp.drops.get("esp_unknown_spi") \
+        is None
+
+
+def test_a_late_second_ike_sa_replaces_the_first_only_once_it_has_all_its_child_sas():
+    """a's IKE_AUTH is lost, so b's IKE SA comes up first (two CHILD_SAs, Open vSwitch's
+    `vxlan`) and carries traffic; a's retransmission then completes a second IKE SA. When
+    the first one loses (the lowest nonce), b, its initiator, deletes it only once the
+    second has both CHILD_SAs: the delete, sent after b answered a's CREATE_CHILD_SA,
+    reaches a after that answer, so b never sends on a pair a does not have yet. IKE
+    messages go one at a time; after each, the side that took it sends to the other."""
+    old_lost = 0
+    for _ in range(40):
+        a, b, sa, sb = keyed("vxlan", who=None)
+        sa.core.initiate("vx0", 0.0)
+        assert step(sa, sb) == 1 and step(sb, sa) == 1  # IKE_SA_INIT and its answer
+        assert len(sa.core.datagrams_to_send()) == 1  # a's IKE_AUTH: lost
+        sb.core.initiate("vx0", 0.0)
+        run(sa, sb)  # b's IKE SA, both CHILD_SAs
+        first = {i.ike_id for i in sb.core.ike_sas("vx0") if i.state == "established"}
+        crosses(a, b, inner4(), first=True)
+        crosses(b, a, reply4(), first=True)
+        sa.core.on_timer(sa.core.next_deadline())  # a's IKE_AUTH again
+        pending: dict[int, list] = {id(sa): [], id(sb): []}
+        for _ in range(100):
+            moved = False
+            for x, y, sx, sy in ((a, b, sa, sb), (b, a, sb, sa)):
+                pending[id(sx)] += sx.core.datagrams_to_send()
+                if not pending[id(sx)]:
+                    continue
+                d = pending[id(sx)].pop(0)
+                moved = True
+                sy.core.receive_datagram(d.data, src=d.src, dst=d.dst, now=1.0)
+                for side in (sx, sy):
+                    for ev in side.core.events():
+                        side.events.apply(ev, 1.0)
+                crosses(y, x, reply4() if y is b else inner4())
+            if not moved:
+                break
+        (left,) = sb.core.ike_sas("vx0")
+        old_lost += left.ike_id not in first
+        assert len(a.tun.pairs) == len(b.tun.pairs) == 2
+    assert old_lost > 0  # the case above happened (it does about every other time)

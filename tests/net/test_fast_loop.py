@@ -3,8 +3,9 @@
 With the fast path on, espswitchd's loop waits in C and runs the batches the pipelines take
 whole without coming back to Python; their counters are folded into the ports' statistics
 when it returns. What must hold: the switch counts exactly what the kernel's devices count
-on both sides of it (the VM's TAP, the underlay's veth), the same with the loop on and
-off (the underlay's sent frames: a part of the device's); `dpif/show`'s loop_batches says the loop ran (and stays still when it is off).
+on both sides of it (the VM's TAP, the underlay's veth; of what the underlay sent, the
+switch's frames are a part), the same with the loop on and off; `dpif/show`'s
+loop_batches says the loop ran (and stays still when it is off).
 """
 
 from __future__ import annotations

@@ -265,6 +265,7 @@ class IkeCore:
                 ctx.out.append(Datagram(data=NAT_KEEPALIVE, src=(sa.local[0], NAT_T_PORT),
                                         dst=sa.remote))
                 sa.last_sent = now
+        self._auth.settle_duplicates(now)
         window.pump(now)
 
     # == input ===============================================================================
@@ -284,6 +285,7 @@ class IkeCore:
             # The blame is decided here: whatever the message caused is the peer's.
             self.counters["dropped"] += 1
             self.errors.append(RemoteIkeError(str(e), notify=e.notify))
+        self._auth.settle_duplicates(now)
         self._window.pump(now)
 
     def _receive(self, data: bytes, src: tuple[str, int], dst: tuple[str, int],
@@ -393,6 +395,8 @@ class IkeCore:
                 out.append(c.expire_at)
             if sa.nat_local:
                 out.append(sa.last_sent + sa.peer.keepalive_interval)
+            if sa.duplicate_of is not None:
+                out.append(sa.duplicate_until)
         if sa.queue and sa.outstanding is None:
             out.append(self._ctx.now)
         return out

@@ -28,6 +28,10 @@ from espswitch.ike.window import Window
 
 __all__ = ["IkeAuth"]
 
+# Seconds an IKE SA left over by crossing initiations waits for the one that stays to have
+# all its CHILD_SAs before it is deleted anyway (settle_duplicates).
+DUPLICATE_GRACE = 5.0
+
 # Notifies in an IKE_AUTH response that fail only the CHILD_SA, not the IKE SA (§1.2).
 CHILD_ERRORS = frozenset({
     Notify.NO_PROPOSAL_CHOSEN, Notify.TS_UNACCEPTABLE, Notify.SINGLE_PAIR_REQUIRED,
@@ -165,6 +169,11 @@ class IkeAuth:
         if msg.notify(Notify.INITIAL_CONTACT) is None:
             return
         for other in self.ctx.store.all():
+            # An IKE SA begun after this one was cannot be what a restart left behind: the
+            # peer asserted INITIAL_CONTACT when it began this one, and an IKE_AUTH it
+            # retransmitted late (crossing initiations) still carries it.
+            if other.created >= sa.created:
+                continue
             if other is not sa and other.remote_identity is not None and \
                     other.remote_identity.equivalent(sa.remote_identity) and \
                     other.state in (IkeState.ESTABLISHED, IkeState.REKEYED, IkeState.DELETING):
@@ -190,4 +199,25 @@ class IkeAuth:
                 continue
             loser = sa if min(sa.ni, sa.nr) < min(other.ni, other.nr) else other
             if loser.initiator:
-                self.window.queue(loser, "delete_ike", None)
+                loser.duplicate_of = other if loser is sa else sa
+                loser.duplicate_until = now + DUPLICATE_GRACE
+        self.settle_duplicates(now)
+
+    def settle_duplicates(self, now: float) -> None:
+        """Delete each IKE SA left over by crossing initiations (we are its initiator) once
+        the one that stays has a CHILD_SA for each of its own, or DUPLICATE_GRACE after
+        the crossing. Deleting it first would take pairs in use while the peer still
+        installs their replacements: a CREATE_CHILD_SA we answered is installed on our
+        side before the peer has it, and the delete, sent after that answer, reaches the
+        peer after it too."""
+        for sa in self.ctx.store.all():
+            stays = sa.duplicate_of
+            if stays is None:
+                continue
+            if sa.state is not IkeState.ESTABLISHED or stays.state is not IkeState.ESTABLISHED:
+                sa.duplicate_of = None  # gone already, or nothing left to replace it
+                continue
+            have = {c.cfg.name for c in stays.children}
+            if {c.cfg.name for c in sa.children} <= have or now >= sa.duplicate_until:
+                sa.duplicate_of = None
+                self.window.queue(sa, "delete_ike", None)

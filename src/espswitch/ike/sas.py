@@ -126,6 +126,10 @@ class IkeSa:
         # The IKE SA the peer's rekey of this one made while our own rekey was out (§2.8.2).
         self.crossing: IkeSa | None = None
         self.born_of: IkeSa | None = None  # the IKE SA this one replaced
+        # Crossing initiations left this one over: we delete it once `duplicate_of` has
+        # every CHILD_SA it has, or at `duplicate_until` (IkeAuth.settle_duplicates).
+        self.duplicate_of: IkeSa | None = None
+        self.duplicate_until = 0.0
 
     @property
     def our_spi(self) -> bytes:
