@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Memory-safety check of the fast path (issue 10): build the compiled module with
 # AddressSanitizer and UndefinedBehaviorSanitizer, then run the fast-path test suite (the
-# differential fuzz against the Python engine, hostile and forged packets, threads) under
+# differential fuzz against the Python engine, hostile and forged packets, threads, and a
+# running espswitchd's poll loop) under
 # them. Exits non-zero on any sanitizer report, on a test failure, or when the sanitized
 # module did not build or would be skipped.
 #
@@ -65,7 +66,9 @@ grep -q "heap-buffer-overflow" "$work/canary.log" || {
 rm -f "$top"/report.*
 
 status=0
-python3 -m pytest -q -p no:cacheprovider -p no:randomly tests/fastpath "$@" 2>&1 \
+# tests/net/test_fast_loop.py: espswitchd itself (it inherits the preload and PYTHONPATH)
+# running the compiled poll loop on real TAP and veth devices.
+python3 -m pytest -q -p no:cacheprovider -p no:randomly tests/fastpath tests/net/test_fast_loop.py "$@" 2>&1 \
     | tee "$work/pytest.log" || status=$?
 if ls "$top"/report.* >/dev/null 2>&1 \
         || grep -qE "ERROR: AddressSanitizer|runtime error:" "$work/pytest.log"; then
