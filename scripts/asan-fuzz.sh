@@ -2,9 +2,8 @@
 # Memory-safety check of the fast path (issue 10): build the compiled module with
 # AddressSanitizer and UndefinedBehaviorSanitizer, then run the fast-path test suite (the
 # differential fuzz against the Python engine, hostile and forged packets, threads, and a
-# running espswitchd's poll loop) under
-# them. Exits non-zero on any sanitizer report, on a test failure, or when the sanitized
-# module did not build or would be skipped.
+# running espswitchd's poll loop) under them. Exits non-zero on any sanitizer report, on a
+# test failure, or when the sanitized module did not build or would be skipped.
 #
 #   bash scripts/asan-fuzz.sh [extra pytest arguments]
 #
