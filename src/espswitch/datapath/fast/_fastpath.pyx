@@ -3501,7 +3501,9 @@ cdef class FastLoop:
             raise SystemError("event array too small")
         while True:
             now = esp_monotonic()
-            timeout = 0 if now >= deadline else <int>((deadline - now) * 1000.0 + 0.999)
+            # (At most a minute per wait: an int of milliseconds, and a far deadline.)
+            timeout = 0 if now >= deadline else <int>(min(deadline - now, 60.0) * 1000.0
+                                                     + 0.999)
             with nogil:
                 n = esp_epoll_wait(self.epfd, fds, evs, timeout)
             if n == -EINTR:
