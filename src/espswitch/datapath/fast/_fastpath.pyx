@@ -2464,10 +2464,12 @@ cdef inline size_t tx_capacity(const tx_tun *k, size_t inner) noexcept nogil:
 
 
 cdef inline void tx_encap(const tx_tun *k, const tx_pkt *p, int j, size_t inner,
-                          uint8_t *pl) noexcept nogil:
+                          uint8_t *pl, uint32_t *fport) noexcept nogil:
     """The encapsulation's push at pl (encap.Vxlan/Geneve/Gre.push): UDP and the 8-byte
     VXLAN or Geneve header, or the GRE header; then the j-th inner frame of p. Over IPv6
-    the UDP checksum as the underlay's `l4` computes it; over IPv4 it stays 0."""
+    the UDP checksum as the underlay's `l4` computes it; over IPv4 it stays 0. `*fport`:
+    the UDP source port (encap.flow_port), computed when 0: the segments of one TCP
+    super-frame share it (the bytes it hashes are their common headers)."""
     cdef uint32_t c
     cdef size_t ulen
     tx_inner(p, j, pl + k.enc_len)
@@ -2475,7 +2477,9 @@ cdef inline void tx_encap(const tx_tun *k, const tx_pkt *p, int j, size_t inner,
         memcpy(pl, k.enc_head, k.enc_len)
         return
     ulen = 16 + inner
-    put32(pl, (flow_port(pl + 16, inner) << 16) | k.dport)
+    if fport[0] == 0:
+        fport[0] = flow_port(pl + 16, inner)
+    put32(pl, (fport[0] << 16) | k.dport)
     put32(pl + 4, <uint32_t>ulen << 16)
     memcpy(pl + 8, k.enc_head, 8)
     if k.v6:
@@ -2529,6 +2533,7 @@ cdef Py_ssize_t tx_run(RxTable t, tx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
     cdef Py_ssize_t slot
     cdef int r
     cdef uint64_t sq = 0
+    cdef uint32_t fport
     account[0] = 0
     while i < n:
         p = &pkts[i]
@@ -2538,13 +2543,14 @@ cdef Py_ssize_t tx_run(RxTable t, tx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
             i += 1
             continue
         k = &t.tuns[p.tun]
+        fport = 0
         if k.sa == NULL:
             # A clear tunnel: Clear.protect; over IPv4 the ID from the underlay's counter.
             while p.done < p.nseg:
                 slot = p.first + p.done
                 o = bufs[slot]
                 inner = tx_seg_len(p, p.done)
-                tx_encap(k, p, p.done, inner, o + k.hlen)
+                tx_encap(k, p, p.done, inner, o + k.hlen, &fport)
                 if not k.v6:
                     k.ident[0] = <uint16_t>(k.ident[0] + 1)
                 lens[slot] = tx_outer(k, o, k.enc_len + inner, k.ident[0])
@@ -2560,7 +2566,7 @@ cdef Py_ssize_t tx_run(RxTable t, tx_pkt *pkts, Py_ssize_t i, Py_ssize_t n,
             plen = k.enc_len + inner
             # The encapsulated frame where ESP's payload goes, sealed in place.
             pl = o + k.hlen + 8 + k.sa.iv_len
-            tx_encap(k, p, p.done, inner, pl)
+            tx_encap(k, p, p.done, inner, pl, &fport)
             pthread_mutex_lock(&k.sa.lock)
             r = esp_seal(k.sa, pl, plen, k.proto, NULL, o + k.hlen,
                          tx_capacity(k, inner) - k.hlen, &esp_len, &sq, account)
