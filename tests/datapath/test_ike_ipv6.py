@@ -11,6 +11,7 @@ UDP/4500), transport and tunnel mode; a rekey and a delete change which SAs are 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 
@@ -64,6 +65,31 @@ def run(a: Side, b: Side, now: float = 0.0) -> None:
             for ev in x.core.events():
                 x.seen.append(ev)
                 x.events.apply(ev, now)
+        if not moved:
+            return
+    raise AssertionError("the cores never went quiet")
+
+
+def one_by_one(a: Side, b: Side, after: Callable[[Side, Side], None],
+               now: float = 0.0) -> None:
+    """Carry datagrams between the cores one at a time, each side in turn, applying both
+    sides' events, until both are quiet; after each, `after(x, y)`: y just took one of x's
+    messages."""
+    pending: dict[int, list] = {id(a): [], id(b): []}
+    for _ in range(200):
+        moved = False
+        for x, y in ((a, b), (b, a)):
+            pending[id(x)] += x.core.datagrams_to_send()
+            if not pending[id(x)]:
+                continue
+            d = pending[id(x)].pop(0)
+            moved = True
+            y.core.receive_datagram(d.data, src=d.src, dst=d.dst, now=now)
+            for side in (x, y):
+                for ev in side.core.events():
+                    side.seen.append(ev)
+                    side.events.apply(ev, now)
+            after(x, y)
         if not moved:
             return
     raise AssertionError("the cores never went quiet")
@@ -257,27 +283,17 @@ def test_crossing_initiations_never_leave_a_side_sending_on_a_pair_the_peer_lack
     a, b, sa, sb = keyed(kind, who=None)
     sa.core.initiate("vx0", 0.0)
     sb.core.initiate("vx0", 0.0)
-    pending: dict[int, list] = {id(sa): [], id(sb): []}
     resolved: set[int] = set()  # the sides whose neighbour discovery is done
-    for _ in range(200):
-        moved = False
-        for x, y, sx, sy in ((a, b, sa, sb), (b, a, sb, sa)):
-            pending[id(sx)] += sx.core.datagrams_to_send()
-            if not pending[id(sx)]:
-                continue
-            d = pending[id(sx)].pop(0)
-            moved = True
-            sy.core.receive_datagram(d.data, src=d.src, dst=d.dst, now=0.0)
-            for side in (sx, sy):
-                for ev in side.core.events():
-                    side.events.apply(ev, 0.0)
-            if a.tun.sa_out is None or b.tun.sa_out is None or not settled(sa, sb):
-                continue
-            # y just took one of x's messages: what y sends now, x must open.
-            crosses(y, x, reply4() if y is b else inner4(), first=id(y) not in resolved)
-            resolved.add(id(y))
-        if not moved:
-            break
+
+    def send_back(sx: Side, sy: Side) -> None:
+        if a.tun.sa_out is None or b.tun.sa_out is None or not settled(sa, sb):
+            return
+        # sy just took one of sx's messages: what it sends now, sx must open.
+        crosses(sy.hv, sx.hv, reply4() if sy is sb else inner4(),
+                first=id(sy) not in resolved)
+        resolved.add(id(sy))
+
+    one_by_one(sa, sb, send_back)
     assert len(resolved) == 2, "the tunnel never came up"
     assert len(sa.core.ike_sas("vx0")) == len(sb.core.ike_sas("vx0")) == 1
     assert a.dp.drops.get("esp_unknown_spi") is None and b.dp.drops.get("esp_unknown_spi") \
@@ -303,22 +319,9 @@ def test_a_late_second_ike_sa_replaces_the_first_only_once_it_has_all_its_child_
         crosses(a, b, inner4(), first=True)
         crosses(b, a, reply4(), first=True)
         sa.core.on_timer(sa.core.next_deadline())  # a's IKE_AUTH again
-        pending: dict[int, list] = {id(sa): [], id(sb): []}
-        for _ in range(100):
-            moved = False
-            for x, y, sx, sy in ((a, b, sa, sb), (b, a, sb, sa)):
-                pending[id(sx)] += sx.core.datagrams_to_send()
-                if not pending[id(sx)]:
-                    continue
-                d = pending[id(sx)].pop(0)
-                moved = True
-                sy.core.receive_datagram(d.data, src=d.src, dst=d.dst, now=1.0)
-                for side in (sx, sy):
-                    for ev in side.core.events():
-                        side.events.apply(ev, 1.0)
-                crosses(y, x, reply4() if y is b else inner4())
-            if not moved:
-                break
+        # After each message, the side that took it sends to the other.
+        one_by_one(sa, sb, lambda sx, sy: crosses(sy.hv, sx.hv, reply4() if sy.hv.ip == B6
+                                                  else inner4()), now=1.0)
         (left,) = sb.core.ike_sas("vx0")
         old_lost += left.ike_id not in first
         assert len(a.tun.pairs) == len(b.tun.pairs) == 2
