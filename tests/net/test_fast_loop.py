@@ -11,6 +11,7 @@ loop_batches says the loop ran (and stays still when it is off).
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -94,3 +95,12 @@ def test_the_switch_counts_what_the_kernel_counts_with_the_fast_loop_on_and_off(
                 assert ran >= 300, ran  # both directions of nearly every ping
             else:
                 assert ran == 0, ran
+        if loop == "true":
+            # A value that is neither true nor false: warned about, the loop stays on.
+            hv1 = lab.hvs[0]
+            lab.vsctl(hv1, "set", "Open_vSwitch", ".", "other_config:fast-loop=maybe")
+            with open(os.path.join(hv1.dir, "espswitchd.log")) as f:
+                assert "other_config:fast-loop must be true or false" in f.read()
+            before = loop_batches(lab, hv1)
+            assert received(lab.ping(20, 0.005)) == 20
+            assert loop_batches(lab, hv1) - before >= 20
