@@ -214,10 +214,13 @@ class IkeAuth:
             stays = sa.duplicate_of
             if stays is None:
                 continue
-            if sa.state is not IkeState.ESTABLISHED or stays.state is not IkeState.ESTABLISHED:
-                sa.duplicate_of = None  # gone already, or nothing left to replace it
+            if sa.state is not IkeState.ESTABLISHED or \
+                    stays.state not in (IkeState.ESTABLISHED, IkeState.REKEYED):
+                sa.duplicate_of = None  # gone already, or the one to stay is going
                 continue
             have = {c.cfg.name for c in stays.children}
-            if {c.cfg.name for c in sa.children} <= have or now >= sa.duplicate_until:
+            # REKEYED: the one that stays was rekeyed, its CHILD_SAs moved to its successor.
+            if stays.state is IkeState.REKEYED or \
+                    {c.cfg.name for c in sa.children} <= have or now >= sa.duplicate_until:
                 sa.duplicate_of = None
                 self.window.queue(sa, "delete_ike", None)
