@@ -3330,8 +3330,8 @@ def ring_read(ring, Py_ssize_t head, Py_ssize_t frame_size, Py_ssize_t frame_nr,
 # plane, a port on the Python path, an error with nothing to read), or a batch with its
 # burst result for FastTables to finish exactly as after its own burst. The loop returns
 # when it has such work, at the deadline, when a signal interrupts the wait, or when the
-# tables went out of date (`tables.current()` is false: an SA's lifetime accounting, run
-# from a burst, may have changed what is installed).
+# tables went out of date (`tables.current()` is false, asked after every burst: an SA's
+# lifetime accounting, run from a burst, may have changed what is installed).
 
 cdef extern from *:
     """
@@ -3500,7 +3500,6 @@ cdef class FastLoop:
         cdef double now
         cdef list work = []
         cdef _Source s
-        cdef bint ran
         if self.epfd < 0:
             raise ValueError("configure the loop first")
         if ESP_LOOP_EVENTS > 64:
@@ -3516,20 +3515,21 @@ cdef class FastLoop:
                 return work
             if n < 0:
                 raise OSError(-n, "epoll_wait")
-            ran = False
             for i in range(n):
                 s = self.sources.get(fds[i])
                 if s is None:
                     work.append((fds[i], evs[i], None, None))
                     continue
-                ran = True
                 if s.kind == SOURCE_RING:
                     self._ring(s, fds[i], evs[i], limit, errfds, work)
                 else:
                     self._tap(s, fds[i], evs[i], limit, errfds, work)
+                # A burst may have run the SAs' lifetime accounting, which may change what
+                # the slow path wants installed: no further burst on these tables. (The
+                # descriptors not looked at yet stay ready: epoll reports them again.)
+                if not self.tables.current():
+                    return work
             if work or esp_monotonic() >= deadline:
-                return work
-            if ran and not self.tables.current():
                 return work
 
     cdef _ring(self, _Source s, int fd, uint32_t ev, Py_ssize_t limit, errfds, list work):
