@@ -2133,6 +2133,108 @@ cdef void write_written(RxTable t, dict written, const uint8_t **fs, const size_
         free(gns)
 
 
+# -- what the FastLoop counts itself --------------------------------------------------------
+#
+# A batch the pipeline takes whole (every frame a hit, every output an installed one, every
+# write clean) has effects the FastLoop keeps in C arrays (`loop_acct`) and folds into the
+# ports' statistics and the MAC ages later; such a batch builds no Python result at all.
+
+cdef enum:
+    NCTR = 4             # counters per port index:
+    C_RX_PACKETS = 0
+    C_RX_BYTES = 1
+    C_TX_PACKETS = 2
+    C_TX_BYTES = 3
+
+cdef struct loop_acct:
+    uint64_t *ctr        # NCTR per port index
+    uint8_t *touched     # per MAC entry index: its age to refresh
+    Py_ssize_t nports
+    Py_ssize_t nentries
+    uint64_t hits
+    uint64_t tx_hits
+    uint64_t batches
+
+
+cdef inline bint acct_port(const loop_acct *a, int port) noexcept nogil:
+    return 0 <= port < a.nports
+
+
+cdef inline bint acct_entry(const loop_acct *a, int e) noexcept nogil:
+    return e < a.nentries             # -1: none
+
+
+cdef inline void acct_add(loop_acct *a, int port, int which, uint64_t packets,
+                          uint64_t nbytes) noexcept nogil:
+    cdef uint64_t *c = a.ctr + <Py_ssize_t>port * NCTR + which
+    c[0] += packets
+    c[1] += nbytes
+
+
+cdef inline void acct_touch(loop_acct *a, int e) noexcept nogil:
+    if e >= 0:
+        a.touched[e] = 1
+
+
+cdef dict write_direct(RxTable t, const uint8_t **fs, const size_t *ns, const int *ports,
+                       Py_ssize_t n):
+    """write_written for frames that all have installed outputs (ports[i])."""
+    cdef dict written = {}
+    cdef Py_ssize_t i
+    cdef int last = -1
+    for i in range(n):
+        if ports[i] != last:
+            last = ports[i]
+            written[last] = None
+    write_written(t, written, fs, ns, ports, n)
+    return written
+
+
+cdef bint acct_written(loop_acct *a, dict written) except -1:
+    """Count `written` (write_written's) into `a` when every write was clean; False (and
+    nothing counted) when one dropped a frame or found it too big."""
+    for _nbytes, res in written.values():
+        if res[1] or res[2]:
+            return False
+    for port, (nbytes, res) in written.items():
+        acct_add(a, <int>port, C_TX_PACKETS, <uint64_t>res[0], <uint64_t>nbytes)
+    return True
+
+
+cdef bint rx_countable(RxTable t, const rx_pkt *pkts, Py_ssize_t n,
+                       const loop_acct *a) noexcept nogil:
+    """Whether rx_burst's batch is one the FastLoop counts itself: every frame a hit for an
+    installed output, every index inside what the loop counts."""
+    cdef Py_ssize_t i
+    cdef const rx_pkt *p
+    if n == 0:
+        return 0
+    for i in range(n):
+        p = &pkts[i]
+        if (p.kind != RX_HIT or not out_direct(t, p.out_port)
+                or not acct_port(a, p.out_port) or not acct_port(a, p.tunnel)
+                or not acct_entry(a, p.src_entry) or not acct_entry(a, p.inner_entry)):
+            return 0
+    return 1
+
+
+cdef void rx_count(loop_acct *a, const rx_pkt *pkts, Py_ssize_t n,
+                   int in_port) noexcept nogil:
+    """FastTables._received's counts for a batch `rx_countable` accepted."""
+    cdef Py_ssize_t i
+    cdef const rx_pkt *p
+    cdef uint64_t nbytes = 0
+    for i in range(n):
+        p = &pkts[i]
+        nbytes += p.len
+        acct_add(a, p.tunnel, C_RX_PACKETS, 1, p.stop - p.start)
+        acct_touch(a, p.src_entry)
+        acct_touch(a, p.inner_entry)
+    acct_add(a, in_port, C_RX_PACKETS, <uint64_t>n, nbytes)
+    a.hits += <uint64_t>n
+    a.batches += 1
+
+
 def rx_burst(RxTable table, frames, int in_port, int in_bridge):
     """Run frames received on port index `in_port` (of bridge index `in_bridge`) through
     `table`; the GIL is released for the per-packet work. `frames`: a list of frames, or
@@ -2147,8 +2249,15 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
     index, spi index, DropReason); `entries` the set of MAC entry indices whose age to
     refresh (outer sources of every frame not missed, inner sources of hits).
     """
+    return _rx_burst(table, frames, in_port, in_bridge, NULL)
+
+
+cdef object _rx_burst(RxTable table, frames, int in_port, int in_bridge, loop_acct *acct):
+    """rx_burst; with `acct` (the FastLoop's), a batch `rx_countable` accepts whose writes
+    were all clean is counted into *acct and gives None instead of the result."""
     cdef RingBatch rb = frames if isinstance(frames, RingBatch) else None
     cdef Py_ssize_t n = len(frames), i, done
+    cdef dict prewritten = None
     cdef rx_pkt *pkts
     cdef Py_buffer *views
     cdef Py_ssize_t nviews = 0
@@ -2216,6 +2325,17 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
             if account:
                 (<SaCore>table._cores[pkts[done - 1].spi_idx])._account(pkts[done - 1].seq)
             i = done
+        if acct != NULL and rx_countable(table, pkts, n, acct):
+            for i in range(n):
+                p = &pkts[i]
+                fs[i] = p.frame
+                ns[i] = p.stop - p.start
+                ports[i] = p.out_port
+            prewritten = write_direct(table, fs, ns, ports, n)
+            if acct_written(acct, prewritten):
+                rx_count(acct, pkts, n, in_port)
+                return None
+            written = prewritten      # a write was not clean: Python counts it all
         for i in range(n):
             p = &pkts[i]
             kinds[i] = p.kind
@@ -2238,10 +2358,12 @@ def rx_burst(RxTable table, frames, int in_port, int in_bridge):
                 else:
                     rx[0] += 1
                     rx[1] += p.stop - p.start
-                fs[i] = p.frame
-                ns[i] = p.stop - p.start
-                ports[i] = hand_out(table, outputs, written, p.out_port, p.frame, ns[i])
-        write_written(table, written, fs, ns, ports, n)
+                if prewritten is None:
+                    fs[i] = p.frame
+                    ns[i] = p.stop - p.start
+                    ports[i] = hand_out(table, outputs, written, p.out_port, p.frame, ns[i])
+        if prewritten is None:
+            write_written(table, written, fs, ns, ports, n)
         return kinds, outputs, written, tunnel_rx, upcalls, drops, entries
     finally:
         for i in range(nviews):
@@ -2606,7 +2728,62 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False)
     refresh (the inner sources, the internal ports' MACs on the egress bridges); `taken`
     [frames, bytes] the input port received (segments counted one by one).
     """
+    return _tx_burst(table, frames, in_port, in_bridge, vnet, NULL)
+
+
+cdef bint tx_countable(RxTable t, const tx_pkt *pkts, Py_ssize_t n, const int *results,
+                       const loop_acct *a) noexcept nogil:
+    """Whether tx_burst's batch is one the FastLoop counts itself: every read taken, every
+    segment sealed and for an installed output, every index inside what the loop counts."""
+    cdef Py_ssize_t i, j
+    cdef const tx_pkt *p
+    cdef const tx_tun *k
+    if n == 0:
+        return 0
+    for i in range(n):
+        p = &pkts[i]
+        if p.kind != TX_TAKEN:
+            return 0
+        k = &t.tuns[p.tun]
+        if (not out_direct(t, k.out_port) or not acct_port(a, k.out_port)
+                or not acct_port(a, k.port) or not acct_entry(a, p.src_entry)
+                or not acct_entry(a, k.phy_entry)):
+            return 0
+        for j in range(p.nseg):
+            if results[p.first + j] != 0:
+                return 0
+    return 1
+
+
+cdef void tx_count(RxTable t, loop_acct *a, const tx_pkt *pkts, Py_ssize_t n,
+                   int in_port) noexcept nogil:
+    """FastTables._transmit's counts for a batch `tx_countable` accepted (the writes are
+    counted by acct_written)."""
+    cdef Py_ssize_t i, j
+    cdef const tx_pkt *p
+    cdef const tx_tun *k
+    cdef uint64_t segs = 0, nbytes = 0, inner
+    for i in range(n):
+        p = &pkts[i]
+        k = &t.tuns[p.tun]
+        for j in range(p.nseg):
+            inner = tx_seg_len(p, <int>j)
+            segs += 1
+            nbytes += inner
+            acct_add(a, k.port, C_TX_PACKETS, 1, inner)
+        acct_touch(a, p.src_entry)
+        acct_touch(a, k.phy_entry)
+    acct_add(a, in_port, C_RX_PACKETS, segs, nbytes)
+    a.tx_hits += segs
+    a.batches += 1
+
+
+cdef object _tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet,
+                      loop_acct *acct):
+    """tx_burst; with `acct` (the FastLoop's), a batch `tx_countable` accepts whose writes
+    were all clean is counted into *acct and gives None instead of the result."""
     cdef Py_ssize_t n = len(frames), i, j, done, nout = 0, slot
+    cdef dict prewritten = None
     cdef tx_pkt *pkts
     cdef Py_buffer *views
     cdef Py_ssize_t nviews = 0
@@ -2684,6 +2861,16 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False)
             elif done < n and pkts[done].kind == TX_CANDIDATE:
                 raise RuntimeError("OpenSSL failed to seal a packet")
             i = done
+        if acct != NULL and tx_countable(table, pkts, n, results, acct):
+            for i in range(n):
+                p = &pkts[i]
+                for j in range(p.nseg):
+                    slot_port[p.first + j] = table.tuns[p.tun].out_port
+            prewritten = write_direct(table, <const uint8_t **>bufs, lens, slot_port, nout)
+            if acct_written(acct, prewritten):
+                tx_count(table, acct, pkts, n, in_port)
+                return None
+            written = prewritten      # a write was not clean: Python counts it all
         for i in range(n):
             p = &pkts[i]
             kinds[i] = p.kind
@@ -2708,9 +2895,11 @@ def tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vnet=False)
                 else:
                     tx[0] += 1
                     tx[1] += inner
-                slot_port[slot] = hand_out(table, outputs, written, k.out_port, bufs[slot],
-                                           lens[slot])
-        write_written(table, written, <const uint8_t **>bufs, lens, slot_port, nout)
+                if prewritten is None:
+                    slot_port[slot] = hand_out(table, outputs, written, k.out_port,
+                                               bufs[slot], lens[slot])
+        if prewritten is None:
+            write_written(table, written, <const uint8_t **>bufs, lens, slot_port, nout)
         return kinds, outputs, written, tunnel_tx, drops, entries, taken
     finally:
         for i in range(nviews):
@@ -3324,8 +3513,10 @@ def ring_read(ring, Py_ssize_t head, Py_ssize_t frame_size, Py_ssize_t frame_nr,
 # with offloads that the tables install, what each descriptor is. `FastLoop.poll` then waits
 # and runs those batches through `rx_burst` / `tx_burst` itself. A batch the pipeline took
 # whole (every frame a hit written through an installed output, nothing dropped, missed or
-# handed up) is finished here: the counters that FastTables would have added go to C
-# arrays (`fold` hands them to Python), and the loop goes on waiting. Anything else goes
+# handed up) is finished here, without one Python object built for it: the burst adds the
+# counters that FastTables would have added to the loop's C arrays (`loop_acct`; `fold`
+# hands them to Python) instead of returning a result, and the loop goes on waiting.
+# Anything else goes
 # back to Python as it was: an event on a descriptor the loop does not run (the control
 # plane, a port on the Python path, an error with nothing to read), or a batch with its
 # burst result for FastTables to finish exactly as after its own burst. The loop returns
@@ -3370,11 +3561,6 @@ cdef extern from *:
 cdef enum:
     SOURCE_RING = 1
     SOURCE_TAP = 2
-    NCTR = 4
-    C_RX_PACKETS = 0
-    C_RX_BYTES = 1
-    C_TX_PACKETS = 2
-    C_TX_BYTES = 3
 
 LOOP_RING = SOURCE_RING
 LOOP_TAP = SOURCE_TAP
@@ -3402,23 +3588,16 @@ cdef class FastLoop:
     cdef object tables
     cdef int epfd
     cdef dict sources
-    cdef uint64_t *ctr
-    cdef Py_ssize_t nports
-    cdef uint8_t *touched
-    cdef Py_ssize_t nentries
-    cdef uint64_t hits
-    cdef uint64_t tx_hits
-    cdef uint64_t batches
+    cdef loop_acct acct
 
     def __cinit__(self):
-        self.ctr = NULL
-        self.touched = NULL
+        memset(&self.acct, 0, sizeof(loop_acct))
         self.sources = {}
         self.epfd = -1
 
     def __dealloc__(self):
-        free(self.ctr)
-        free(self.touched)
+        free(self.acct.ctr)
+        free(self.acct.touched)
 
     def configure(self, RxTable table, tables, int epfd, sources, Py_ssize_t nports,
                   Py_ssize_t nentries) -> None:
@@ -3456,12 +3635,12 @@ cdef class FastLoop:
             free(ctr)
             free(touched)
             raise
-        free(self.ctr)
-        free(self.touched)
-        self.ctr, self.touched = ctr, touched
-        self.nports, self.nentries = nports, nentries
+        free(self.acct.ctr)
+        free(self.acct.touched)
+        memset(&self.acct, 0, sizeof(loop_acct))
+        self.acct.ctr, self.acct.touched = ctr, touched
+        self.acct.nports, self.acct.nentries = nports, nentries
         self.table, self.tables, self.epfd, self.sources = table, tables, epfd, srcs
-        self.hits = self.tx_hits = self.batches = 0
 
     def fold(self) -> tuple:
         """What the finished batches counted since the last fold, reset: (hits, tx hits,
@@ -3469,21 +3648,22 @@ cdef class FastLoop:
         [MAC entry index whose age to refresh, ...])."""
         cdef Py_ssize_t i
         cdef uint64_t *c
+        cdef loop_acct *a = &self.acct
         ports = []
         entries = []
-        if not self.batches:
+        if not a.batches:
             return (0, 0, 0, ports, entries)
-        for i in range(self.nports):
-            c = self.ctr + i * NCTR
+        for i in range(a.nports):
+            c = a.ctr + i * NCTR
             if c[0] or c[1] or c[2] or c[3]:
                 ports.append((i, c[0], c[1], c[2], c[3]))
                 memset(c, 0, NCTR * sizeof(uint64_t))
-        for i in range(self.nentries):
-            if self.touched[i]:
+        for i in range(a.nentries):
+            if a.touched[i]:
                 entries.append(i)
-                self.touched[i] = 0
-        out = (self.hits, self.tx_hits, self.batches, ports, entries)
-        self.hits = self.tx_hits = self.batches = 0
+                a.touched[i] = 0
+        out = (a.hits, a.tx_hits, a.batches, ports, entries)
+        a.hits = a.tx_hits = a.batches = 0
         return out
 
     def poll(self, double deadline, Py_ssize_t limit, errfds) -> list:
@@ -3543,8 +3723,8 @@ cdef class FastLoop:
             return
         if fd in errfds:
             work.append((fd, 0, None, None))
-        result = rx_burst(self.table, b, s.in_port, s.in_bridge)
-        if self._rx_done(s, b, result):
+        result = _rx_burst(self.table, b, s.in_port, s.in_bridge, &self.acct)
+        if result is None:            # counted here
             b.release()
         else:
             work.append((fd, 0, b, result))
@@ -3557,84 +3737,6 @@ cdef class FastLoop:
             return
         if fd in errfds:
             work.append((fd, 0, None, None))
-        result = tx_burst(self.table, frames, s.in_port, s.in_bridge, s.vnet)
-        if not self._tx_done(s, result):
+        result = _tx_burst(self.table, frames, s.in_port, s.in_bridge, s.vnet, &self.acct)
+        if result is not None:
             work.append((fd, 0, frames, result))
-
-    cdef bint _clean_writes(self, dict written):
-        for _nbytes, res in written.values():
-            if res[1] or res[2]:
-                return False
-        return True
-
-    cdef int _check_ports(self, dict counts) except -1:
-        for x in counts:
-            if not (0 <= <Py_ssize_t>x < self.nports):
-                raise IndexError("a port index is outside the tables")
-        return 0
-
-    cdef int _count_writes(self, dict written) except -1:
-        cdef uint64_t *c
-        for o, (nbytes, res) in written.items():
-            c = self.ctr + <Py_ssize_t>o * NCTR
-            c[C_TX_PACKETS] += <uint64_t>res[0]
-            c[C_TX_BYTES] += <uint64_t>nbytes
-        return 0
-
-    cdef int _touch(self, set touched) except -1:
-        cdef Py_ssize_t e
-        for x in touched:
-            e = x
-            if not (0 <= e < self.nentries):
-                raise IndexError("a MAC entry index is outside the tables")
-        for x in touched:
-            self.touched[<Py_ssize_t>x] = 1
-        return 0
-
-    cdef bint _rx_done(self, _Source s, RingBatch b, tuple result) except -1:
-        """FastTables._received's effects for a batch the pipeline took whole: True when
-        counted here, False when Python must finish it."""
-        cdef bytearray kinds
-        cdef uint64_t *c
-        kinds, outputs, written, tunnel_rx, upcalls, drops, touched = result
-        if outputs or upcalls or drops or kinds.find(0) >= 0 \
-                or not self._clean_writes(written):
-            return False
-        self._check_ports(tunnel_rx)
-        self._check_ports(written)
-        self._touch(touched)
-        c = self.ctr + s.in_port * NCTR
-        c[C_RX_PACKETS] += <uint64_t>b.n
-        c[C_RX_BYTES] += <uint64_t>b.nbytes
-        self.hits += <uint64_t>b.n
-        for x, (np, nb) in tunnel_rx.items():
-            c = self.ctr + <Py_ssize_t>x * NCTR
-            c[C_RX_PACKETS] += <uint64_t>np
-            c[C_RX_BYTES] += <uint64_t>nb
-        self._count_writes(written)
-        self.batches += 1
-        return True
-
-    cdef bint _tx_done(self, _Source s, tuple result) except -1:
-        """FastTables._transmit's effects for a batch the pipeline took whole (as
-        `_rx_done`)."""
-        cdef bytearray kinds
-        cdef uint64_t *c
-        kinds, outputs, written, tunnel_tx, drops, touched, taken = result
-        if outputs or drops or kinds.find(0) >= 0 or not taken[0] \
-                or not self._clean_writes(written):
-            return False
-        self._check_ports(tunnel_tx)
-        self._check_ports(written)
-        self._touch(touched)
-        self.tx_hits += <uint64_t>taken[0]
-        c = self.ctr + s.in_port * NCTR
-        c[C_RX_PACKETS] += <uint64_t>taken[0]
-        c[C_RX_BYTES] += <uint64_t>taken[1]
-        for x, (np, nb) in tunnel_tx.items():
-            c = self.ctr + <Py_ssize_t>x * NCTR
-            c[C_TX_PACKETS] += <uint64_t>np
-            c[C_TX_BYTES] += <uint64_t>nb
-        self._count_writes(written)
-        self.batches += 1
-        return True
