@@ -62,6 +62,13 @@ def test_ratios_and_targets_of_one_run() -> None:
                               e2e.V6_RATIO: True, e2e.GENEVE_RATIO: False}
     assert "NOT met" in e2e.summary(r).splitlines()[-1]
     assert "NOT met" not in "".join(e2e.summary(r).splitlines()[:-1])
+    assert r[e2e.RTT_MEDIAN_DELTA] is None  # no medians in these rows: no line for it
+    assert "median" not in e2e.summary(r)
+    for row, median in zip(results, (0.12, 0.5, 0.13, 0.13, 0.4, 0.03, 0.5), strict=True):
+        row["rtt_ms_median"] = median
+    r = e2e.ratios(results)
+    assert r[e2e.RTT_MEDIAN_DELTA] == pytest.approx(0.09)
+    assert "ping RTT median" in e2e.summary(r) and "+0.090 ms" in e2e.summary(r)
 
 
 def test_a_failed_or_missing_path_gives_no_ratio_and_no_verdict() -> None:
@@ -77,11 +84,12 @@ def test_a_failed_or_missing_path_gives_no_ratio_and_no_verdict() -> None:
     assert "FAILED: boom" in text and e2e.OVS in text
 
 
-def test_table_shows_switch_cpu_per_side() -> None:
-    row = _row(e2e.OVS, 1.0, 0.5, cpu_us_per_seg=4.5, cpu_us_per_seg_sender=2.25,
-               cpu_us_per_seg_receiver=2.25)
+def test_table_shows_switch_cpu_per_side_and_the_median_rtt() -> None:
+    row = _row(e2e.OVS, 1.0, 0.5, rtt_ms_median=0.25, cpu_us_per_seg=4.5,
+               cpu_us_per_seg_sender=2.25, cpu_us_per_seg_receiver=2.25)
     line = e2e.table([row, _row(e2e.BASELINE, 0.25, 0.6)]).splitlines()[2]
-    assert line.split()[1:] == ["1.000", "0.500", "4.00x", "4.50", "2.25", "2.25", "1.50"]
+    assert line.split()[1:] == ["1.000", "0.500", "0.250", "4.00x", "4.50", "2.25", "2.25",
+                                "1.50"]
 
 
 def test_default_paths_in_order_and_unknown_path_is_refused() -> None:
