@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from typing import Any
 
 
@@ -29,4 +31,12 @@ def run_bench(args: argparse.Namespace) -> int:
         from espswitch.benchmarks.flood import main
     else:
         from espswitch.benchmarks.e2e import main
-    return main(args.options)
+    # Ctrl-C and SIGTERM both end in the clean-up of what the benchmark built (namespaces,
+    # daemons), as the demo's do.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return main(args.options)
+    except KeyboardInterrupt:
+        print(f"espswitch bench {args.which}: interrupted; everything it made was removed",
+              file=sys.stderr)
+        return 130
