@@ -2268,10 +2268,11 @@ cdef object _rx_burst(RxTable table, frames, int in_port, int in_bridge, loop_ac
     cdef rx_pkt *p
     cdef int account = 0, cut = 0
     cdef size_t total = 0
-    cdef bytearray kinds = bytearray(n)
-    cdef list upcalls = [], drops = []
-    cdef dict outputs = {}, tunnel_rx = {}, written = {}
-    cdef set entries = set()
+    # The result's objects are made only for a batch the loop does not count itself.
+    cdef bytearray kinds
+    cdef list upcalls, drops
+    cdef dict outputs, tunnel_rx, written = None
+    cdef set entries
     cdef int tunnel
     pkts = <rx_pkt *>calloc(n if n else 1, sizeof(rx_pkt))
     views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
@@ -2336,6 +2337,10 @@ cdef object _rx_burst(RxTable table, frames, int in_port, int in_bridge, loop_ac
                 rx_count(acct, pkts, n, in_port)
                 return None
             written = prewritten      # a write was not clean: Python counts it all
+        kinds = bytearray(n)
+        upcalls, drops, outputs, tunnel_rx, entries = [], [], {}, {}, set()
+        if written is None:
+            written = {}
         for i in range(n):
             p = &pkts[i]
             kinds[i] = p.kind
@@ -2798,11 +2803,11 @@ cdef object _tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vn
     cdef uint64_t seq = 0
     cdef size_t cap, inner, raw_len, total = 0
     cdef const uint8_t *raw
-    cdef bytearray kinds = bytearray(n)
-    cdef list drops = []
-    cdef dict outputs = {}, tunnel_tx = {}, written = {}
-    cdef set entries = set()
-    cdef list taken = [0, 0]
+    # The result's objects are made only for a batch the loop does not count itself.
+    cdef bytearray kinds
+    cdef list drops, taken
+    cdef dict outputs, tunnel_tx, written = None
+    cdef set entries
     pkts = <tx_pkt *>calloc(n if n else 1, sizeof(tx_pkt))
     views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
     try:
@@ -2871,6 +2876,10 @@ cdef object _tx_burst(RxTable table, frames, int in_port, int in_bridge, bint vn
                 tx_count(table, acct, pkts, n, in_port)
                 return None
             written = prewritten      # a write was not clean: Python counts it all
+        kinds = bytearray(n)
+        drops, outputs, tunnel_tx, entries, taken = [], {}, {}, set(), [0, 0]
+        if written is None:
+            written = {}
         for i in range(n):
             p = &pkts[i]
             kinds[i] = p.kind
