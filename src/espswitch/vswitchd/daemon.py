@@ -27,8 +27,6 @@ STATS_INTERVAL = 5.0
 # that expired, a tunnel that lost its route), not only with the 5 s statistics.
 STATUS_CHECK = 1.0
 HOUSEKEEPING = 0.1
-ROUTE_REFRESH = 30.0  # seconds: kernel routes are read again when announced, and this often
-ROUTE_SETTLE = 0.02  # seconds: announcements come in bursts; read once they settle
 CONTROL_MAX_SLEEP = 1.0
 
 WRITTEN = {
@@ -129,9 +127,9 @@ class Switchd:
         self.next_status = 0.0
         self._written: dict[str, tuple[dict[str, str], str]] = {}
         self.next_housekeeping = 0.0
-        self.next_routes = 0.0
         self._cep = None
         self.bugs = 0
+        self._routes_warn = RateLimit(vlog.warn)
         self._fast_path_text = "true"
         self._fast_path_said: tuple[bool, bool] | None = None
         self._fast_loop_text: str | None = None
@@ -268,16 +266,21 @@ class Switchd:
             f"(database change {self.seqno})"
         )
 
-    def refresh_routes(self) -> None:
+    def refresh_routes(self, fresh: bool = True) -> None:
+        """Apply the kernel's routes and addresses: read now (`fresh`, in this process), or
+        the view the routes' watcher process wrote last, if it wrote a new one."""
         t0 = time.monotonic()
         try:
-            routes, addresses = self.routes.read()
+            view = self.routes.read() if fresh else self.routes.latest()
             dt = time.monotonic() - t0
             if dt > 0.05:
                 vlog.info(f"reading kernel routes took {1000 * dt:.0f} ms")
         except Exception as e:
-            RateLimit(vlog.warn)(f"cannot read kernel routes: {e}")
+            self._routes_warn(f"cannot read kernel routes: {e}")
             return
+        if view is None:
+            return
+        routes, addresses = view
         if self.dp.routes.set_system(routes, addresses):
             self.dp.run(time.monotonic())
 
@@ -340,8 +343,7 @@ class Switchd:
     # --- control plane -------------------------------------------------------------------
     def control_run(self) -> None:
         if self.routes is not None and self.routes.changed():
-            self.next_routes = min(self.next_routes, time.monotonic() + ROUTE_SETTLE)
-            self.next_housekeeping = min(self.next_housekeeping, self.next_routes)
+            self.refresh_routes(fresh=False)
         self.unixctl.run()
         self.ike.run()
         self.idl.run()
@@ -423,9 +425,6 @@ class Switchd:
             if now >= self.next_housekeeping:
                 self.next_housekeeping = now + HOUSEKEEPING
                 try:
-                    if self.routes is not None and now >= self.next_routes:
-                        self.next_routes = now + ROUTE_REFRESH
-                        self.refresh_routes()
                     self.dp.run(now)
                     self.seq_store.save(now)
                 except Exception:

@@ -15,7 +15,7 @@ import ovs.vlog
 
 from espswitch import __version__
 from espswitch.datapath.devices import LinuxDevices
-from espswitch.datapath.netlink import KernelRoutes
+from espswitch.datapath.netlink import RouteWatcher
 from espswitch.vswitchd import dirs, redact
 
 # Every Vlog module must exist before Vlog.init(): import them all first.
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         ovs.util.ovs_fatal(error, "could not create unixctl server", vlog=None)
     try:
         devices = LinuxDevices(state_path=os.path.join(ovs.dirs.RUNDIR, "espswitchd.taps.json"))
-        sw = Switchd(remote, args.schema, server, routes=KernelRoutes(), devices=devices)
+        routes = RouteWatcher(log=vlog.warn)
+        sw = Switchd(remote, args.schema, server, routes=routes, devices=devices)
     except Exception as e:
         print(f"espswitchd: {e}", file=sys.stderr)
         return 1

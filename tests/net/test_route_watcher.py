@@ -1,0 +1,111 @@
+"""The routes' watcher process: espswitchd learns the kernel's routes and addresses from a
+child that decodes the dumps (pyroute2) away from the datapath (datapath/netlink.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+pytestmark = pytest.mark.net
+
+DRIVER = r'''
+import json, os, select, subprocess, sys, time
+from espswitch.datapath.netlink import RouteWatcher
+
+def wait_view(w, pred, timeout=20.0):
+    """The first view the watcher reports that satisfies pred, and how long it took."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        fd = w.fileno()
+        if fd >= 0:
+            select.select([fd], [], [], 0.2)
+        else:
+            time.sleep(0.05)
+        if w.changed():
+            v = w.latest()
+            if v is not None and pred(v):
+                return v, time.monotonic() - t0
+    raise SystemExit("no such view within the deadline")
+
+def ip(*a):
+    subprocess.run(["ip", *a], check=True)
+
+out = {}
+w = RouteWatcher()
+first_pid = w.proc.pid
+v, out["first_s"] = wait_view(w, lambda v: "lo" in v[1])
+ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
+ip("link", "set", "v0", "up")
+ip("addr", "add", "192.0.2.9/24", "dev", "v0")
+has = lambda v: bytes([192, 0, 2, 9]) in v[1].get("v0", []) and any(
+    r.dev == "v0" and r.plen == 24 and r.prefix == 0xC0000200 for r in v[0])
+v, out["change_s"] = wait_view(w, has)
+# The child ends (killed): the watcher starts another, which reports the view again.
+w.proc.kill()
+v, out["restart_s"] = wait_view(w, has)
+out["starts"] = w.starts
+child = w.proc.pid
+out["read_now"] = has(w.read())
+w.close()
+time.sleep(0.2)
+out["children_alive"] = [p for p in (first_pid, child) if os.path.exists(f"/proc/{p}")
+                         and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture
+def netns():
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    name = f"esrw-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+                       check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_the_watcher_reports_changes_comes_back_when_killed_and_stops_with_close(netns):
+    r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", DRIVER],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["change_s"] < 10 and out["restart_s"] < 10
+    assert out["starts"] == 2
+    assert out["read_now"] is True
+    assert out["children_alive"] == []
+
+
+def test_the_watcher_child_ends_when_the_daemon_does(netns):
+    """Its stdin's other end closes with the daemon: no child is left behind."""
+    code = ("import sys, time\nfrom espswitch.datapath.netlink import RouteWatcher\n"
+            "w = RouteWatcher()\nprint(w.proc.pid, flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", code],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(p.stdout.readline())
+        p.kill()
+        p.wait()
+        import time
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    break
+            time.sleep(0.05)
+        alive = os.path.exists(f"/proc/{child}")
+        if alive:
+            with open(f"/proc/{child}/stat") as f:
+                alive = f.read().split()[2] != "Z"
+        assert not alive
+    finally:
+        if p.poll() is None:
+            p.kill()
