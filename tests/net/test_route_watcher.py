@@ -109,3 +109,39 @@ def test_the_watcher_child_ends_when_the_daemon_does(netns):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live children of `pid`."""
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append((int(p), cmd))
+    return out
+
+
+def test_espswitchd_follows_a_new_route_through_its_watcher_and_takes_it_along(lab):
+    from .lab import wait_until
+
+    hv = lab.hypervisor("hv1")
+    hv.start()
+    pid = hv.pid()
+    watchers = [c for c in _children(pid) if "espswitch.datapath.netlink" in c[1]]
+    assert len(watchers) == 1, _children(pid)
+    hv.sh("ip", "link", "add", "rw0", "type", "veth", "peer", "name", "rw1")
+    hv.sh("ip", "link", "set", "rw0", "up")
+    hv.sh("ip", "addr", "add", "198.51.100.7/24", "dev", "rw0")
+    assert wait_until(lambda: "198.51.100.0/24" in hv.appctl("ovs/route/show").stdout,
+                      timeout=15) is not None, hv.appctl("ovs/route/show").stdout
+    hv.stop()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{watchers[0][0]}"), timeout=15) \
+        is not None

@@ -19,7 +19,7 @@ from espswitch.datapath.netlink import RouteWatcher
 from espswitch.vswitchd import dirs, redact
 
 # Every Vlog module must exist before Vlog.init(): import them all first.
-from espswitch.vswitchd.daemon import Switchd, vlog
+from espswitch.vswitchd.daemon import RateLimit, Switchd, vlog
 
 SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         ovs.util.ovs_fatal(error, "could not create unixctl server", vlog=None)
     try:
         devices = LinuxDevices(state_path=os.path.join(ovs.dirs.RUNDIR, "espswitchd.taps.json"))
-        routes = RouteWatcher(log=vlog.warn)
+        # (A watcher that keeps ending would say so every second.)
+        routes = RouteWatcher(log=RateLimit(vlog.warn))
         sw = Switchd(remote, args.schema, server, routes=routes, devices=devices)
     except Exception as e:
         print(f"espswitchd: {e}", file=sys.stderr)
