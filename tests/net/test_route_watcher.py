@@ -7,9 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
+
+from .lab import wait_until
 
 pytestmark = pytest.mark.net
 
@@ -94,7 +97,6 @@ def test_the_watcher_child_ends_when_the_daemon_does(netns):
         child = int(p.stdout.readline())
         p.kill()
         p.wait()
-        import time
         deadline = time.monotonic() + 10
         while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
             with open(f"/proc/{child}/stat") as f:
@@ -130,8 +132,6 @@ def _children(pid: int) -> list[tuple[int, str]]:
 
 
 def test_espswitchd_follows_a_new_route_through_its_watcher_and_takes_it_along(lab):
-    from .lab import wait_until
-
     hv = lab.hypervisor("hv1")
     hv.start()
     pid = hv.pid()

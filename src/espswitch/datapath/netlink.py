@@ -61,11 +61,6 @@ class KernelRoutes:
             self.notify.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
                               | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE))
 
-    def fileno(self) -> int:
-        """The announcements' socket: readable when the kernel announced a change."""
-        assert self.notify is not None
-        return self.notify.fileno()
-
     def changed(self) -> bool:
         """Drain the announcements; whether there were any (or some were lost: ENOBUFS)."""
         seen = False
