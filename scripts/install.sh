@@ -16,7 +16,9 @@ apt_pkgs=(tshark tcpdump iproute2 iputils-ping iperf3 procps kmod nftables
           strongswan-pki
           # the compiled fast path: C compiler (and libasan/libubsan for
           # scripts/asan-fuzz.sh), Python and OpenSSL headers
-          build-essential python3-dev libssl-dev zlib1g-dev)
+          build-essential python3-dev libssl-dev zlib1g-dev
+          # bench/crypto_backends.py: libipsec-mb measured beside OpenSSL (a benchmark only)
+          libipsec-mb-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -402,6 +402,7 @@ class PacketSocketDevice:
         sock.setblocking(False)
         self.sock = sock
         self.ifindex = ifindex
+        self.tx_sock = self._open_tx(name, sock)
         self._buf = bytearray(BUF_SIZE)
         self._mv = memoryview(self._buf)
         self._bufs = [self._buf]
@@ -410,6 +411,26 @@ class PacketSocketDevice:
             self._setup_ring(name)
         except OSError:
             self._ring = None  # no PACKET_MMAP: one recvmsg() per frame, as before
+
+    @staticmethod
+    def _open_tx(name: str, rx: socket.socket) -> socket.socket:
+        """A second socket for what we send, bound with protocol 0 so it receives
+        nothing. Why: the kernel calls a socket's write-space callback as each sent
+        frame is freed, and on the receiving socket that finds epoll's wait entry and
+        takes the wait queue's lock, per frame. Falls back to `rx` if it cannot be opened."""
+        try:
+            tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        except OSError:
+            return rx
+        try:
+            with contextlib.suppress(OSError):
+                tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
+            tx.bind((name, 0))
+        except OSError:
+            tx.close()
+            return rx
+        tx.setblocking(False)
+        return tx
 
     def _setup_ring(self, name: str) -> None:
         """A TPACKET_V2 receive ring: the kernel copies frames into shared memory, and we
@@ -509,12 +530,12 @@ class PacketSocketDevice:
         (RxTable.set_outputs); None without the compiled module."""
         if _send_frames is None:
             return None
-        return fast._fastpath.OUTPUT_PACKET, self.sock.fileno()
+        return fast._fastpath.OUTPUT_PACKET, self.tx_sock.fileno()
 
     def send(self, frames: list[bytes]) -> SendResult:
         if _send_frames is not None:
-            return _send_frames(self.sock.fileno(), frames)
-        return _send_all(self.sock.send, frames)
+            return _send_frames(self.tx_sock.fileno(), frames)
+        return _send_all(self.tx_sock.send, frames)
 
     def close(self) -> None:
         if self._ring is not None:
@@ -523,6 +544,8 @@ class PacketSocketDevice:
             with contextlib.suppress(BufferError):
                 self._ring.close()
             self._ring = None
+        if self.tx_sock is not self.sock:
+            self.tx_sock.close()
         self.sock.close()
 
 
