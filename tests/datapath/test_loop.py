@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -98,4 +99,30 @@ def test_removed_ports_are_no_longer_polled(dp):
     dp.del_port("s1")
     loop.poll(0)
     assert loop.fd_ports == {}
+    loop.close()
+
+
+def test_a_port_that_reopens_its_device_on_the_same_fd_number_is_polled_again(dp):
+    """A NIC opened again (its MTU outgrew the ring, or it came back) usually gets the
+    closed socket's fd number, and the closed socket left the epoll set: the loop must see
+    that the file changed and register the new one."""
+    loop = EventLoop(dp)
+    s1 = dp.ports["s1"]
+    loop.poll(0)
+    fd = s1.fileno()
+    # Open the new socket pair on the old number, as close-then-open does.
+    new_sock, new_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s1.sock.close()
+    s1.peer.close()
+    os.dup2(new_sock.fileno(), fd)
+    new_sock.close()
+    s1.sock = socket.socket(fileno=fd)
+    s1.sock.setblocking(False)
+    s1.peer = new_peer
+    assert s1.fileno() == fd
+    dp.fd_seq += 1  # what PortContext.pollables_changed does
+    frame = eth(BCAST, mac(1), b"\x01" * 46)
+    s1.peer.send(frame)
+    loop.poll(1.0)
+    assert dp.devices.devices["p2"].take() == [frame]
     loop.close()

@@ -101,3 +101,21 @@ def test_failed_interfaces_are_retried():
     current = {"br0": IfaceConfig(name="br0", bridge="br0", port="br0", type="internal")}
     p = plan(d, current, {"br0"})
     assert [c.name for c in p.add_ports] == ["eth9"]
+
+
+def test_an_mtu_request_change_updates_the_port_in_place():
+    def rows(mtu):
+        vm1 = iface("vm1", "tap")
+        vm1.mtu_request = [mtu] if mtu else []
+        return [bridge("br0", port("vm1", vm1), port("eth0", iface("eth0")))]
+
+    before, after = desired_state(rows(None)), desired_state(rows(9000))
+    assert before.ifaces["vm1"].mtu_request is None
+    assert after.ifaces["vm1"].mtu_request == 9000
+    p = plan(after, dict(before.ifaces), set(before.bridges))
+    # The device is kept (no delete and add), only its MTU is set.
+    assert p.del_ports == [] and p.add_ports == []
+    assert [c.name for c in p.mtu_updates] == ["vm1"]
+    assert plan(after, dict(after.ifaces), set(after.bridges)).mtu_updates == []
+    # Cleared again: an update too (the port stops overriding the tunnel's sizing).
+    assert [c.name for c in plan(before, dict(after.ifaces), {"br0"}).mtu_updates] == ["vm1"]

@@ -54,6 +54,10 @@ class PortContext:
         """The bridge and internal port behind the kernel device `dev`, if it is one."""
         return self._dp.internal_port(dev)
 
+    def mtus_changed(self) -> None:
+        """A device's MTU changed (Datapath.mtus_changed)."""
+        self._dp.mtus_changed()
+
     def pollables_changed(self) -> None:
         """A port's file descriptor came or went: the event loop must look again."""
         self._dp.fd_seq += 1

@@ -93,6 +93,12 @@ class Datapath:
         next batch."""
         self.fast_gen += 1
 
+    def mtus_changed(self) -> None:
+        """A device's MTU changed: tunnels size themselves again (their MTU follows their
+        egress device's), and the fast path's tables with them."""
+        self.tunnels.route_seq = -1
+        self.fast_gen += 1
+
     def drop_log_due(self) -> bool:
         """Whether a per-packet drop may be logged now: at most one per 0.1 s of `now`, so
         that a flood costs one float comparison per packet, not a formatted message."""

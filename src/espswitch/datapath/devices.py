@@ -34,6 +34,7 @@ TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO_ECN = 0x01, 0x02, 0x08
 TUN_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN
 SIOCSIFMTU = 0x8922
+SIOCGIFMTU = 0x8921
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 SIOCGIFHWADDR = 0x8927
@@ -63,6 +64,7 @@ _AUX_VLAN = struct.Struct("=I12xHH")
 _VLAN_TAG = struct.Struct("!HH")
 AUX_SPACE = socket.CMSG_SPACE(20)
 TUNGETDEVNETNS = 0x54E3
+TUNGETIFF = 0x800454D2
 CLONE_NEWNET = 0x40000000
 IFNAMSIZ = 16
 NETNS_DIR = "/run/netns"
@@ -112,16 +114,51 @@ def device_mtu(name: str) -> int | None:
     return int(text) if text and text.isdigit() else None
 
 
+def _set_mtu(name: str, mtu: int) -> None:
+    """SIOCSIFMTU on the device `name` of this thread's network namespace; OSError if the
+    device is not there or the kernel refuses the value."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, SIOCSIFMTU, struct.pack("16si12x", name.encode()[:15], mtu))
+
+
+def _get_mtu(name: str) -> int:
+    """SIOCGIFMTU, as _set_mtu."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        res = fcntl.ioctl(s, SIOCGIFMTU, struct.pack("16s16x", name.encode()[:15]))
+    return struct.unpack_from("i", res, 16)[0]
+
+
 def set_device_mtu(name: str, mtu: int) -> bool:
     """Set a device's MTU (SIOCSIFMTU); False if it is not here or the kernel refused."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        fcntl.ioctl(s, SIOCSIFMTU, struct.pack("16si12x", name.encode()[:15], mtu))
+        _set_mtu(name, mtu)
         return True
     except OSError:
         return False
-    finally:
-        s.close()
+
+
+def _in_netns(nsfd: int, work):
+    """work() run in the network namespace `nsfd` refers to, by a helper thread (setns
+    changes only the calling thread's namespace, and the thread ends with it); what it
+    returns, or the OSError it raised."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(nsfd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            result.append(work())
+        except OSError as e:
+            result.append(e)
+
+    t = threading.Thread(target=run, name="netns-work")
+    t.start()
+    t.join()
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]
 
 
 # With the compiled module built: one sendmmsg(2) per 64 frames instead of one send(2)
@@ -194,30 +231,10 @@ def _attach_tun(name: str, persist: bool) -> int:
 
 
 def _attach_tun_in(netns_path: str, name: str, persist: bool) -> int:
-    """Attach the TAP device `name` that lives in another network namespace.
-
-    A tun file belongs to the namespace it was opened in, so a helper thread enters that
-    namespace (setns affects only the calling thread), opens it and leaves.
-    """
-    result: list = []
-
-    def work() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            with open(netns_path) as ns:
-                if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-            result.append(_attach_tun(name, persist))
-        except OSError as e:
-            result.append(e)
-
-    t = threading.Thread(target=work, name="tun-attach")
-    t.start()
-    t.join()
-    if isinstance(result[0], OSError):
-        raise result[0]
-    return result[0]
+    """Attach the TAP device `name` that lives in another network namespace: a tun file
+    belongs to the namespace it was opened in, so it is opened from there."""
+    with open(netns_path) as ns:
+        return _in_netns(ns.fileno(), lambda: _attach_tun(name, persist))
 
 
 class TapDevice:
@@ -263,6 +280,43 @@ class TapDevice:
 
     def link_state(self) -> str:
         return "up"
+
+    def _where(self) -> tuple[str, int | None]:
+        """The device's name now (a VM may have renamed it) and a descriptor of its
+        network namespace if that is not ours (the caller closes it), else None."""
+        res = fcntl.ioctl(self.fd, TUNGETIFF, struct.pack(f"{IFNAMSIZ}s16x", b""))
+        name = res[:IFNAMSIZ].split(b"\0", 1)[0].decode()
+        try:
+            nsfd = fcntl.ioctl(self.fd, TUNGETDEVNETNS)
+        except OSError:
+            return name, None
+        if os.fstat(nsfd).st_ino == os.stat("/proc/self/ns/net").st_ino:
+            os.close(nsfd)
+            return name, None
+        return name, nsfd
+
+    def set_mtu(self, mtu: int) -> str | None:
+        """Set the device's MTU, in whichever namespace the VM's side now is; None, or
+        why the kernel refused."""
+        try:
+            name, nsfd = self._where()
+            if nsfd is None:
+                _set_mtu(name, mtu)
+            else:
+                try:
+                    _in_netns(nsfd, lambda: _set_mtu(name, mtu))
+                finally:
+                    os.close(nsfd)
+        except OSError as e:
+            return e.strerror or str(e)
+        self._mtu = mtu
+        return None
+
+    def mtu(self) -> int | None:
+        """The device's MTU where it can be read without entering another namespace; for
+        a device moved into a VM's, the MTU espswitchd last set (None if it never did)."""
+        mtu = device_mtu(self.name)
+        return mtu if mtu is not None else getattr(self, "_mtu", None)
 
     def netns_inode(self) -> int | None:
         """The inode of the network namespace the device lives in now."""
@@ -432,13 +486,34 @@ class PacketSocketDevice:
         tx.setblocking(False)
         return tx
 
+    @staticmethod
+    def _slot_size(mtu: int) -> int:
+        frame_size = 2048
+        while frame_size < mtu + 18 + 128:  # VLAN-tagged frame + the ring's frame header
+            frame_size <<= 1
+        return frame_size
+
+    def fits(self, mtu: int) -> bool:
+        """Whether frames of this MTU fit the receive ring's slots (a bigger frame would be
+        cut by the kernel and dropped: the device must be opened again)."""
+        return self._ring is None or self._slot_size(mtu) <= self._frame_size
+
+    def set_mtu(self, mtu: int) -> str | None:
+        """Set the device's MTU; None, or why the kernel refused."""
+        try:
+            _set_mtu(self.name, mtu)
+        except OSError as e:
+            return e.strerror or str(e)
+        return None
+
+    def mtu(self) -> int | None:
+        return device_mtu(self.name)
+
     def _setup_ring(self, name: str) -> None:
         """A TPACKET_V2 receive ring: the kernel copies frames into shared memory, and we
         take them without a system call per frame."""
         mtu = int(_read_sys(name, "mtu") or 1500)
-        frame_size = 2048
-        while frame_size < mtu + 18 + 128:  # VLAN-tagged frame + the ring's frame header
-            frame_size <<= 1
+        frame_size = self._slot_size(mtu)
         block_size = max(frame_size, RING_BLOCK)
         block_nr = max(RING_BYTES // block_size, 1)
         frame_nr = block_nr * (block_size // frame_size)
@@ -669,6 +744,19 @@ class MemoryDevice:
 
     def link_state(self) -> str:
         return "up"
+
+    def set_mtu(self, mtu: int) -> str | None:
+        """As a Linux device: an Ethernet device takes 68 to 65535."""
+        if not 68 <= mtu <= 65535:
+            return "Invalid argument"
+        self._mtu = mtu
+        return None
+
+    def mtu(self) -> int | None:
+        return getattr(self, "_mtu", 1500)
+
+    def fits(self, mtu: int) -> bool:
+        return True
 
     def recv_batch(self, limit: int = 32) -> list[bytes]:
         out, self.inbox = self.inbox[:limit], self.inbox[limit:]

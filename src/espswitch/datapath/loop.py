@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import time
 from collections.abc import Callable
@@ -19,6 +20,16 @@ ERROR_LIMIT = 100  # consecutive error wakeups before a port is suspended
 SUSPEND = 1.0  # seconds
 
 
+
+def _file_id(fd: int) -> tuple[int, int] | None:
+    """Which open file `fd` is now (device and inode: every socket and tun file has its
+    own), so that a file replaced behind the same number is seen; None if it is closed."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
 class EventLoop:
     """Drains up to BATCH frames per ready port per wakeup and hands them to the datapath.
 
@@ -30,6 +41,10 @@ class EventLoop:
         self.dp = dp
         self.ep = select.epoll()
         self.fd_ports: dict[int, Port] = {}
+        # fd -> the file it was when registered (_file_id): a port that closes its device
+        # and opens another in one go usually gets the same fd number back, and the
+        # closed file left the epoll set with it
+        self._fd_files: dict[int, tuple[int, int] | None] = {}
         self._fd_seq = -1
         self.control_fd: int | None = None
         self.log_rl = log_rl or (lambda msg: None)
@@ -62,11 +77,12 @@ class EventLoop:
         for fd in [fd for fd, (p, _) in self.suspended.items() if want.get(fd) is not p]:
             del self.suspended[fd]
         for fd, port in list(self.fd_ports.items()):
-            if want.get(fd) is not port:
+            if want.get(fd) is not port or self._fd_files.get(fd) != _file_id(fd):
                 # A closed fd is already gone from the epoll set.
                 with contextlib.suppress(OSError, ValueError):
                     self.ep.unregister(fd)
                 del self.fd_ports[fd]
+                self._fd_files.pop(fd, None)
         for fd, port in want.items():
             if fd not in self.fd_ports:
                 try:
@@ -74,11 +90,13 @@ class EventLoop:
                 except FileExistsError:
                     self.ep.modify(fd, select.EPOLLIN)
                 self.fd_ports[fd] = port
+                self._fd_files[fd] = _file_id(fd)
 
     def _suspend(self, fd: int, port: Port) -> None:
         with contextlib.suppress(OSError, ValueError):
             self.ep.unregister(fd)
         del self.fd_ports[fd]
+        self._fd_files.pop(fd, None)
         self._ports_version += 1
         self.errors.pop(fd, None)
         self.suspended[fd] = (port, time.monotonic() + SUSPEND)
@@ -91,6 +109,7 @@ class EventLoop:
                 if self.dp.ports.get(port.name) is port and port.fileno() == fd:
                     self.ep.register(fd, select.EPOLLIN)
                     self.fd_ports[fd] = port
+                    self._fd_files[fd] = _file_id(fd)
                     self._ports_version += 1
 
     def poll(self, timeout: float) -> bool:

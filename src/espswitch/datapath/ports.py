@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 PORT_TYPES: dict[str, type[Port]] = {}
 
+# What `Interface.mtu_request` may ask of a device: RFC 791's smallest datagram to the
+# largest IP packet (the schema only says at least 1; the device may refuse more).
+MIN_MTU, MAX_MTU = 68, 65535
+
 
 def register_port_type(type_name: str) -> Callable[[type[Port]], type[Port]]:
     """Class decorator: make `cls` the implementation of `Interface.type == type_name`."""
@@ -125,6 +129,18 @@ class Port:
     def link_state(self) -> str:
         return "up"
 
+    #: Interface.mtu_request (None: the device keeps the MTU it has)
+    mtu_request: int | None = None
+
+    def set_mtu_request(self, mtu: int | None) -> None:
+        """Apply `Interface.mtu_request`. Ports without a device of their own (tunnels,
+        patch ports) keep it and do nothing, as Open vSwitch's tunnel ports do."""
+        self.mtu_request = mtu
+
+    def mtu(self) -> int | None:
+        """For `Interface.mtu`: the device's MTU, None for ports without a device."""
+        return None
+
     def describe(self) -> str:
         """The type and salient options, for dpif/show."""
         if not self.options:
@@ -176,6 +192,35 @@ class DevicePort(Port):
         if self.dev is not None:
             self.dev.close()
             self.dev = None
+
+    #: why the device did not take `mtu_request` ("" when it did), in Interface.status
+    mtu_error = ""
+
+    def set_mtu_request(self, mtu: int | None) -> None:
+        self.mtu_request = mtu
+        self.apply_mtu()
+
+    def apply_mtu(self) -> None:
+        """Give the device the requested MTU; a refusal is kept in `mtu_error` (the port
+        goes on with the MTU it has). Tunnels then size themselves again."""
+        mtu, self.mtu_error = self.mtu_request, ""
+        if mtu is None or self.dev is None:
+            return
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            self.mtu_error = f"mtu_request {mtu} is out of range ({MIN_MTU} to {MAX_MTU})"
+        else:
+            err = self.dev.set_mtu(mtu)
+            if err:
+                self.mtu_error = f"the device refused MTU {mtu}: {err}"
+        if self.mtu_error:
+            self.ctx.log_rl(f"{self.name}: {self.mtu_error}")
+        self.ctx.mtus_changed()
+
+    def mtu(self) -> int | None:
+        return self.dev.mtu() if self.dev is not None else None
+
+    def status(self) -> dict[str, str]:
+        return {"mtu_error": self.mtu_error} if self.mtu_error else {}
 
     def mac_in_use(self) -> str | None:
         return format_mac(self.dev.mac) if self.dev is not None else None
@@ -241,6 +286,20 @@ class InternalPort(TapPort):
     """
 
     OFFLOAD = False
+    _seen_mtu: int | None = None
+    _next_mtu_check = 0.0
+
+    def run(self, now: float) -> None:
+        super().run(now)
+        # Tunnels take their MTU from this device: follow a change made by hand too
+        # (`ip link set br-phy mtu 9000`), once a second.
+        if now >= self._next_mtu_check and self.dev is not None:
+            self._next_mtu_check = now + 1.0
+            mtu = self.dev.mtu()
+            if mtu != self._seen_mtu:
+                if self._seen_mtu is not None:
+                    self.ctx.mtus_changed()
+                self._seen_mtu = mtu
 
 
 @register_port_type("system")
@@ -277,6 +336,7 @@ class SystemPort(DevicePort):
         devices = self.ctx.devices
         idx = devices.ifindex(self.name)
         if self.dev is not None and self.dev.ifindex == idx:
+            self._fit_ring()  # its MTU may have been raised by hand (ip link set mtu)
             return
         if self.dev is not None:
             self.dev.close()
@@ -291,6 +351,30 @@ class SystemPort(DevicePort):
             self.ctx.pollables_changed()
             self.bridge.flush_port(self)
             self.ctx.log_rl(f"{self.name}: device is back, attached again")
+            if self.mtu_request is not None:
+                self.apply_mtu()
+
+    def apply_mtu(self) -> None:
+        super().apply_mtu()
+        self._fit_ring()
+
+    def _fit_ring(self) -> None:
+        """Open the device again if its MTU outgrew the receive ring's slots: the kernel
+        would cut every bigger frame to the slot, and a cut frame is dropped."""
+        dev = self.dev
+        mtu = dev.mtu() if dev is not None else None
+        if mtu is None or dev.fits(mtu):
+            return
+        dev.close()
+        self.dev = None
+        self.ctx.pollables_changed()
+        try:
+            self.dev = self.ctx.devices.open_system(self.name)
+        except PortError as e:
+            self.ctx.log_rl(f"{self.name}: cannot attach again for MTU {mtu}: {e}")
+            return  # run() tries again
+        self.ctx.pollables_changed()
+        self.ctx.log_rl(f"{self.name}: attached again for its MTU of {mtu}")
 
     def send(self, frames: list[bytes]) -> None:
         if self.dev is None:

@@ -97,7 +97,7 @@ class TunnelPort(Port):
         self.protection.rebuild()
         egress = self.underlay.egress_port
         if egress is not None:
-            self.underlay_mtu = device_mtu(egress.name) or DEFAULT_UNDERLAY_MTU
+            self.underlay_mtu = egress.mtu() or DEFAULT_UNDERLAY_MTU
         self.max_frame = self._largest_frame(self.underlay_mtu)
         self.adjust_mtus()
 
@@ -128,7 +128,10 @@ class TunnelPort(Port):
         so that VMs never send a frame the underlay cannot take (OVS leaves this to users)."""
         mtu = self.inner_mtu
         for port in self.bridge.ports:
-            if isinstance(port, TapPort) and port.dev is not None:
+            # An operator's mtu_request wins (too-big frames are then fragmented or
+            # answered with ICMP by `fit`).
+            if isinstance(port, TapPort) and port.dev is not None \
+                    and port.mtu_request is None:
                 current = device_mtu(port.name)
                 if current is not None and current > mtu:
                     set_device_mtu(port.name, mtu)

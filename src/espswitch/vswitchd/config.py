@@ -22,6 +22,7 @@ class IfaceConfig:
     tag: int | None = None
     trunks: frozenset[int] | None = None
     ofport_request: int | None = None
+    mtu_request: int | None = None
 
     def device_key(self) -> tuple:
         """What forces the port to be created again when it changes."""
@@ -46,6 +47,8 @@ class Plan:
     add_bridges: list[str] = field(default_factory=list)
     add_ports: list[IfaceConfig] = field(default_factory=list)
     vlan_updates: list[IfaceConfig] = field(default_factory=list)
+    # kept interfaces whose Interface.mtu_request changed
+    mtu_updates: list[IfaceConfig] = field(default_factory=list)
 
 
 def _opt(value):
@@ -90,6 +93,7 @@ def desired_state(bridge_rows: Iterable) -> Desired:
                     tag=int(tag) if tag is not None else None,
                     trunks=trunks,
                     ofport_request=_opt(getattr(iface, "ofport_request", None)),
+                    mtu_request=_opt(getattr(iface, "mtu_request", None)),
                 )
     return d
 
@@ -109,8 +113,11 @@ def plan(desired: Desired, current: dict[str, IfaceConfig], current_bridges: set
             or want.bridge not in desired.bridges
         ):
             p.del_ports.append(name)
-        elif want.vlan() != cur.vlan():
-            p.vlan_updates.append(want)
+        else:
+            if want.vlan() != cur.vlan():
+                p.vlan_updates.append(want)
+            if want.mtu_request != cur.mtu_request:
+                p.mtu_updates.append(want)
     p.del_bridges = sorted(current_bridges - desired.bridges)
     p.add_bridges = sorted(desired.bridges - current_bridges)
     kept = set(current) - set(p.del_ports)

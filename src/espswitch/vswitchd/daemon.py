@@ -30,7 +30,8 @@ HOUSEKEEPING = 0.1
 CONTROL_MAX_SLEEP = 1.0
 
 WRITTEN = {
-    "Interface": ["ofport", "error", "status", "statistics", "link_state", "mac_in_use"],
+    "Interface": ["ofport", "error", "status", "statistics", "link_state", "mac_in_use",
+                  "mtu"],
     "Open_vSwitch": ["cur_cfg"],
 }
 
@@ -104,7 +105,8 @@ class Switchd:
         helper.register_columns("Port", ["name", "interfaces", "tag", "trunks"])
         helper.register_columns(
             "Interface",
-            ["name", "type", "options", "ofport_request", *WRITTEN["Interface"]],
+            ["name", "type", "options", "ofport_request", "mtu_request",
+             *WRITTEN["Interface"]],
         )
         self.idl = ovs.db.idl.Idl(remote, helper)
         for table, cols in WRITTEN.items():
@@ -227,6 +229,11 @@ class Switchd:
                 port.set_vlan(cfg.tag, cfg.trunks)
                 port.bridge.flush_port(port)
                 self.current[cfg.name] = cfg
+        for cfg in p.mtu_updates:
+            port = dp.ports.get(cfg.name)
+            if port is not None:
+                self._set_mtu(port, cfg.mtu_request)
+                self.current[cfg.name] = cfg
         self.errors = dict(desired.errors)
         if self.routes is not None:
             self.refresh_routes()
@@ -257,6 +264,8 @@ class Switchd:
                 continue
             vlog.info(f"added interface {cfg.name} on bridge {cfg.bridge}")
             self.current[cfg.name] = cfg
+            if cfg.mtu_request is not None:
+                self._set_mtu(dp.ports[cfg.name], cfg.mtu_request)
         dp.run(time.monotonic())
         self.seq_store.save(time.monotonic())
         self.ike.run()
@@ -284,6 +293,13 @@ class Switchd:
         if self.dp.routes.set_system(routes, addresses):
             self.dp.run(time.monotonic())
 
+    @staticmethod
+    def _set_mtu(port, mtu: int | None) -> None:
+        """Interface.mtu_request; a refusal is the port's to log and to show in status."""
+        port.set_mtu_request(mtu)
+        if mtu is not None and not getattr(port, "mtu_error", "") and port.mtu() == mtu:
+            vlog.info(f"{port.name}: MTU {mtu} (mtu_request)")
+
     def write_back(self, cfg_done: bool) -> None:
         if self.txn is not None:
             self.force = self.force or cfg_done
@@ -305,6 +321,8 @@ class Switchd:
                 }
                 mac = port.mac_in_use()
                 want["mac_in_use"] = [mac] if mac else []
+                mtu = port.mtu()
+                want["mtu"] = [mtu] if mtu is not None else []
             elif row.name in self.errors:
                 want = {
                     "ofport": [-1],
@@ -313,6 +331,7 @@ class Switchd:
                     "link_state": [],
                     "statistics": {},
                     "mac_in_use": [],
+                    "mtu": [],
                 }
             else:
                 continue
