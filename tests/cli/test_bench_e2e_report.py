@@ -101,3 +101,14 @@ def test_default_paths_in_order_and_unknown_path_is_refused() -> None:
     r = subprocess.run(["espswitch", "bench", "e2e", "--paths", "nope"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "ovs-userspace-vxlan" in r.stderr
+
+
+def test_underlay_mtu_out_of_range_or_for_a_path_without_it_is_refused() -> None:
+    r = subprocess.run(["espswitch", "bench", "e2e", "--underlay-mtu", "100"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "from 1280 to 65535" in r.stderr
+    r = subprocess.run(["espswitch", "bench", "e2e", "--underlay-mtu", "9000", "--paths",
+                        "kernel-vxlan,strongswan-libipsec"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not strongswan-libipsec" in r.stderr
+    assert "Traceback" not in r.stderr
