@@ -34,7 +34,6 @@ TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO_ECN = 0x01, 0x02, 0x08
 TUN_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN
 SIOCSIFMTU = 0x8922
-SIOCGIFMTU = 0x8921
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 SIOCGIFHWADDR = 0x8927
@@ -67,6 +66,7 @@ TUNGETDEVNETNS = 0x54E3
 TUNGETIFF = 0x800454D2
 CLONE_NEWNET = 0x40000000
 IFNAMSIZ = 16
+IFREQ_SIZE = 40  # struct ifreq on 64-bit Linux
 NETNS_DIR = "/run/netns"
 TRACK_INTERVAL = 0.5  # an ioctl and an fstat per TAP device: cheap
 BUF_SIZE = 65536 + 64
@@ -119,13 +119,6 @@ def _set_mtu(name: str, mtu: int) -> None:
     device is not there or the kernel refuses the value."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         fcntl.ioctl(s, SIOCSIFMTU, struct.pack("16si12x", name.encode()[:15], mtu))
-
-
-def _get_mtu(name: str) -> int:
-    """SIOCGIFMTU, as _set_mtu."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        res = fcntl.ioctl(s, SIOCGIFMTU, struct.pack("16s16x", name.encode()[:15]))
-    return struct.unpack_from("i", res, 16)[0]
 
 
 def set_device_mtu(name: str, mtu: int) -> bool:
@@ -284,7 +277,7 @@ class TapDevice:
     def _where(self) -> tuple[str, int | None]:
         """The device's name now (a VM may have renamed it) and a descriptor of its
         network namespace if that is not ours (the caller closes it), else None."""
-        res = fcntl.ioctl(self.fd, TUNGETIFF, struct.pack(f"{IFNAMSIZ}s16x", b""))
+        res = fcntl.ioctl(self.fd, TUNGETIFF, bytes(IFREQ_SIZE))
         name = res[:IFNAMSIZ].split(b"\0", 1)[0].decode()
         try:
             nsfd = fcntl.ioctl(self.fd, TUNGETDEVNETNS)
