@@ -20,7 +20,6 @@ ERROR_LIMIT = 100  # consecutive error wakeups before a port is suspended
 SUSPEND = 1.0  # seconds
 
 
-
 def _file_id(fd: int) -> tuple[int, int] | None:
     """Which open file `fd` is now (device and inode: every socket and tun file has its
     own), so that a file replaced behind the same number is seen; None if it is closed."""
@@ -29,6 +28,7 @@ def _file_id(fd: int) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
 
 class EventLoop:
     """Drains up to BATCH frames per ready port per wakeup and hands them to the datapath.

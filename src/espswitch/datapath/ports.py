@@ -204,7 +204,10 @@ class DevicePort(Port):
         """Give the device the requested MTU; a refusal is kept in `mtu_error` (the port
         goes on with the MTU it has). Tunnels then size themselves again."""
         mtu, self.mtu_error = self.mtu_request, ""
-        if mtu is None or self.dev is None:
+        if self.dev is None:
+            return
+        if mtu is None:  # cleared: tunnels size their VM ports again
+            self.ctx.mtus_changed()
             return
         if not MIN_MTU <= mtu <= MAX_MTU:
             self.mtu_error = f"mtu_request {mtu} is out of range ({MIN_MTU} to {MAX_MTU})"
