@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
+import uuid
 
 import pytest
 
@@ -51,3 +53,19 @@ def fresh_tunnel(netlab_ok):
     t["lab"] = lab
     yield t
     lab.close()
+
+
+@pytest.fixture
+def netns():
+    """A fresh, uniquely named network namespace (loopback up), removed afterwards: for
+    tests that run a driver script inside it with `ip netns exec`."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    name = f"espswitch-t-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+                       check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 
 import pytest
 
@@ -67,15 +66,6 @@ dev.close()
 print("ok")
 '''
 
-
-@pytest.fixture
-def netns(netlab_ok):
-    name = f"espswitch-pd-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_nic_sends_through_a_socket_that_receives_nothing_and_receives_on_its_ring(netns):

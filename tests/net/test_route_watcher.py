@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -61,19 +60,6 @@ out["children_alive"] = [p for p in (first_pid, child) if os.path.exists(f"/proc
 print(json.dumps(out))
 '''
 
-
-@pytest.fixture
-def netns():
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    name = f"esrw-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
-                       check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_the_watcher_reports_changes_comes_back_when_killed_and_stops_with_close(netns):

@@ -131,6 +131,8 @@ class Port:
 
     #: Interface.mtu_request (None: the device keeps the MTU it has)
     mtu_request: int | None = None
+    #: why the device did not take `mtu_request` ("" when it did), in Interface.status
+    mtu_error = ""
 
     def set_mtu_request(self, mtu: int | None) -> None:
         """Apply `Interface.mtu_request`. Ports without a device of their own (tunnels,
@@ -192,9 +194,6 @@ class DevicePort(Port):
         if self.dev is not None:
             self.dev.close()
             self.dev = None
-
-    #: why the device did not take `mtu_request` ("" when it did), in Interface.status
-    mtu_error = ""
 
     def set_mtu_request(self, mtu: int | None) -> None:
         self.mtu_request = mtu
@@ -342,20 +341,27 @@ class SystemPort(DevicePort):
             self._fit_ring()  # its MTU may have been raised by hand (ip link set mtu)
             return
         if self.dev is not None:
-            self.dev.close()
-            self.dev = None
-            self.ctx.pollables_changed()
+            self._detach()
             self.ctx.log_rl(f"{self.name}: device disappeared, waiting for it to return")
-        if idx is not None:
-            try:
-                self.dev = devices.open_system(self.name)
-            except PortError:
-                return
-            self.ctx.pollables_changed()
+        if idx is not None and self._attach() is None:
             self.bridge.flush_port(self)
             self.ctx.log_rl(f"{self.name}: device is back, attached again")
             if self.mtu_request is not None:
                 self.apply_mtu()
+
+    def _detach(self) -> None:
+        self.dev.close()
+        self.dev = None
+        self.ctx.pollables_changed()
+
+    def _attach(self) -> PortError | None:
+        """Open the device again; why it cannot be (run() retries while it cannot)."""
+        try:
+            self.dev = self.ctx.devices.open_system(self.name)
+        except PortError as e:
+            return e
+        self.ctx.pollables_changed()
+        return None
 
     def apply_mtu(self) -> None:
         super().apply_mtu()
@@ -368,16 +374,10 @@ class SystemPort(DevicePort):
         mtu = dev.mtu() if dev is not None else None
         if mtu is None or dev.fits(mtu):
             return
-        dev.close()
-        self.dev = None
-        self.ctx.pollables_changed()
-        try:
-            self.dev = self.ctx.devices.open_system(self.name)
-        except PortError as e:
-            self.ctx.log_rl(f"{self.name}: cannot attach again for MTU {mtu}: {e}")
-            return  # run() tries again
-        self.ctx.pollables_changed()
-        self.ctx.log_rl(f"{self.name}: attached again for its MTU of {mtu}")
+        self._detach()
+        err = self._attach()
+        self.ctx.log_rl(f"{self.name}: cannot attach again for MTU {mtu}: {err}" if err else
+                        f"{self.name}: attached again for its MTU of {mtu}")
 
     def send(self, frames: list[bytes]) -> None:
         if self.dev is None:

@@ -297,7 +297,7 @@ class Switchd:
     def _set_mtu(port, mtu: int | None) -> None:
         """Interface.mtu_request; a refusal is the port's to log and to show in status."""
         port.set_mtu_request(mtu)
-        if mtu is not None and not getattr(port, "mtu_error", "") and port.mtu() == mtu:
+        if mtu is not None and not port.mtu_error and port.mtu() == mtu:
             vlog.info(f"{port.name}: MTU {mtu} (mtu_request)")
 
     def write_back(self, cfg_done: bool) -> None:
